@@ -1,0 +1,134 @@
+"""The background writer: worker threads, a memory budget and error capture.
+
+The RunEngine waits while a callback runs, so the callback only copies a
+frame into memory; the worker threads here do the I/O. Memory held by blocks
+(filling, queued or being written) is counted against a budget; when the
+budget is spent the callback blocks until a write finishes (backpressure).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+class MemoryBudget:
+    """Bytes held by buffered blocks, bounded by ``limit``.
+
+    ``reserved`` counts every block from allocation until its write is done;
+    ``in_flight`` the part already handed to the workers.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self.reserved = 0
+        self.in_flight = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    def try_reserve(self, nbytes: int) -> bool:
+        with self._cond:
+            # A block larger than the whole budget is still allowed alone,
+            # otherwise it could never be written.
+            if self.reserved + nbytes > self.limit and self.reserved > 0:
+                return False
+            self.reserved += nbytes
+            self.peak = max(self.peak, self.reserved)
+            return True
+
+    def hand_over(self, nbytes: int) -> None:
+        with self._cond:
+            self.in_flight += nbytes
+
+    def release(self, nbytes: int, *, in_flight: bool = True) -> None:
+        with self._cond:
+            self.reserved -= nbytes
+            if in_flight:
+                self.in_flight -= nbytes
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+
+@dataclass
+class Failure:
+    """An exception raised in a worker, and what it was doing."""
+
+    error: BaseException
+    what: str
+
+
+class BackgroundWriter:
+    """Worker threads, each with its own FIFO queue.
+
+    Jobs with the same ``lane`` run on the same worker, in order: a partial
+    block written early and the same block completed later are never
+    reordered.
+    """
+
+    def __init__(self, budget: MemoryBudget, workers: int = 2, name: str = "") -> None:
+        self.budget = budget
+        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(workers)]
+        self._pending = 0
+        self._cond = threading.Condition()
+        self.failures: list[Failure] = []
+        self._reported = 0
+        self._threads = [
+            threading.Thread(
+                target=self._work, args=(q,), name=f"bluesky-zarr-{name}-{n}", daemon=True
+            )
+            for n, q in enumerate(self._queues)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, lane: int, job: Callable[[], None], nbytes: int, what: str) -> None:
+        with self._cond:
+            self._pending += 1
+        self.budget.hand_over(nbytes)
+        self._queues[lane % len(self._queues)].put((job, nbytes, what))
+
+    def _work(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            item = jobs.get()
+            if item is None:
+                return
+            job, nbytes, what = item
+            try:
+                job()
+            except BaseException as err:  # noqa: BLE001 - recorded, re-raised to the caller
+                logger.error("bluesky-zarr: writing %s failed: %r", what, err)
+                with self._cond:
+                    self.failures.append(Failure(err, what))
+            finally:
+                self.budget.release(nbytes)
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every submitted job has finished."""
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+
+    def new_failures(self) -> list[Failure]:
+        """Failures not yet reported to the caller."""
+        with self._cond:
+            new = self.failures[self._reported :]
+            self._reported = len(self.failures)
+            return new
+
+    def close(self) -> None:
+        self.drain()
+        for q in self._queues:
+            q.put(None)
+        for thread in self._threads:
+            thread.join()

@@ -1,0 +1,51 @@
+"""Exceptions raised by bluesky-zarr.
+
+Each subclasses the builtin that fits, so callers may catch either the
+specific class or the builtin.
+"""
+
+from __future__ import annotations
+
+
+class BlueskyZarrError(Exception):
+    """Base class of every exception raised by this package."""
+
+
+class DocumentError(BlueskyZarrError, ValueError):
+    """A document is malformed, out of order or inconsistent with its run."""
+
+
+class DocumentOrderError(DocumentError):
+    """A document refers to a run or descriptor that this writer has not seen."""
+
+
+class DataShapeError(DocumentError):
+    """An event's value does not match the shape declared by its descriptor."""
+
+
+class DataTypeError(DocumentError, TypeError):
+    """An event's value cannot be stored with the dtype declared by its descriptor."""
+
+
+class ScanIndexError(DocumentError, IndexError):
+    """An event's ``seq_num`` does not fit the scan shape of its run."""
+
+
+class OptionError(BlueskyZarrError, ValueError):
+    """An option given to the writer is invalid."""
+
+
+class StoreExistsError(BlueskyZarrError, FileExistsError):
+    """The store a run would be written to already exists."""
+
+
+class StoreLockedError(BlueskyZarrError, RuntimeError):
+    """Another writer is writing the same store."""
+
+
+class UnsafeNameError(BlueskyZarrError, ValueError):
+    """A store name built from metadata would leave the root directory."""
+
+
+class WriteError(BlueskyZarrError, OSError):
+    """Writing to the store failed (in the background writer or at stop)."""

@@ -1,0 +1,284 @@
+"""How a descriptor becomes arrays: names, dtypes, dimensions and chunking."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._errors import DocumentError, OptionError
+from ._plan import TIME_DIM, ScanPlan, sanitize_name
+
+#: Names of the arrays every stream group carries besides its data keys.
+RESERVED = ("time", "seq_num", "_written")
+
+#: Default size target of a shard (bytes): large enough for efficient writes,
+#: small enough that the buffer holding it stays modest.
+DEFAULT_SHARD_BYTES = 64 * 2**20
+
+#: Points per chunk along a growing dimension when no frame sets it.
+DEFAULT_GROWING_CHUNK = 1024
+
+
+def numpy_dtype(key: str, data_key: Mapping[str, Any]) -> np.dtype | None:
+    """The numpy dtype of a data key; ``None`` when only the data can tell."""
+    declared = data_key.get("dtype_numpy")
+    if declared:
+        try:
+            if isinstance(declared, str):
+                return np.dtype(declared)
+            return np.dtype([tuple(f) for f in declared])
+        except (TypeError, ValueError):
+            raise DocumentError(
+                f"data key {key!r}: dtype_numpy {declared!r} is not a numpy dtype"
+            ) from None
+    kind = data_key.get("dtype")
+    if kind == "number":
+        return np.dtype("float64")
+    if kind == "integer":
+        return np.dtype("int64")
+    if kind == "boolean":
+        return np.dtype("bool")
+    if kind == "string":
+        return np.dtype("O")
+    if kind == "array":
+        return None
+    raise DocumentError(
+        f"data key {key!r}: dtype must be one of number, integer, boolean, string, "
+        f"array, got {kind!r}"
+    )
+
+
+def fill_value_for(dtype: np.dtype) -> Any:
+    """NaN for floats (unmeasured points are visibly missing), else zero-like."""
+    if dtype.kind in "fc":
+        return np.nan
+    if dtype.kind == "b":
+        return False
+    if dtype.kind in "OUS":
+        return ""
+    if dtype.kind == "V":
+        return None
+    return 0
+
+
+def frame_shape(key: str, data_key: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The per-point shape of a data key; ``None`` when only the data can tell."""
+    shape = data_key.get("shape", [])
+    if shape is None:
+        return None
+    try:
+        if any(s is None for s in shape):
+            return None
+        result = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise DocumentError(
+            f"data key {key!r}: shape must be a list of integers, got {shape!r}"
+        ) from None
+    if any(s < 0 for s in result):
+        raise DocumentError(f"data key {key!r}: negative size in shape {shape!r}")
+    return result
+
+
+def frame_dim_names(key: str, data_key: Mapping[str, Any], ndim: int) -> list[str]:
+    """Frame dimension names: the data key's ``dims``, else y/x, else numbered."""
+    dims = data_key.get("dims")
+    if dims and len(dims) == ndim:
+        return [sanitize_name(d) or f"{key}_dim_{n}" for n, d in enumerate(dims)]
+    if ndim == 2:
+        return ["y", "x"]
+    return [f"{sanitize_name(key)}_dim_{n}" for n in range(ndim)]
+
+
+@dataclass
+class ArraySpec:
+    """One array of a stream group, before it is created."""
+
+    name: str
+    key: str | None  # the data key it stores, None for time/seq_num
+    dtype: np.dtype | None
+    frame_shape: tuple[int, ...] | None
+    frame_dims: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    chunks: tuple[int, ...] | None = None
+    shards: tuple[int, ...] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether dtype and shape are known (else the first event decides)."""
+        return self.dtype is not None and self.frame_shape is not None
+
+
+@dataclass
+class StreamLayout:
+    """The arrays of one stream group and the dimensions they share."""
+
+    name: str
+    scan_dims: list[str]
+    scan_sizes: list[int | None]
+    arrays: dict[str, ArraySpec]
+    dim_sizes: dict[str, int | None]
+    coords: dict[str, str]  # coordinate name -> scan dimension
+    coord_sources: dict[str, str]  # coordinate name -> data key giving values
+    coord_motors: dict[str, str] = field(default_factory=dict)  # coordinate -> motor
+
+    @property
+    def growing(self) -> bool:
+        return any(s is None for s in self.scan_sizes)
+
+    def claim_frame_dims(self, spec: ArraySpec) -> None:
+        """Give ``spec`` frame dimension names that do not clash in size."""
+        assert spec.frame_shape is not None
+        names = []
+        for name, size in zip(spec.frame_dims, spec.frame_shape):
+            if name in self.dim_sizes and self.dim_sizes[name] != size:
+                name = f"{sanitize_name(spec.key or spec.name)}_{name}"
+            while name in self.dim_sizes and self.dim_sizes[name] != size:
+                name = f"{name}_"
+            self.dim_sizes[name] = size
+            names.append(name)
+        spec.frame_dims = names
+
+
+def plan_stream(
+    plan: ScanPlan,
+    descriptor: Mapping[str, Any],
+    *,
+    dims: Sequence[str] | None = None,
+) -> StreamLayout:
+    """Lay out the group of one stream from its descriptor."""
+    stream = str(descriptor.get("name", "primary"))
+    data_keys = descriptor.get("data_keys")
+    if not isinstance(data_keys, Mapping):
+        raise DocumentError(
+            f"descriptor of stream {stream!r} has no data_keys mapping"
+        )
+    if stream == plan.stream:
+        scan_dims = [d.name for d in plan.dims]
+        scan_sizes = [d.size for d in plan.dims]
+        motors = {d.name: d.motors for d in plan.dims}
+    else:
+        scan_dims, scan_sizes, motors = [TIME_DIM], [None], {TIME_DIM: ()}
+    layout = StreamLayout(
+        name=stream,
+        scan_dims=scan_dims,
+        scan_sizes=scan_sizes,
+        arrays={},
+        dim_sizes=dict(zip(scan_dims, scan_sizes)),
+        coords={},
+        coord_sources={},
+    )
+    setpoint_keys = set()
+    # Coordinates: each motor's setpoints along its dimension.
+    for dim in scan_dims:
+        for n, motor in enumerate(motors[dim]):
+            # The first motor's setpoints index the dimension, so they take
+            # its name (which differs from the motor's when the user names it).
+            name = dim if n == 0 else sanitize_name(motor)
+            if not name or name in layout.coords or name in RESERVED:
+                continue
+            source = None
+            for candidate in (f"{motor}_setpoint", motor):
+                if candidate in data_keys:
+                    source = candidate
+                    break
+            layout.coords[name] = dim
+            layout.coord_motors[name] = motor
+            if source is not None:
+                layout.coord_sources[name] = source
+                setpoint_keys.add(source)
+    taken = set(layout.coords) | set(RESERVED) | set(scan_dims)
+    for key, data_key in data_keys.items():
+        if not isinstance(data_key, Mapping):
+            raise DocumentError(f"data key {key!r} of stream {stream!r} is not a mapping")
+        name = sanitize_name(key) or "data"
+        if name in taken:
+            # xarray needs a variable named like a dimension to be its index:
+            # readbacks of scanned motors take another name.
+            name = f"{name}_readback"
+        while name in taken:
+            name = f"{name}_"
+        taken.add(name)
+        shape = frame_shape(key, data_key)
+        dtype = numpy_dtype(key, data_key)
+        frame_dims = frame_dim_names(key, data_key, len(shape) if shape else 0)
+        attrs: dict[str, Any] = {"data_key": key}
+        for field_name in ("units", "source", "precision", "object_name"):
+            if data_key.get(field_name) is not None:
+                attrs[field_name] = data_key[field_name]
+        spec = ArraySpec(name, key, dtype, shape, frame_dims, attrs)
+        if shape is not None:
+            layout.claim_frame_dims(spec)
+        layout.arrays[name] = spec
+    for name in ("time", "seq_num"):
+        dtype = np.dtype("float64") if name == "time" else np.dtype("int64")
+        spec = ArraySpec(name, None, dtype, (), [])
+        if name == "time":
+            spec.attrs["units"] = "s"
+            spec.attrs["long_name"] = "event time (seconds since the UNIX epoch)"
+        layout.arrays[name] = spec
+    return layout
+
+
+def default_chunking(
+    layout: StreamLayout,
+    spec: ArraySpec,
+    shard_bytes: int,
+) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Default chunks (one frame) and shards (frames in a row, up to a size)."""
+    assert spec.frame_shape is not None and spec.dtype is not None
+    n_scan = len(layout.scan_dims)
+    inner = layout.scan_sizes[-1]
+    frame_bytes = math.prod(spec.frame_shape) * spec.dtype.itemsize
+    if spec.frame_shape and frame_bytes > 0:
+        per_shard = max(1, shard_bytes // frame_bytes)
+        per_shard = min(per_shard, inner) if inner is not None else min(per_shard, 1000)
+        chunks = (1,) * n_scan + spec.frame_shape
+        if per_shard > 1:
+            return chunks, (1,) * (n_scan - 1) + (per_shard,) + spec.frame_shape
+        return chunks, None
+    # Scalars: one chunk per run of points as long as the frames' shards, so a
+    # point's scalars reach the disk when its frames do.
+    run = row_length(layout, shard_bytes)
+    return (1,) * (n_scan - 1) + (run,) + spec.frame_shape, None
+
+
+def row_length(layout: StreamLayout, shard_bytes: int) -> int:
+    """Points in a row of the innermost dimension that scalars chunk by."""
+    inner = layout.scan_sizes[-1]
+    runs = []
+    for spec in layout.arrays.values():
+        if spec.ready and spec.frame_shape:
+            assert spec.frame_shape is not None and spec.dtype is not None
+            frame_bytes = math.prod(spec.frame_shape) * spec.dtype.itemsize
+            if frame_bytes:
+                runs.append(max(1, shard_bytes // frame_bytes))
+    if inner is None:
+        return min(min(runs), 1000) if runs else DEFAULT_GROWING_CHUNK
+    return min(min(runs), inner) if runs else inner
+
+
+def check_chunking(
+    name: str,
+    ndim: int,
+    chunks: Sequence[int] | None,
+    shards: Sequence[int] | None,
+) -> None:
+    """Raise :class:`OptionError` for chunks/shards that do not fit an array."""
+    for label, value in (("chunks", chunks), ("shards", shards)):
+        if value is None:
+            continue
+        if len(value) != ndim or any(int(v) < 1 for v in value):
+            raise OptionError(
+                f"{label} for {name!r} must be {ndim} positive integers (scan "
+                f"dimensions then frame dimensions), got {tuple(value)!r}"
+            )
+    if chunks is not None and shards is not None:
+        if any(s % c for s, c in zip(shards, chunks)):
+            raise OptionError(
+                f"shards for {name!r} must be multiples of its chunks, got "
+                f"shards={tuple(shards)!r} chunks={tuple(chunks)!r}"
+            )

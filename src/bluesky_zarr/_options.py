@@ -1,0 +1,115 @@
+"""Writer options, checked once when the writer is made."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from zarr.codecs import BloscCodec
+
+from ._errors import OptionError
+from ._layout import DEFAULT_SHARD_BYTES
+from ._plan import DEFAULT_NAME_TEMPLATE
+
+#: The default codec: Blosc LZ4 with bit-shuffle, the fastest of the
+#: compressors measured on detector-like frames (see the README's
+#: performance section).
+DEFAULT_COMPRESSORS: tuple[Any, ...] = (
+    BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+)
+
+DEFAULT_MAX_BUFFER_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    """Options shared by every run a :class:`~bluesky_zarr.ZarrWriter` writes."""
+
+    dims: tuple[str, ...] | None = None
+    chunks: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    shards: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    compressors: Any = DEFAULT_COMPRESSORS
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES
+    flush_interval: float | None = 5.0
+    workers: int = 2
+    name_template: str = DEFAULT_NAME_TEMPLATE
+    overwrite: bool = False
+
+
+def _layout_option(label: str, value: Any) -> dict[str, tuple[int, ...]]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise OptionError(
+            f"{label}= must map data key names to tuples of integers, got {value!r}"
+        )
+    result = {}
+    for key, shape in value.items():
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+            raise OptionError(f"{label}[{key!r}] must be a tuple of integers, got {shape!r}")
+        try:
+            ints = tuple(int(s) for s in shape)
+        except (TypeError, ValueError):
+            raise OptionError(
+                f"{label}[{key!r}] must be a tuple of integers, got {shape!r}"
+            ) from None
+        if any(i < 1 or i != s for i, s in zip(ints, shape)) or not ints:
+            raise OptionError(
+                f"{label}[{key!r}] must hold positive integers, got {shape!r}"
+            )
+        result[str(key)] = ints
+    return result
+
+
+def make_options(
+    *,
+    dims: Sequence[str] | None = None,
+    chunks: Mapping[str, Sequence[int]] | None = None,
+    shards: Mapping[str, Sequence[int]] | None = None,
+    compressors: Any = "default",
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+    flush_interval: float | None = 5.0,
+    workers: int = 2,
+    name_template: str = DEFAULT_NAME_TEMPLATE,
+    overwrite: bool = False,
+) -> WriterOptions:
+    """Check the user's options and return them as :class:`WriterOptions`."""
+    if dims is not None:
+        if isinstance(dims, str) or not all(isinstance(d, str) for d in dims):
+            raise OptionError(f"dims= must be a sequence of names, got {dims!r}")
+        dims = tuple(dims)
+    if isinstance(compressors, str):
+        if compressors != "default":
+            raise OptionError(
+                f"compressors= must be 'default', None or zarr codecs, got {compressors!r}"
+            )
+        compressors = DEFAULT_COMPRESSORS
+    for label, number in (("shard_bytes", shard_bytes), ("max_buffer_bytes", max_buffer_bytes)):
+        if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+            raise OptionError(f"{label}= must be a positive integer, got {number!r}")
+    if flush_interval is not None and (
+        not isinstance(flush_interval, (int, float)) or flush_interval <= 0
+    ):
+        raise OptionError(
+            f"flush_interval= must be a positive number of seconds or None, got "
+            f"{flush_interval!r}"
+        )
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise OptionError(f"workers= must be a positive integer, got {workers!r}")
+    if not isinstance(name_template, str) or not name_template:
+        raise OptionError(f"name_template= must be a non-empty string, got {name_template!r}")
+    return WriterOptions(
+        dims=dims,
+        chunks=_layout_option("chunks", chunks),
+        shards=_layout_option("shards", shards),
+        compressors=compressors,
+        shard_bytes=shard_bytes,
+        max_buffer_bytes=max_buffer_bytes,
+        flush_interval=None if flush_interval is None else float(flush_interval),
+        workers=workers,
+        name_template=name_template,
+        overwrite=bool(overwrite),
+    )

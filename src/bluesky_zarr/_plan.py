@@ -1,0 +1,281 @@
+"""What a run's start document says about the shape of the experiment.
+
+A :class:`ScanPlan` turns the start document into scan dimensions (names,
+sizes, snaking, motors, initial setpoints) and maps ``seq_num`` to the index
+of the point in the N-D scan, undoing snaking.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._errors import DocumentError, OptionError, ScanIndexError, UnsafeNameError
+
+#: The dimension name of scans and streams that grow as events arrive.
+TIME_DIM = "time"
+
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+def sanitize_name(text: str) -> str:
+    """Return ``text`` made safe as one path component or array name.
+
+    Characters other than letters, digits and ``._+-`` become ``_``, and
+    leading dots are dropped, so the result can neither climb out of a
+    directory (``..``) nor hide (``.name``).
+    """
+    cleaned = _UNSAFE_CHARS.sub("_", str(text)).lstrip(".")
+    return cleaned
+
+
+@dataclass(frozen=True)
+class ScanDim:
+    """One scan dimension: its name, its size (``None`` while growing), the
+    motors stepped along it and their planned setpoints (if known)."""
+
+    name: str
+    size: int | None
+    motors: tuple[str, ...]
+    setpoints: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """Scan geometry of one run, derived from its start document."""
+
+    dims: tuple[ScanDim, ...]
+    snaking: tuple[bool, ...]
+    stream: str
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """The scan shape, or ``None`` for a scan that grows."""
+        sizes = tuple(d.size for d in self.dims)
+        if any(s is None for s in sizes):
+            return None
+        return sizes  # type: ignore[return-value]
+
+    @property
+    def num_points(self) -> int | None:
+        shape = self.shape
+        return None if shape is None else math.prod(shape)
+
+    def index(self, seq_nums: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Map an array of ``seq_num`` values to index arrays, one per dimension.
+
+        The frame measured at setpoint ``j`` lands at index ``j`` whatever the
+        order of measurement: snaked axes are unfolded.
+        """
+        points = np.asarray(seq_nums, dtype=np.int64) - 1
+        if points.size and points.min() < 0:
+            raise ScanIndexError(
+                f"seq_num must be >= 1, got {int(points.min()) + 1}"
+            )
+        shape = self.shape
+        if shape is None:
+            return (points,)
+        total = math.prod(shape)
+        if points.size and points.max() >= total:
+            raise ScanIndexError(
+                f"seq_num {int(points.max()) + 1} is beyond the scan shape "
+                f"{shape} ({total} points)"
+            )
+        raw = np.unravel_index(points, shape)
+        index = list(raw)
+        for axis in range(1, len(shape)):
+            if self.snaking[axis]:
+                # Bluesky reverses an axis each time the axes outside it advance.
+                outer = points // math.prod(shape[axis:])
+                reverse = (outer % 2) == 1
+                index[axis] = np.where(reverse, shape[axis] - 1 - raw[axis], raw[axis])
+        return tuple(np.asarray(i, dtype=np.int64) for i in index)
+
+
+def _dimension_motors(start: Mapping[str, Any], stream: str) -> list[list[str]]:
+    """Motor names per dimension, from ``hints.dimensions`` or ``motors``."""
+    hints = start.get("hints") or {}
+    dimensions = hints.get("dimensions") if isinstance(hints, Mapping) else None
+    if dimensions:
+        result = []
+        for entry in dimensions:
+            try:
+                fields, entry_stream = entry
+            except (TypeError, ValueError):
+                raise DocumentError(
+                    "start['hints']['dimensions'] entries must be "
+                    f"(fields, stream) pairs, got {entry!r}"
+                ) from None
+            if entry_stream == stream:
+                result.append([str(f) for f in fields])
+        if result:
+            return result
+    motors = start.get("motors")
+    if motors:
+        return [[str(m)] for m in motors]
+    return []
+
+
+def primary_stream(start: Mapping[str, Any]) -> str:
+    """The stream the scan dimensions apply to (``primary`` unless hinted)."""
+    hints = start.get("hints") or {}
+    dimensions = hints.get("dimensions") if isinstance(hints, Mapping) else None
+    if dimensions:
+        try:
+            return str(dimensions[0][1])
+        except (TypeError, IndexError):
+            raise DocumentError(
+                "start['hints']['dimensions'] entries must be (fields, stream) "
+                f"pairs, got {dimensions!r}"
+            ) from None
+    return "primary"
+
+
+def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> ScanPlan:
+    """Build the :class:`ScanPlan` of a run from its start document.
+
+    Parameters
+    ----------
+    start
+        The run's start document.
+    dims
+        Optional user names for the scan dimensions, overriding the motors'.
+    """
+    stream = primary_stream(start)
+    motors_per_dim = _dimension_motors(start, stream)
+    shape_doc = start.get("shape")
+    if shape_doc is not None:
+        try:
+            shape = tuple(int(s) for s in shape_doc)
+        except (TypeError, ValueError):
+            raise DocumentError(
+                f"start['shape'] must be a sequence of integers, got {shape_doc!r}"
+            ) from None
+        if not shape or any(s < 1 for s in shape):
+            raise DocumentError(
+                f"start['shape'] must hold positive integers, got {shape_doc!r}"
+            )
+        if len(motors_per_dim) != len(shape):
+            motors_per_dim = [[] for _ in shape]
+        snaking_doc = start.get("snaking") or [False] * len(shape)
+        if len(snaking_doc) != len(shape):
+            raise DocumentError(
+                f"start['snaking'] has {len(snaking_doc)} entries but start['shape'] "
+                f"has {len(shape)}"
+            )
+        snaking = tuple(bool(s) for s in snaking_doc)
+        sizes: list[int | None] = list(shape)
+    else:
+        # count, list_scan, scan, adaptive and fly scans: one growing dimension.
+        if len(motors_per_dim) > 1:
+            motors_per_dim = [[m for ms in motors_per_dim for m in ms]]
+        if not motors_per_dim:
+            motors_per_dim = [[]]
+        snaking = (False,)
+        sizes = [None]
+
+    names = _dimension_names(motors_per_dim, sizes, dims)
+    extents = start.get("extents")
+    scan_dims = []
+    for axis, (name, size, motors) in enumerate(zip(names, sizes, motors_per_dim)):
+        motors = [m for m in motors if m != TIME_DIM]
+        setpoints: dict[str, np.ndarray] = {}
+        if size is not None and extents is not None and len(extents) == len(sizes):
+            if len(motors) == 1:
+                try:
+                    lo, hi = (float(v) for v in extents[axis])
+                except (TypeError, ValueError):
+                    raise DocumentError(
+                        f"start['extents'][{axis}] must be a (start, stop) pair, "
+                        f"got {extents[axis]!r}"
+                    ) from None
+                setpoints[motors[0]] = np.linspace(lo, hi, size)
+        scan_dims.append(ScanDim(name, size, tuple(motors), setpoints))
+    return ScanPlan(tuple(scan_dims), snaking, stream)
+
+
+def _dimension_names(
+    motors_per_dim: Sequence[Sequence[str]],
+    sizes: Sequence[int | None],
+    dims: Sequence[str] | None,
+) -> list[str]:
+    if dims is not None:
+        if isinstance(dims, str) or len(dims) != len(sizes):
+            raise OptionError(
+                f"dims= must name each of the {len(sizes)} scan dimension(s) of this "
+                f"run, got {dims!r}"
+            )
+        names = [str(d) for d in dims]
+        for name in names:
+            if not name or sanitize_name(name) != name:
+                raise OptionError(
+                    f"dims= names must be non-empty and use only letters, digits and "
+                    f"'._+-', got {name!r}"
+                )
+    else:
+        names = []
+        for axis, motors in enumerate(motors_per_dim):
+            if motors:
+                names.append(sanitize_name(motors[0]) or f"dim_{axis}")
+            elif sizes[axis] is None:
+                names.append(TIME_DIM)
+            else:
+                names.append(f"dim_{axis}")
+    if len(set(names)) != len(names):
+        raise OptionError(f"scan dimension names must be distinct, got {names!r}")
+    return names
+
+
+DEFAULT_NAME_TEMPLATE = "{scan_id:05d}-{uid:.8}"
+
+
+class _SafeFormatter(string.Formatter):
+    """Formats a template over the start document, sanitising every value."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        return sanitize_name(super().format_field(value, format_spec))
+
+
+def store_path(root: Path, template: str, start: Mapping[str, Any]) -> Path:
+    """The path of a run's store: ``root / (template formatted over start) + .zarr``.
+
+    Values from the start document are sanitised; literal ``/`` in the
+    template makes subdirectories. The result always lies inside ``root``.
+    """
+    if Path(template).is_absolute() or ".." in Path(template).parts:
+        raise OptionError(
+            f"name_template must be a relative path inside the root, got {template!r}"
+        )
+    try:
+        name = _SafeFormatter().vformat(template, (), _Defaulting(start))
+    except (KeyError, IndexError, ValueError, TypeError) as err:
+        raise DocumentError(
+            f"cannot build the store name from name_template {template!r} and the "
+            f"start document: {err!r}"
+        ) from None
+    parts = [p for p in name.split("/") if p]
+    if not parts or any(not p or p in {".", ".."} for p in parts):
+        raise UnsafeNameError(
+            f"name_template {template!r} gives an empty or unsafe store name {name!r}"
+        )
+    path = root.joinpath(*parts)
+    path = path.with_name(path.name + ".zarr")
+    resolved_root = root.resolve()
+    if resolved_root not in path.resolve().parents:
+        raise UnsafeNameError(f"store path {path} would lie outside {root}")
+    return path
+
+
+class _Defaulting(dict[str, Any]):
+    """Start-document view whose missing ``scan_id`` formats as 0."""
+
+    def __init__(self, start: Mapping[str, Any]) -> None:
+        super().__init__(start)
+        self.setdefault("scan_id", 0)

@@ -1,0 +1,282 @@
+"""One run's writer: documents in, one Zarr store out."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from event_model import DocumentRouter, pack_event_page
+from event_model.documents import Event, EventDescriptor, EventPage, RunStart, RunStop
+from zarr.storage import LocalStore
+
+from ._background import BackgroundWriter, MemoryBudget
+from ._errors import DocumentError, StoreExistsError, WriteError
+from ._layout import plan_stream
+from ._options import WriterOptions
+from ._plan import plan_scan, store_path
+from ._stream import ArraySink, Block, StreamWriter, consolidate
+from ._version import __version__
+
+logger = logging.getLogger(__name__)
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of ``value`` that JSON (and so Zarr attributes) can hold."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    return repr(value)
+
+
+class RunWriter(DocumentRouter):
+    """Writes the documents of one run into ``<root>/<name>.zarr``."""
+
+    def __init__(self, root: Path, options: WriterOptions) -> None:
+        super().__init__()
+        self.root_dir = root
+        self.options = options
+        self.meta_lock = threading.RLock()
+        self.buffer_lock = threading.RLock()
+        self.streams: dict[str, StreamWriter] = {}
+        self.descriptors: dict[str, StreamWriter] = {}
+        self.path: Path | None = None
+        self.root: zarr.Group
+        self.budget = MemoryBudget(options.max_buffer_bytes)
+        self.background: BackgroundWriter | None = None
+        self._open_blocks: dict[tuple[int, tuple[int, ...]], tuple[StreamWriter, ArraySink]] = {}
+        self._stop_flusher = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self.stopped = False
+
+    # -------------------------------------------------------------- documents
+    def start(self, doc: RunStart) -> RunStart:
+        # The store was made by open() before the RunRouter saw the document.
+        return doc
+
+    def open(self, doc: RunStart) -> None:
+        """Plan the run from its start document and create its store."""
+        self.start_doc = doc
+        self.plan = plan_scan(doc, self.options.dims)
+        path = store_path(self.root_dir, self.options.name_template, doc)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if not self.options.overwrite:
+                raise StoreExistsError(
+                    f"{path} already exists; refusing to overwrite another run "
+                    f"(pass overwrite=True or choose another name_template)"
+                ) from None
+            shutil.rmtree(path)
+            path.mkdir()
+        self.path = path
+        self.root = zarr.open_group(LocalStore(path), mode="w", zarr_format=3)
+        self.root.attrs.update(
+            {
+                "start": json_safe(doc),
+                "bluesky_zarr": {
+                    "version": __version__,
+                    "complete": False,
+                    "scan_dims": [d.name for d in self.plan.dims],
+                    "scan_shape": self.plan.shape and list(self.plan.shape),
+                },
+            }
+        )
+        consolidate(self.root)
+        self.background = BackgroundWriter(
+            self.budget, self.options.workers, name=str(doc.get("scan_id", ""))
+        )
+        if self.options.flush_interval is not None:
+            self._flusher = threading.Thread(
+                target=self._flush_periodically, name="bluesky-zarr-flusher", daemon=True
+            )
+            self._flusher.start()
+
+    def descriptor(self, doc: EventDescriptor) -> EventDescriptor:
+        self._raise_failures()
+        name = str(doc.get("name", "primary"))
+        with self.buffer_lock, self.meta_lock:
+            stream = self.streams.get(name)
+            if stream is None:
+                layout = plan_stream(self.plan, doc)
+                setpoints: dict[str, np.ndarray] = {}
+                if name == self.plan.stream:
+                    for dim in self.plan.dims:
+                        setpoints.update(dim.setpoints)
+                group = self.root.create_group(
+                    name, attributes={"descriptors": [json_safe(doc)]}
+                )
+                stream = StreamWriter(self, group, layout, setpoints)
+                self.streams[name] = stream
+            else:
+                if set(doc.get("data_keys", {})) != set(
+                    s.key for s in stream.layout.arrays.values() if s.key is not None
+                ):
+                    raise DocumentError(
+                        f"a second descriptor for stream {name!r} declares other data "
+                        f"keys than the first; one stream must keep its data keys"
+                    )
+                descriptors = list(stream.group.attrs.get("descriptors", []))  # type: ignore[arg-type]
+                descriptors.append(json_safe(doc))
+                stream.group.attrs["descriptors"] = descriptors
+            self.descriptors[doc["uid"]] = stream
+            consolidate(self.root)
+        return doc
+
+    def event(self, doc: Event) -> Event:
+        self.event_page(pack_event_page(doc))
+        return doc
+
+    def event_page(self, doc: EventPage) -> EventPage:
+        self._raise_failures()
+        stream = self.descriptors[doc["descriptor"]]
+        seq_nums = np.asarray(doc.get("seq_num", []))
+        if seq_nums.dtype.kind not in "iu":
+            raise DocumentError(f"seq_num must be integers, got {doc.get('seq_num')!r}")
+        if stream.name == self.plan.stream:
+            index = self.plan.index(seq_nums)
+        else:
+            index = (seq_nums.astype(np.int64) - 1,)
+            if index[0].size and index[0].min() < 0:
+                raise DocumentError(f"seq_num must be >= 1, got {doc.get('seq_num')!r}")
+        with self.buffer_lock:
+            stream.put_page(doc, index)
+        return doc
+
+    def stop(self, doc: RunStop) -> RunStop:
+        try:
+            self.flush()
+        finally:
+            self._finish(doc)
+        self._raise_failures(all_failures=True)
+        return doc
+
+    # ---------------------------------------------------------------- buffers
+    def place(
+        self, stream: StreamWriter, sink: ArraySink, index: tuple[int, ...], value: Any
+    ) -> None:
+        """Copy one point's value into its block; hand full blocks to the writer."""
+        key = tuple(i // b for i, b in zip(index, sink.block_shape))
+        block = sink.blocks.get(key)
+        if block is None:
+            self._reserve(stream.block_nbytes(sink, key))
+            block = stream.new_block(sink, key)
+            sink.blocks[key] = block
+            self._open_blocks[(id(sink), key)] = (stream, sink)
+        local = tuple(i - o for i, o in zip(index, block.origin))
+        block.data[local] = value
+        if not block.filled[local]:
+            block.filled[local] = True
+            block.count += 1
+            if block.count == block.expected:
+                self._submit(stream, sink, key)
+
+    def _submit(self, stream: StreamWriter, sink: ArraySink, key: tuple[int, ...]) -> None:
+        block: Block = sink.blocks.pop(key)
+        self._open_blocks.pop((id(sink), key), None)
+        merge = key in sink.submitted
+        sink.submitted.add(key)
+        assert self.background is not None
+        self.background.submit(
+            hash((id(sink), key)),
+            lambda: stream.write_block(sink, block, merge),
+            block.nbytes,
+            f"{stream.name}/{sink.name} at {block.origin}",
+        )
+
+    def _reserve(self, nbytes: int) -> None:
+        """Make room for a new block: spill old partial blocks, else wait."""
+        while not self.budget.try_reserve(nbytes):
+            if self.budget.in_flight >= nbytes or not self._open_blocks:
+                self.budget.wait(0.05)
+                self._raise_failures()
+            else:
+                (sink_id, key), (stream, sink) = next(iter(self._open_blocks.items()))
+                self._submit(stream, sink, key)
+
+    def _spill(self, older_than: float | None = None) -> None:
+        with self.buffer_lock:
+            now = time.monotonic()
+            for (_, key), (stream, sink) in list(self._open_blocks.items()):
+                block = sink.blocks[key]
+                if older_than is None or now - block.born >= older_than:
+                    self._submit(stream, sink, key)
+
+    def _flush_periodically(self) -> None:
+        interval = self.options.flush_interval
+        assert interval is not None
+        while not self._stop_flusher.wait(interval / 2):
+            try:
+                self._spill(older_than=interval)
+            except Exception:  # noqa: BLE001 - logged; the caller sees write failures
+                logger.exception("bluesky-zarr: periodic flush failed")
+
+    def flush(self) -> None:
+        """Write every buffered point to disk and wait until it is there."""
+        self._spill()
+        if self.background is not None:
+            self.background.drain()
+
+    def _raise_failures(self, all_failures: bool = False) -> None:
+        if self.background is None:
+            return
+        failures = self.background.failures if all_failures else self.background.new_failures()
+        if failures:
+            first = failures[0]
+            raise WriteError(
+                f"writing {first.what} to {self.path} failed"
+                + (f" (and {len(failures) - 1} more writes)" if len(failures) > 1 else "")
+                + f": {first.error!r}"
+            ) from first.error
+
+    def _finish(self, doc: RunStop) -> None:
+        self._stop_flusher.set()
+        if self._flusher is not None:
+            self._flusher.join()
+        if self.background is not None:
+            self.background.close()
+        failures = self.background.failures if self.background else []
+        with self.meta_lock:
+            info = dict(self.root.attrs["bluesky_zarr"])  # type: ignore[arg-type]
+            info["complete"] = True
+            info["streams"] = {name: s.summary() for name, s in self.streams.items()}
+            info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures]
+            self.root.attrs.update(
+                {
+                    "stop": json_safe(doc),
+                    "exit_status": doc.get("exit_status", "unknown"),
+                    "bluesky_zarr": info,
+                }
+            )
+            consolidate(self.root)
+        self.stopped = True
+        unused = (set(self.options.chunks) | set(self.options.shards)) - {
+            name
+            for stream in self.streams.values()
+            for spec in stream.layout.arrays.values()
+            for name in (spec.name, spec.key)
+        }
+        if unused:
+            logger.warning(
+                "bluesky-zarr: chunks=/shards= name keys that run %s does not have: %s",
+                self.path, sorted(unused),
+            )

@@ -1,0 +1,448 @@
+"""Where an event becomes a chunk write.
+
+A :class:`StreamWriter` owns the arrays of one stream group. Events are
+copied into *blocks*: in-memory images of one write unit (a shard, or a chunk
+when unsharded) over the scan dimensions, spanning whole frames. A block is
+handed to the background writer when all its points have arrived (written
+once: write amplification 1), or earlier when the memory budget is spent,
+the flush interval passes or the run stops; a block written before is then
+merged with what is on disk (read-modify-write), never clobbering it.
+
+``_written`` flips for a point only after every array of the stream holds
+that point on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from ._errors import DataShapeError, DataTypeError, DocumentError
+from ._layout import (
+    ArraySpec,
+    StreamLayout,
+    check_chunking,
+    default_chunking,
+    fill_value_for,
+)
+
+if TYPE_CHECKING:
+    from ._run import RunWriter
+
+#: Value kinds (numpy ``dtype.kind``) accepted for each array kind.
+_ACCEPTED_KINDS = {
+    "f": "biuf",
+    "c": "biufc",
+    "i": "biu",
+    "u": "biu",
+    "b": "b",
+    "O": "OUS",
+    "U": "OUS",
+    "S": "S",
+    "V": "V",
+    "M": "M",
+    "m": "m",
+}
+
+_consolidate_lock = threading.Lock()
+
+
+def consolidate(group: zarr.Group) -> None:
+    """Consolidate the metadata below ``group`` (quietly, one thread at a time)."""
+    with _consolidate_lock, warnings.catch_warnings():
+        # zarr warns that consolidation is not yet in the V3 spec; xarray
+        # reads it and warns far louder without it.
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently")
+        zarr.consolidate_metadata(group.store)
+
+
+@dataclass
+class Block:
+    """An in-memory image of one write unit of one array."""
+
+    origin: tuple[int, ...]
+    data: np.ndarray
+    filled: np.ndarray
+    count: int
+    expected: int
+    born: float
+    nbytes: int
+
+
+class ArraySink:
+    """One array of a stream and the blocks filling for it."""
+
+    def __init__(self, spec: ArraySpec, array: zarr.Array, n_scan: int) -> None:
+        assert spec.dtype is not None and spec.frame_shape is not None
+        self.spec = spec
+        self.name = spec.name
+        self.array = array
+        self.dtype = spec.dtype
+        self.frame_shape = spec.frame_shape
+        unit = array.shards or array.chunks
+        self.block_shape = tuple(unit[:n_scan])
+        self.fill = fill_value_for(spec.dtype)
+        self.blocks: dict[tuple[int, ...], Block] = {}
+        #: Blocks handed to the writer at least once: later writes merge.
+        self.submitted: set[tuple[int, ...]] = set()
+        self.accepted = _ACCEPTED_KINDS.get(spec.dtype.kind, spec.dtype.kind)
+
+    def check(self, value: Any) -> np.ndarray:
+        """The value as an array of this sink's frame shape, or a clear error."""
+        array = np.asarray(value)
+        if array.shape != self.frame_shape:
+            raise DataShapeError(
+                f"data key {self.spec.key!r}: expected shape {self.frame_shape} as "
+                f"declared by the descriptor, got {array.shape}"
+            )
+        if array.dtype.kind not in self.accepted:
+            raise DataTypeError(
+                f"data key {self.spec.key!r}: expected values storable as "
+                f"{self.dtype}, got {array.dtype} ({_preview(value)})"
+            )
+        return array
+
+
+def _preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class StreamWriter:
+    """The group of one stream: its arrays, blocks, masks and coordinates."""
+
+    def __init__(
+        self,
+        run: RunWriter,
+        group: zarr.Group,
+        layout: StreamLayout,
+        setpoints: Mapping[str, np.ndarray],
+    ) -> None:
+        self.run = run
+        self.group = group
+        self.layout = layout
+        self.name = layout.name
+        self.n_scan = len(layout.scan_dims)
+        self.growing = layout.growing
+        #: Current length of the growing dimension (arrays are this long).
+        self.length = 0
+        self.scan_shape: tuple[int, ...] = tuple(
+            0 if s is None else s for s in layout.scan_sizes
+        )
+        self.sinks: dict[str, ArraySink] = {}
+        self.pending: dict[str, ArraySpec] = {}
+        self.lock = threading.Lock()
+        self.on_disk: dict[str, np.ndarray] = {}
+        self.coord_values: dict[str, np.ndarray] = {}
+        self.coord_arrays: dict[str, zarr.Array] = {}
+        #: Coordinates that event data update (setpoint data, or any for
+        #: dimensions whose setpoints the start document does not give).
+        self.coord_from_data: dict[str, str] = {}
+        for name, source in layout.coord_sources.items():
+            if layout.coord_motors.get(name, name) not in setpoints or source.endswith(
+                "_setpoint"
+            ):
+                self.coord_from_data[name] = source
+        for spec in layout.arrays.values():
+            if spec.ready:
+                self._create(spec)
+            else:
+                self.pending[spec.name] = spec
+        self.written = self._create_plain(
+            "_written", np.dtype(bool), False, self._mask_chunks(), {}
+        )
+        for name, dim in layout.coords.items():
+            axis = layout.scan_dims.index(dim)
+            values = np.full(self.scan_shape[axis], np.nan)
+            motor = layout.coord_motors.get(name, name)
+            if motor in setpoints:
+                values[:] = setpoints[motor]
+            self.coord_values[name] = values
+            array = group.create_array(
+                name,
+                shape=values.shape,
+                dtype="float64",
+                chunks=(max(1, min(self._mask_chunks()[axis], 1 << 16)),) if self.growing
+                else (max(1, values.shape[0]),),
+                fill_value=np.nan,
+                dimension_names=[dim],
+                attributes={
+                    "_ARRAY_DIMENSIONS": [dim],
+                    "long_name": f"{motor} setpoint",
+                    "motor": motor,
+                },
+                config={"write_empty_chunks": True},
+            )
+            if values.size:
+                array[:] = values
+            self.coord_arrays[name] = array
+        self._update_coordinate_attrs()
+
+    # ------------------------------------------------------------------ setup
+    def _mask_chunks(self) -> tuple[int, ...]:
+        if self.growing:
+            return (4096,)
+        if math.prod(self.scan_shape) <= 1 << 20:
+            return tuple(max(1, s) for s in self.scan_shape)
+        return (1,) * (self.n_scan - 1) + (self.scan_shape[-1],)
+
+    def _create_plain(
+        self,
+        name: str,
+        dtype: np.dtype,
+        fill: Any,
+        chunks: tuple[int, ...],
+        attrs: dict[str, Any],
+    ) -> zarr.Array:
+        dims = list(self.layout.scan_dims)
+        return self.group.create_array(
+            name,
+            shape=self.scan_shape,
+            dtype=dtype,
+            chunks=chunks,
+            fill_value=fill,
+            dimension_names=dims,
+            attributes={"_ARRAY_DIMENSIONS": dims, **attrs},
+            compressors=self.run.options.compressors,
+            config={"write_empty_chunks": True},
+        )
+
+    def _create(self, spec: ArraySpec) -> ArraySink:
+        assert spec.dtype is not None and spec.frame_shape is not None
+        options = self.run.options
+        chunks, shards = default_chunking(self.layout, spec, options.shard_bytes)
+        ndim = self.n_scan + len(spec.frame_shape)
+        user_chunks = options.chunks.get(spec.name, options.chunks.get(spec.key or ""))
+        user_shards = options.shards.get(spec.name, options.shards.get(spec.key or ""))
+        if user_chunks is not None or user_shards is not None:
+            check_chunking(spec.name, ndim, user_chunks, user_shards)
+            if user_chunks is not None:
+                chunks = tuple(int(c) for c in user_chunks)
+                shards = None
+            if user_shards is not None:
+                shards = tuple(int(s) for s in user_shards)
+                if user_chunks is None:
+                    chunks = tuple(min(c, s) for c, s in zip(chunks, shards))
+                check_chunking(spec.name, ndim, chunks, shards)
+        if self.growing:
+            # A shard may not be longer than the array can grow in one step.
+            pass
+        else:
+            chunks = tuple(min(c, max(1, s)) for c, s in zip(chunks, self.scan_shape)) + tuple(
+                chunks[self.n_scan :]
+            )
+            if shards is not None:
+                shards = tuple(
+                    -(-min(s, max(1, n)) // c) * c
+                    for s, n, c in zip(shards, self.scan_shape, chunks)
+                ) + tuple(shards[self.n_scan :])
+        dims = list(self.layout.scan_dims) + list(spec.frame_dims)
+        dtype: Any = str if spec.dtype.kind in "OU" else spec.dtype
+        array = self.group.create_array(
+            spec.name,
+            shape=self.scan_shape + spec.frame_shape,
+            dtype=dtype,
+            chunks=chunks,
+            shards=shards,
+            fill_value=fill_value_for(spec.dtype),
+            dimension_names=dims,
+            attributes={"_ARRAY_DIMENSIONS": dims, **spec.attrs},
+            compressors=options.compressors,
+            config={"write_empty_chunks": True},
+        )
+        sink = ArraySink(spec, array, self.n_scan)
+        self.sinks[spec.name] = sink
+        self.on_disk[spec.name] = np.zeros(self.scan_shape, dtype=bool)
+        return sink
+
+    def _create_pending(self, spec: ArraySpec, sample: np.ndarray) -> ArraySink:
+        """Create an array whose dtype or shape only its first value tells."""
+        if spec.dtype is None:
+            spec.dtype = sample.dtype
+        if spec.frame_shape is None:
+            spec.frame_shape = sample.shape
+            if len(spec.frame_dims) != sample.ndim:
+                spec.frame_dims = (
+                    ["y", "x"] if sample.ndim == 2
+                    else [f"{spec.name}_dim_{n}" for n in range(sample.ndim)]
+                )
+            self.layout.claim_frame_dims(spec)
+        with self.run.meta_lock:
+            with self.lock:
+                if self.growing:
+                    self.scan_shape = (self.length,)
+                sink = self._create(spec)
+            del self.pending[spec.name]
+            self._update_coordinate_attrs()
+            consolidate(self.run.root)
+        return sink
+
+    def _update_coordinate_attrs(self) -> None:
+        """Tell xarray (CF ``coordinates``) which variables are coordinates."""
+        extra = [c for c, d in self.layout.coords.items() if c != d]
+        if not extra:
+            return
+        for sink in self.sinks.values():
+            if sink.array.attrs.get("coordinates") != " ".join(extra):
+                sink.array.attrs["coordinates"] = " ".join(extra)
+
+    # ----------------------------------------------------------------- events
+    def put_page(self, page: Mapping[str, Any], index: Sequence[np.ndarray]) -> None:
+        """Copy the events of a page into their blocks (the RunEngine's thread)."""
+        data = page.get("data")
+        if not isinstance(data, Mapping):
+            raise DocumentError("event_page has no 'data' mapping")
+        n = len(index[0])
+        columns: list[tuple[ArraySink | ArraySpec, Sequence[Any]]] = []
+        for spec in self.layout.arrays.values():
+            if spec.key is None:
+                values = page.get(spec.name)
+                if values is None or len(values) != n:
+                    raise DocumentError(f"event_page lacks {spec.name!r} for its events")
+            else:
+                if spec.key not in data:
+                    raise DocumentError(
+                        f"event of stream {self.name!r} lacks data key {spec.key!r} "
+                        f"declared by its descriptor"
+                    )
+                values = data[spec.key]
+                if len(values) != n:
+                    raise DocumentError(
+                        f"event_page column {spec.key!r} has {len(values)} values for "
+                        f"{n} events"
+                    )
+            columns.append((self.sinks.get(spec.name) or spec, values))
+        # Validate every value before touching any block: a bad event is
+        # refused whole and nothing already buffered is disturbed.
+        checked: list[tuple[ArraySink | ArraySpec, list[np.ndarray]]] = []
+        for target, values in columns:
+            if isinstance(target, ArraySink):
+                checked.append((target, [target.check(v) for v in values]))
+            else:
+                arrays = [np.asarray(v) for v in values]
+                checked.append((target, arrays))
+        for name, source in self.coord_from_data.items():
+            if source not in data:
+                continue
+            axis = self.layout.scan_dims.index(self.layout.coords[name])
+            try:
+                values = np.asarray(data[source], dtype="float64")
+            except (TypeError, ValueError):
+                raise DataTypeError(
+                    f"data key {source!r} gives the coordinate {name!r}, but its values "
+                    f"are not numbers: {_preview(data[source])}"
+                ) from None
+            self._set_coordinate(name, index[axis], values)
+        for target, arrays in checked:
+            if not isinstance(target, ArraySink):
+                target = self._create_pending(target, arrays[0])
+                arrays = [target.check(a) for a in arrays]
+            for i in range(n):
+                self.run.place(self, target, tuple(int(ix[i]) for ix in index), arrays[i])
+
+    def _set_coordinate(self, name: str, positions: np.ndarray, values: np.ndarray) -> None:
+        with self.lock:
+            current = self.coord_values[name]
+            needed = int(positions.max()) + 1 if positions.size else 0
+            if needed > current.shape[0]:
+                grown = np.full(max(needed, 2 * current.shape[0]), np.nan)
+                grown[: current.shape[0]] = current
+                self.coord_values[name] = current = grown
+            current[positions] = values
+
+    # ----------------------------------------------------------------- blocks
+    def new_block(self, sink: ArraySink, key: tuple[int, ...]) -> Block:
+        origin = tuple(k * b for k, b in zip(key, sink.block_shape))
+        if self.growing:
+            scan = sink.block_shape
+        else:
+            scan = tuple(
+                min(b, s - o) for b, s, o in zip(sink.block_shape, self.scan_shape, origin)
+            )
+        shape = scan + sink.frame_shape
+        data = np.full(shape, sink.fill, dtype=sink.dtype if sink.dtype.kind != "U" else object)
+        filled = np.zeros(scan, dtype=bool)
+        return Block(origin, data, filled, 0, math.prod(scan), time.monotonic(), data.nbytes)
+
+    def block_nbytes(self, sink: ArraySink, key: tuple[int, ...]) -> int:
+        origin = tuple(k * b for k, b in zip(key, sink.block_shape))
+        if self.growing:
+            scan = sink.block_shape
+        else:
+            scan = tuple(
+                min(b, s - o) for b, s, o in zip(sink.block_shape, self.scan_shape, origin)
+            )
+        return math.prod(scan + sink.frame_shape) * sink.dtype.itemsize
+
+    def write_block(self, sink: ArraySink, block: Block, merge: bool) -> None:
+        """Write one block to disk, then mark its points (a worker thread)."""
+        filled = block.filled
+        data = block.data
+        if self.growing and block.count < block.expected:
+            # Write only up to the last point received: the array's length
+            # never claims points that have not been measured.
+            last = int(np.flatnonzero(filled)[-1]) + 1
+            filled = filled[:last]
+            data = data[:last]
+        region = tuple(slice(o, o + n) for o, n in zip(block.origin, filled.shape))
+        if self.growing:
+            self.ensure_length(region[0].stop)
+        if merge:
+            current = np.asarray(sink.array[region])
+            current[filled] = data[filled]
+            sink.array[region] = current
+        else:
+            sink.array[region] = data
+        self.mark_on_disk(sink, region, filled)
+
+    def ensure_length(self, length: int) -> None:
+        """Grow every array of a growing stream to ``length`` points."""
+        with self.run.meta_lock:
+            if length <= self.length:
+                return
+            with self.lock:
+                for sink in self.sinks.values():
+                    sink.array.resize((length,) + sink.frame_shape)
+                    mask = np.zeros(length, dtype=bool)
+                    mask[: self.length] = self.on_disk[sink.name]
+                    self.on_disk[sink.name] = mask
+                self.written.resize((length,))
+                for array in self.coord_arrays.values():
+                    array.resize((length,))
+                self.length = length
+                self.scan_shape = (length,)
+            consolidate(self.run.root)
+
+    def mark_on_disk(self, sink: ArraySink, region: tuple[slice, ...], filled: np.ndarray) -> None:
+        with self.lock:
+            self.on_disk[sink.name][region] |= filled
+            complete = not self.pending
+            written = np.logical_and.reduce(
+                [mask[region] for mask in self.on_disk.values()]
+            ) & complete
+            self.written[region] = written
+            for name in self.coord_from_data:
+                array = self.coord_arrays[name]
+                axis = self.layout.scan_dims.index(self.layout.coords[name])
+                part = region[axis]
+                values = self.coord_values[name]
+                stop = min(part.stop, values.shape[0], array.shape[0])
+                if part.start < stop:
+                    array[part.start : stop] = values[part.start : stop]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for the stop record: points on disk per array."""
+        with self.lock:
+            written = np.logical_and.reduce(list(self.on_disk.values())) if self.on_disk else None
+            return {
+                "shape": list(self.scan_shape),
+                "written_points": int(written.sum()) if written is not None else 0,
+            }

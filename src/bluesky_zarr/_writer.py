@@ -1,0 +1,188 @@
+"""The public callback: one :class:`ZarrWriter` serves every run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from event_model import RunRouter
+
+from ._errors import DocumentError, DocumentOrderError
+from ._layout import DEFAULT_SHARD_BYTES
+from ._options import DEFAULT_MAX_BUFFER_BYTES, WriterOptions, make_options
+from ._plan import DEFAULT_NAME_TEMPLATE
+from ._run import RunWriter
+
+_KINDS = {
+    "start",
+    "descriptor",
+    "event",
+    "event_page",
+    "stop",
+    "resource",
+    "datum",
+    "datum_page",
+    "stream_resource",
+    "stream_datum",
+}
+
+
+class _PassThrough:
+    """Stands in for event-model's Filler: documents pass through untouched."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def _same(self, doc: Any) -> Any:
+        return doc
+
+    descriptor = event_page = datum_page = resource = _same
+    stream_resource = stream_datum = _same
+
+
+class ZarrWriter:
+    """Write every Bluesky run, live, into a Zarr V3 store shaped like the scan.
+
+    Subscribe an instance to a RunEngine (``RE.subscribe(ZarrWriter("data/"))``)
+    or call it with ``(name, doc)`` pairs. Each run becomes one store,
+    ``<directory>/<name>.zarr``, with one group per stream; each data key is an
+    array with the scan dimensions first, then the frame dimensions.
+
+    Parameters
+    ----------
+    directory
+        Root directory of the stores; created if missing.
+    dims
+        Names for the scan dimensions, overriding the scanned motors' names.
+    chunks, shards
+        Per data key (or array name), the chunk and shard shapes, scan
+        dimensions first. By default a chunk is one frame and a shard the frames
+        of a row of the innermost scan dimension, up to ``shard_bytes``.
+    compressors
+        Zarr codecs for compression; ``"default"`` (Blosc LZ4 with
+        bit-shuffle) or ``None`` for none.
+    shard_bytes
+        Size target of a default shard.
+    max_buffer_bytes
+        Memory bound of the frames held before they are written. When it is
+        reached, partially filled chunks are written early and merged later.
+    flush_interval
+        Seconds after which a partially filled chunk is written anyway, so a
+        slow scan becomes visible on disk; ``None`` to only write full chunks.
+    workers
+        Background writer threads.
+    name_template
+        Store name, formatted over the start document (values are sanitised);
+        ``/`` makes subdirectories.
+    overwrite
+        Replace an existing store of the same name instead of refusing.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        dims: Sequence[str] | None = None,
+        chunks: Mapping[str, Sequence[int]] | None = None,
+        shards: Mapping[str, Sequence[int]] | None = None,
+        compressors: Any = "default",
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+        flush_interval: float | None = 5.0,
+        workers: int = 2,
+        name_template: str = DEFAULT_NAME_TEMPLATE,
+        overwrite: bool = False,
+    ) -> None:
+        self.directory = Path(directory)
+        self.options: WriterOptions = make_options(
+            dims=dims,
+            chunks=chunks,
+            shards=shards,
+            compressors=compressors,
+            shard_bytes=shard_bytes,
+            max_buffer_bytes=max_buffer_bytes,
+            flush_interval=flush_interval,
+            workers=workers,
+            name_template=name_template,
+            overwrite=overwrite,
+        )
+        self._router = RunRouter(
+            [self._factory], filler_class=_PassThrough  # type: ignore[arg-type]
+        )
+        self._runs: dict[str, RunWriter] = {}
+        self._seen_starts: set[str] = set()
+        self._descriptors: dict[str, str] = {}
+        #: Paths of the stores written so far, in order.
+        self.stores: list[Path] = []
+
+    def __repr__(self) -> str:
+        return f"ZarrWriter({str(self.directory)!r})"
+
+    def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        # The run writer was made in __call__, which keeps track of it.
+        return [self._runs[start["uid"]]], []
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if name not in _KINDS:
+            raise DocumentError(f"unknown document kind {name!r}")
+        if not isinstance(doc, Mapping):
+            raise DocumentError(f"a {name} document must be a mapping, got {type(doc).__name__}")
+        self._check_order(name, doc)
+        if name == "start":
+            self._seen_starts.add(doc["uid"])
+            run = RunWriter(self.directory, self.options)
+            run.open(doc)  # type: ignore[arg-type]
+            self._runs[doc["uid"]] = run
+        try:
+            result = self._router(name, doc)
+        except BaseException:
+            if name == "start":
+                self._runs.pop(doc["uid"], None)
+            raise
+        if name == "descriptor":
+            self._descriptors[doc["uid"]] = doc["run_start"]
+        if name == "start":
+            path = self._runs[doc["uid"]].path
+            if path is not None:
+                self.stores.append(path)
+        if name == "stop":
+            self._runs.pop(doc["run_start"], None)
+            for uid in [u for u, s in self._descriptors.items() if s == doc["run_start"]]:
+                del self._descriptors[uid]
+        return result
+
+    def _check_order(self, name: str, doc: Mapping[str, Any]) -> None:
+        """Refuse documents that do not fit the runs seen so far."""
+        try:
+            if name == "start":
+                if doc["uid"] in self._seen_starts:
+                    raise DocumentOrderError(
+                        f"a second start document with uid {doc['uid']!r}; every run "
+                        f"needs a new uid"
+                    )
+            elif name in ("descriptor", "stop"):
+                if doc["run_start"] not in self._runs:
+                    raise DocumentOrderError(
+                        f"{name} document for run {doc['run_start']!r}, which has not "
+                        f"started (or has stopped) in this writer"
+                    )
+            elif name in ("event", "event_page"):
+                if doc["descriptor"] not in self._descriptors:
+                    raise DocumentOrderError(
+                        f"{name} refers to descriptor {doc['descriptor']!r}, which this "
+                        f"writer has not seen (an event must follow its descriptor)"
+                    )
+        except KeyError as err:
+            raise DocumentError(f"{name} document lacks the field {err.args[0]!r}") from None
+
+    def flush(self) -> None:
+        """Write every buffered point of every open run to disk, and wait."""
+        for run in list(self._runs.values()):
+            run.flush()
+
+    @property
+    def open_runs(self) -> Iterable[Path]:
+        """Stores of the runs started and not yet stopped."""
+        return [run.path for run in self._runs.values() if run.path is not None]

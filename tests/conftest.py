@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import xarray as xr
+from bluesky import RunEngine
+
+from bluesky_zarr.sim import frame_at
+
+
+@pytest.fixture
+def RE() -> RunEngine:
+    return RunEngine({}, call_returns_result=False)
+
+
+@pytest.fixture
+def docs() -> list[tuple[str, dict[str, Any]]]:
+    return []
+
+
+def open_stream(store: Path, stream: str = "primary") -> xr.Dataset:
+    """Open one stream of a store the way a user would, refusing any warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return xr.open_zarr(store, group=stream).load()
+
+
+def open_tree(store: Path) -> xr.DataTree:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return xr.open_datatree(store, engine="zarr")
+
+
+def iter_points(ds: xr.Dataset, dims: list[str]) -> Iterator[dict[str, int]]:
+    for index in np.ndindex(*(ds.sizes[d] for d in dims)):
+        yield dict(zip(dims, index))
+
+
+def assert_frames_match(
+    ds: xr.Dataset,
+    key: str,
+    motor_dims: dict[str, str],
+    shape: tuple[int, ...],
+    dtype: str = "uint16",
+) -> int:
+    """Every frame of ``key`` equals what the camera takes at its coordinates.
+
+    ``motor_dims`` maps each motor the camera watches (in order) to the
+    variable holding its setpoint at each point. Returns the number of
+    frames checked.
+    """
+    image = ds[key]
+    scan_dims = [d for d in image.dims if d not in image.dims[-len(shape):]]
+    checked = 0
+    for point in iter_points(ds, scan_dims):
+        positions = {
+            m: float(ds[var].isel({d: i for d, i in point.items() if d in ds[var].dims}).values)
+            for m, var in motor_dims.items()
+        }
+        expected = frame_at(positions, shape, dtype)
+        actual = image.isel(point).values
+        assert actual.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(actual, expected, err_msg=f"frame at {point}")
+        checked += 1
+    return checked
