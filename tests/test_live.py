@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 from bluesky.plans import count, grid_scan
-from conftest import open_stream, open_tree
 
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr.sim import PointCamera, frame_at, motors
+
+from conftest import open_stream, open_tree
 
 
 def test_store_opens_mid_run_and_written_points_hold_their_frames(RE, tmp_path):

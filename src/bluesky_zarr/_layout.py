@@ -105,6 +105,8 @@ class ArraySpec:
     attrs: dict[str, Any] = field(default_factory=dict)
     chunks: tuple[int, ...] | None = None
     shards: tuple[int, ...] | None = None
+    #: The data key's ``external`` field (e.g. ``"STREAM:"``), if any.
+    external: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -210,6 +212,8 @@ def plan_stream(
             if data_key.get(field_name) is not None:
                 attrs[field_name] = data_key[field_name]
         spec = ArraySpec(name, key, dtype, shape, frame_dims, attrs)
+        if data_key.get("external"):
+            spec.external = str(data_key["external"])
         if shape is not None:
             layout.claim_frame_dims(spec)
         layout.arrays[name] = spec

@@ -301,7 +301,7 @@ class StreamWriter:
         if not isinstance(data, Mapping):
             raise DocumentError("event_page has no 'data' mapping")
         n = len(index[0])
-        columns: list[tuple[ArraySink | ArraySpec, Sequence[Any]]] = []
+        columns: list[tuple[ArraySpec, Sequence[Any]]] = []
         for spec in self.layout.arrays.values():
             if spec.key is None:
                 values = page.get(spec.name)
@@ -309,6 +309,10 @@ class StreamWriter:
                     raise DocumentError(f"event_page lacks {spec.name!r} for its events")
             else:
                 if spec.key not in data:
+                    if spec.external:
+                        # Stream-external data: its frames come from
+                        # stream_datum documents, not from the event.
+                        continue
                     raise DocumentError(
                         f"event of stream {self.name!r} lacks data key {spec.key!r} "
                         f"declared by its descriptor"
@@ -319,16 +323,10 @@ class StreamWriter:
                         f"event_page column {spec.key!r} has {len(values)} values for "
                         f"{n} events"
                     )
-            columns.append((self.sinks.get(spec.name) or spec, values))
+            columns.append((spec, values))
         # Validate every value before touching any block: a bad event is
         # refused whole and nothing already buffered is disturbed.
-        checked: list[tuple[ArraySink | ArraySpec, list[np.ndarray]]] = []
-        for target, values in columns:
-            if isinstance(target, ArraySink):
-                checked.append((target, [target.check(v) for v in values]))
-            else:
-                arrays = [np.asarray(v) for v in values]
-                checked.append((target, arrays))
+        checked = [(spec, self._check_column(spec, values)) for spec, values in columns]
         for name, source in self.coord_from_data.items():
             if source not in data:
                 continue
@@ -341,12 +339,42 @@ class StreamWriter:
                     f"are not numbers: {_preview(data[source])}"
                 ) from None
             self._set_coordinate(name, index[axis], values)
-        for target, arrays in checked:
-            if not isinstance(target, ArraySink):
-                target = self._create_pending(target, arrays[0])
-                arrays = [target.check(a) for a in arrays]
-            for i in range(n):
-                self.run.place(self, target, tuple(int(ix[i]) for ix in index), arrays[i])
+        for spec, arrays in checked:
+            self._place_column(spec, index, arrays)
+
+    def put_frames(self, key: str, index: Sequence[np.ndarray], values: Sequence[Any]) -> None:
+        """Place the values of one data key at the given points.
+
+        For data that does not travel inside events (e.g. frames that
+        ``stream_datum`` documents point to): ``index`` holds one index array
+        per scan dimension, ``values`` one value per point.
+        """
+        spec = next((s for s in self.layout.arrays.values() if s.key == key), None)
+        if spec is None:
+            raise DocumentError(f"stream {self.name!r} has no data key {key!r}")
+        if len(values) != len(index[0]):
+            raise DocumentError(
+                f"{len(values)} values of {key!r} for {len(index[0])} points"
+            )
+        self._place_column(spec, index, self._check_column(spec, values))
+
+    def _check_column(self, spec: ArraySpec, values: Sequence[Any]) -> list[np.ndarray]:
+        sink = self.sinks.get(spec.name)
+        if sink is None:
+            return [np.asarray(v) for v in values]
+        return [sink.check(v) for v in values]
+
+    def _place_column(
+        self, spec: ArraySpec, index: Sequence[np.ndarray], arrays: list[np.ndarray]
+    ) -> None:
+        sink = self.sinks.get(spec.name)
+        if sink is None:
+            if not arrays:
+                return
+            sink = self._create_pending(spec, arrays[0])
+            arrays = [sink.check(a) for a in arrays]
+        for i, value in enumerate(arrays):
+            self.run.place(self, sink, tuple(int(ix[i]) for ix in index), value)
 
     def _set_coordinate(self, name: str, positions: np.ndarray, values: np.ndarray) -> None:
         with self.lock:
