@@ -260,6 +260,8 @@ class RunWriter(DocumentRouter):
             info["complete"] = True
             info["streams"] = {name: s.summary() for name, s in self.streams.items()}
             info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures]
+            info["buffer_peak_bytes"] = self.budget.peak
+            info["max_buffer_bytes"] = self.budget.limit
             self.root.attrs.update(
                 {
                     "stop": json_safe(doc),

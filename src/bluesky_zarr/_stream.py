@@ -396,7 +396,9 @@ class StreamWriter:
                 min(b, s - o) for b, s, o in zip(sink.block_shape, self.scan_shape, origin)
             )
         shape = scan + sink.frame_shape
-        data = np.full(shape, sink.fill, dtype=sink.dtype if sink.dtype.kind != "U" else object)
+        # Not filled here: points never received get the fill value in the
+        # worker, off the RunEngine's thread (see write_block).
+        data = np.empty(shape, dtype=sink.dtype if sink.dtype.kind not in "OU" else object)
         filled = np.zeros(scan, dtype=bool)
         return Block(origin, data, filled, 0, math.prod(scan), time.monotonic(), data.nbytes)
 
@@ -420,6 +422,8 @@ class StreamWriter:
             last = int(np.flatnonzero(filled)[-1]) + 1
             filled = filled[:last]
             data = data[:last]
+        if block.count < block.expected:
+            data[~filled] = sink.fill
         region = tuple(slice(o, o + n) for o, n in zip(block.origin, filled.shape))
         if self.growing:
             self.ensure_length(region[0].stop)
@@ -456,7 +460,10 @@ class StreamWriter:
             written = np.logical_and.reduce(
                 [mask[region] for mask in self.on_disk.values()]
             ) & complete
-            self.written[region] = written
+            # Write the mask only when points became complete: most blocks
+            # (scalars arriving before their frames) change nothing.
+            if (written & filled).any():
+                self.written[region] = written
             for name in self.coord_from_data:
                 array = self.coord_arrays[name]
                 axis = self.layout.scan_dims.index(self.layout.coords[name])
