@@ -90,6 +90,7 @@ class Result:
     peak: int | None = None
     bound: int | None = None
     written: int | None = None
+    buffer_peak: int | None = None
 
     @property
     def mbps(self) -> float:
@@ -175,10 +176,16 @@ def run_direct(scan: Scan, root: Path, **options: Any) -> Result:
         writer("stop", run.compose_stop())
         seconds = time.perf_counter() - t0
     info = zarr.open_group(writer.stores[0], mode="r").attrs["bluesky_zarr"]
-    result = Result("", seconds, scan.nbytes, callback, memory.peak, writer.options.max_buffer_bytes,
-                    wchar() - written0)
-    result.buffer_peak = info["buffer_peak_bytes"]  # type: ignore[attr-defined]
-    return result
+    return Result(
+        "",
+        seconds,
+        scan.nbytes,
+        callback,
+        memory.peak,
+        writer.options.max_buffer_bytes,
+        wchar() - written0,
+        info["buffer_peak_bytes"],
+    )
 
 
 def run_engine(scan: Scan, root: Path, **options: Any) -> Result:
@@ -356,8 +363,8 @@ def bench_size(size: int, gigabytes: float, workdir: Path, cases: set[str]) -> l
     raw = next((r for r in results if r.case.startswith("raw write (page")), None)
     print()
     print(
-        f"| case | MB/s | ratio to raw write | callback median / p99 (ms) | "
-        f"peak memory (MB) / bound | write amplification |"
+        "| case | MB/s | ratio to raw write | callback median / p99 (ms) | "
+        "peak memory (MB) / bound | write amplification |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
@@ -366,10 +373,9 @@ def bench_size(size: int, gigabytes: float, workdir: Path, cases: set[str]) -> l
         if r.peak is not None:
             memory = f"{r.peak / MB:.0f}"
             if r.bound is not None:
-                buffer_peak = getattr(r, "buffer_peak", None)
                 memory += f" / {r.bound / MB:.0f}"
-                if buffer_peak is not None:
-                    memory += f" (buffers {buffer_peak / MB:.0f})"
+                if r.buffer_peak is not None:
+                    memory += f" (buffers {r.buffer_peak / MB:.0f})"
         amp = f"{r.written / r.nbytes:.3f}" if r.written is not None else "-"
         print(f"| {r.case} | {r.mbps:.0f} | {ratio} | {fmt_ms(r.callback)} | {memory} | {amp} |")
     return results

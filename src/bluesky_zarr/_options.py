@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,11 @@ class WriterOptions:
     workers: int = 2
     name_template: str = DEFAULT_NAME_TEMPLATE
     overwrite: bool = False
+    on_error: str = "raise"
+    store_wrapper: Callable[[Any], Any] | None = None
+
+
+ON_ERROR = ("raise", "log")
 
 
 def _layout_option(label: str, value: Any) -> dict[str, tuple[int, ...]]:
@@ -75,6 +80,8 @@ def make_options(
     workers: int = 2,
     name_template: str = DEFAULT_NAME_TEMPLATE,
     overwrite: bool = False,
+    on_error: str = "raise",
+    store_wrapper: Callable[[Any], Any] | None = None,
 ) -> WriterOptions:
     """Check the user's options and return them as :class:`WriterOptions`."""
     if dims is not None:
@@ -101,6 +108,10 @@ def make_options(
         raise OptionError(f"workers= must be a positive integer, got {workers!r}")
     if not isinstance(name_template, str) or not name_template:
         raise OptionError(f"name_template= must be a non-empty string, got {name_template!r}")
+    if on_error not in ON_ERROR:
+        raise OptionError(f"on_error= must be one of {ON_ERROR}, got {on_error!r}")
+    if store_wrapper is not None and not callable(store_wrapper):
+        raise OptionError(f"store_wrapper= must be callable, got {store_wrapper!r}")
     return WriterOptions(
         dims=dims,
         chunks=_layout_option("chunks", chunks),
@@ -112,4 +123,6 @@ def make_options(
         workers=workers,
         name_template=name_template,
         overwrite=bool(overwrite),
+        on_error=on_error,
+        store_wrapper=store_wrapper,
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
+import os
 import shutil
 import threading
 import time
@@ -18,7 +20,7 @@ from event_model.documents import Event, EventDescriptor, EventPage, RunStart, R
 from zarr.storage import LocalStore
 
 from ._background import BackgroundWriter, MemoryBudget
-from ._errors import DocumentError, StoreExistsError, WriteError
+from ._errors import DocumentError, StoreExistsError, StoreLockedError, WriteError
 from ._layout import plan_stream
 from ._options import WriterOptions
 from ._plan import plan_scan, store_path
@@ -45,6 +47,37 @@ def json_safe(value: Any) -> Any:
     if value is None or isinstance(value, (str, bool, int)):
         return value
     return repr(value)
+
+
+class StoreLock:
+    """An exclusive lock on a store path, held while a run writes it.
+
+    ``flock`` on a hidden file beside the store: the kernel releases it if the
+    process dies, so a killed writer leaves no stale lock behind.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.with_name(f".{path.name}.lock")
+        self._fd: int | None = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise StoreLockedError(
+                f"{path} is being written by another writer; two writers cannot "
+                f"write one store"
+            ) from None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 class RunWriter(DocumentRouter):
@@ -78,18 +111,26 @@ class RunWriter(DocumentRouter):
         self.plan = plan_scan(doc, self.options.dims)
         path = store_path(self.root_dir, self.options.name_template, doc)
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = StoreLock(path)
         try:
-            path.mkdir()
-        except FileExistsError:
-            if not self.options.overwrite:
-                raise StoreExistsError(
-                    f"{path} already exists; refusing to overwrite another run "
-                    f"(pass overwrite=True or choose another name_template)"
-                ) from None
-            shutil.rmtree(path)
-            path.mkdir()
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if not self.options.overwrite:
+                    raise StoreExistsError(
+                        f"{path} already exists; refusing to overwrite another run "
+                        f"(pass overwrite=True or choose another name_template)"
+                    ) from None
+                shutil.rmtree(path)
+                path.mkdir()
+        except BaseException:
+            self._lock.release()
+            raise
         self.path = path
-        self.root = zarr.open_group(LocalStore(path), mode="w", zarr_format=3)
+        store: Any = LocalStore(path)
+        if self.options.store_wrapper is not None:
+            store = self.options.store_wrapper(store)
+        self.root = zarr.open_group(store, mode="w", zarr_format=3)
         self.root.attrs.update(
             {
                 "start": json_safe(doc),
@@ -167,7 +208,8 @@ class RunWriter(DocumentRouter):
             self.flush()
         finally:
             self._finish(doc)
-        self._raise_failures(all_failures=True)
+        # Failures already raised at an earlier document are not raised again.
+        self._raise_failures()
         return doc
 
     # ---------------------------------------------------------------- buffers
@@ -236,10 +278,10 @@ class RunWriter(DocumentRouter):
         if self.background is not None:
             self.background.drain()
 
-    def _raise_failures(self, all_failures: bool = False) -> None:
-        if self.background is None:
+    def _raise_failures(self) -> None:
+        if self.background is None or self.options.on_error == "log":
             return
-        failures = self.background.failures if all_failures else self.background.new_failures()
+        failures = self.background.new_failures()
         if failures:
             first = failures[0]
             raise WriteError(
@@ -271,6 +313,7 @@ class RunWriter(DocumentRouter):
             )
             consolidate(self.root)
         self.stopped = True
+        self._lock.release()
         unused = (set(self.options.chunks) | set(self.options.shards)) - {
             name
             for stream in self.streams.values()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,15 @@ class ZarrWriter:
         Store name, formatted over the start document (values are sanitised);
         ``/`` makes subdirectories.
     overwrite
-        Replace an existing store of the same name instead of refusing.
+        Replace an existing store of the same name instead of refusing (a
+        store another writer is writing is never replaced).
+    on_error
+        ``"raise"`` (default): a failed write raises :class:`WriteError` at
+        the next document and at stop. ``"log"``: the scan goes on; failures
+        are logged and recorded in the store's ``bluesky_zarr`` attribute.
+    store_wrapper
+        Optional callable applied to each run's zarr store before use, e.g.
+        a ``zarr.storage.WrapperStore`` subclass that counts or checks writes.
     """
 
     def __init__(
@@ -94,6 +102,8 @@ class ZarrWriter:
         workers: int = 2,
         name_template: str = DEFAULT_NAME_TEMPLATE,
         overwrite: bool = False,
+        on_error: str = "raise",
+        store_wrapper: Callable[[Any], Any] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.options: WriterOptions = make_options(
@@ -107,6 +117,8 @@ class ZarrWriter:
             workers=workers,
             name_template=name_template,
             overwrite=overwrite,
+            on_error=on_error,
+            store_wrapper=store_wrapper,
         )
         self._router = RunRouter(
             [self._factory], filler_class=_PassThrough  # type: ignore[arg-type]
