@@ -36,6 +36,13 @@ class WriterOptions:
     workers: int = 2
     name_template: str = DEFAULT_NAME_TEMPLATE
     overwrite: bool = False
+    external: str = "fill"
+    handler_registry: Mapping[str, Any] = field(default_factory=dict)
+    root_map: Mapping[str, str] = field(default_factory=dict)
+
+
+#: Values of the ``external=`` option.
+EXTERNAL_MODES = ("fill", "reference")
 
 
 def _layout_option(label: str, value: Any) -> dict[str, tuple[int, ...]]:
@@ -75,6 +82,9 @@ def make_options(
     workers: int = 2,
     name_template: str = DEFAULT_NAME_TEMPLATE,
     overwrite: bool = False,
+    external: str = "fill",
+    handler_registry: Mapping[str, Any] | None = None,
+    root_map: Mapping[str, str] | None = None,
 ) -> WriterOptions:
     """Check the user's options and return them as :class:`WriterOptions`."""
     if dims is not None:
@@ -101,6 +111,22 @@ def make_options(
         raise OptionError(f"workers= must be a positive integer, got {workers!r}")
     if not isinstance(name_template, str) or not name_template:
         raise OptionError(f"name_template= must be a non-empty string, got {name_template!r}")
+    if external not in EXTERNAL_MODES:
+        raise OptionError(f"external= must be one of {EXTERNAL_MODES}, got {external!r}")
+    handlers = _mapping_option("handler_registry", handler_registry)
+    for spec, handler in handlers.items():
+        if not isinstance(spec, str) or not callable(handler):
+            raise OptionError(
+                f"handler_registry= must map spec names to handler classes, got "
+                f"{spec!r}: {handler!r}"
+            )
+    roots = _mapping_option("root_map", root_map)
+    for old, new in roots.items():
+        if not isinstance(old, str) or not isinstance(new, str):
+            raise OptionError(
+                f"root_map= must map directories to directories (strings), got "
+                f"{old!r}: {new!r}"
+            )
     return WriterOptions(
         dims=dims,
         chunks=_layout_option("chunks", chunks),
@@ -112,4 +138,15 @@ def make_options(
         workers=workers,
         name_template=name_template,
         overwrite=bool(overwrite),
+        external=external,
+        handler_registry=handlers,
+        root_map=roots,
     )
+
+
+def _mapping_option(label: str, value: Any) -> dict[Any, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise OptionError(f"{label}= must be a mapping, got {value!r}")
+    return dict(value)
