@@ -38,6 +38,7 @@ from bluesky_zarr import (
     DocumentOrderError,
     ExternalFileError,
     ExternalIndexError,
+    HandlerError,
     NpySequenceHandler,
     OptionError,
     UnknownSpecError,
@@ -166,6 +167,31 @@ def test_handler_registry_reads_a_spec_of_ones_own(RE, tmp_path):
     ds = open_stream(writer.stores[0])
     assert bool(ds["_written"].all())
     assert assert_frames_match(ds, "cam", {"m1": "m1", "m2": "m2"}, (12, 16)) == 4
+
+
+class CorruptFrameHandler(NpySequenceHandler):
+    """Reads NPY frames, but finds the third one corrupt."""
+
+    def __call__(self, index: int) -> np.ndarray:
+        if index == 2:
+            raise ValueError("checksum mismatch in frame 2")
+        return super().__call__(index)
+
+
+def test_a_failing_handler_raises_handler_error_naming_the_datum(RE, tmp_path):
+    m1, m2 = motors("m1", "m2")
+    cam = npy_camera([m1, m2], tmp_path / "cam")
+    writer = ZarrWriter(tmp_path / "data", handler_registry={"NPY_SEQ": CorruptFrameHandler})
+    RE.subscribe(writer)
+    with pytest.raises(HandlerError, match="checksum mismatch in frame 2") as info:
+        RE(grid_scan([cam], m1, 0, 1, 2, m2, 0, 1, 2))
+    assert "CorruptFrameHandler" in str(info.value)
+    assert "'index': 2" in str(info.value)
+    ds = open_stream(writer.stores[0])
+    assert ds["_written"].values.tolist() == [[True, True], [False, False]]
+    np.testing.assert_array_equal(
+        ds["cam"].values[0, 1], frame_at({"m1": 0.0, "m2": 1.0}, (12, 16), "uint16")
+    )
 
 
 def test_missing_npy_file_raises_and_earlier_points_stay_written(RE, tmp_path):
@@ -395,6 +421,26 @@ def test_ophyd_async_fly_acquisition_appends_many_frames(RE, tmp_path, frames_pe
     assert bool(ds["_written"].all())
     # No event says when the points were taken.
     assert bool(np.isnan(ds["time"].values).all())
+
+
+def test_fly_acquisition_in_reference_mode_keeps_points_unwritten(RE, tmp_path):
+    pattern = sim.PatternGenerator(sleep=quick_sleep())
+    det = blob_detector(tmp_path, pattern)
+    writer = ZarrWriter(tmp_path / "data", external="reference")
+    RE.subscribe(writer)
+    RE(fly(det, 10, 1))
+    ds = open_stream(writer.stores[0])
+    # The points exist (their seq_num is known) but hold no frame.
+    np.testing.assert_array_equal(ds["seq_num"], np.arange(1, 11))
+    assert ds["det"].shape == (10, 240, 320)
+    assert not bool(ds["_written"].any())
+    refs = ds.attrs["external"]
+    covered = sorted(
+        n
+        for d in refs["stream_datum"]
+        for n in range(d["seq_nums"]["start"], d["seq_nums"]["stop"])
+    )
+    assert covered == sorted(list(range(1, 11)) * 2)  # det and det-sum
 
 
 def step_scan_docs(RE: Any, tmp_path: Path, points: int = 3) -> Docs:

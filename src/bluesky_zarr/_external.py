@@ -246,7 +246,10 @@ class ExternalData:
             values = list(data[key])
             flags = filled_flags.get(key)
             flags = [False] * len(values) if flags is None else list(flags)
-            todo = [i for i, done in enumerate(flags) if not done]
+            # A value that is not a datum id is the data itself (filled upstream).
+            todo = [
+                i for i, done in enumerate(flags) if not done and isinstance(values[i], str)
+            ]
             if not todo:
                 continue
             if self.mode == "reference":
@@ -265,8 +268,15 @@ class ExternalData:
                 # Leave the points unwritten: the frames are elsewhere.
                 del new_data[key]
                 continue
+            declared = next(
+                (a.frame_shape for a in stream.layout.arrays.values() if a.key == key), None
+            )
             for i in todo:
-                values[i] = self._read_datum(values[i], key, stream)
+                value = self._read_datum(values[i], key, stream)
+                if declared is not None and value.shape == (1, *declared):
+                    # Area-detector handlers return (frames per point, *frame).
+                    value = value[0]
+                values[i] = value
             new_data[key] = values
         self.write_references(force=False)
         return {**page, "data": new_data}
@@ -291,6 +301,11 @@ class ExternalData:
             raise ExternalFileError(
                 f"data key {key!r}: reading datum {datum_id!r} ({dict(kwargs)}) of "
                 f"resource {resource_uid!r} failed: {err}; {_REMOTE_HINT}"
+            ) from err
+        except IndexError as err:
+            raise ExternalIndexError(
+                f"data key {key!r}: datum {datum_id!r} ({dict(kwargs)}) points outside "
+                f"what resource {resource_uid!r} holds: {err}"
             ) from err
         except Exception as err:
             raise HandlerError(
@@ -525,10 +540,15 @@ class ExternalData:
             self._last_written = time.monotonic()
 
     def close(self) -> None:
-        """Close the files opened for reading."""
+        """Close the files opened for reading, and the handlers that can close."""
         files, self._files = self._files, {}
+        handlers, self._handler_instances = self._handler_instances, {}
         for file in files.values():
             file.close()
+        for handler in handlers.values():
+            close = getattr(handler, "close", None)
+            if callable(close):
+                close()
 
 
 def _rows_per_index(sres: Mapping[str, Any], info: StreamKey, row_shape: tuple[int, ...]) -> int:
