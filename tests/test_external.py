@@ -34,6 +34,7 @@ from ophyd_async.core import (
     init_devices,
 )
 
+import bluesky_zarr._external
 from bluesky_zarr import (
     DocumentOrderError,
     ExternalFileError,
@@ -389,7 +390,13 @@ def fly(det: Any, events: int, frames_per_event: int) -> Any:
 
 
 @pytest.mark.parametrize("frames_per_event", [1, 3])
-def test_ophyd_async_fly_acquisition_appends_many_frames(RE, tmp_path, frames_per_event):
+def test_ophyd_async_fly_acquisition_appends_many_frames(
+    RE, tmp_path, monkeypatch, frames_per_event
+):
+    # Read two events at a time: a stream_datum of many events takes several reads.
+    monkeypatch.setattr(
+        bluesky_zarr._external, "READ_BATCH_BYTES", 2 * frames_per_event * 240 * 320
+    )
     positions = itertools.count(0.0, 0.37)
     pattern = sim.PatternGenerator()
     pattern.sleep = quick_sleep(lambda: pattern.set_x(next(positions)))

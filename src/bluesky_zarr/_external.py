@@ -33,10 +33,11 @@ named ``frame``: ``(time, frame, y, x)``.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -64,6 +65,10 @@ STREAM_EXTERNAL = "STREAM:"
 
 #: The name of the kept frames-per-point dimension.
 FRAME_DIM = "frame"
+
+#: Most bytes read from a file at once: a stream_datum of many frames is read
+#: and buffered in batches of this size.
+READ_BATCH_BYTES = 64 * 2**20
 
 #: Mimetypes of stream resources this package reads.
 HDF5_MIMETYPES = frozenset({"application/x-hdf5", "application/x-hdf"})
@@ -409,9 +414,10 @@ class ExternalData:
             record.stream_datum.append(doc)
             record.dirty = True
         else:
-            frames = self._read_rows(sres, info, start, stop, uid)
-            with self.run.buffer_lock:
-                stream.put_frames(key, index, list(frames))
+            for offset, frames in self._read_rows(sres, info, start, stop, uid):
+                part = tuple(ix[offset : offset + len(frames)] for ix in index)
+                with self.run.buffer_lock:
+                    stream.put_frames(key, part, list(frames))
         if stream.name in self.stream_only and seq_nums.size:
             # No event will say when these points were taken: time stays NaN.
             with self.run.buffer_lock:
@@ -420,8 +426,10 @@ class ExternalData:
 
     def _read_rows(
         self, sres: Mapping[str, Any], info: StreamKey, start: int, stop: int, uid: str
-    ) -> np.ndarray:
-        """The frames of events ``start..stop`` as ``(events, *stored frame shape)``."""
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """The frames of events ``start..stop``, in batches of at most
+        :data:`READ_BATCH_BYTES`: ``(offset of the batch, (events, *stored frame
+        shape))``. The whole range is checked before the first batch."""
         dataset, path = self._dataset(sres)
         row_shape = tuple(dataset.shape[1:])
         per_index = _rows_per_index(sres, info, row_shape)
@@ -434,22 +442,24 @@ class ExternalData:
                 f"{sres['parameters'].get('dataset')!r} in {path} ({per_index} rows per "
                 f"event for indices {start}..{stop}), which holds {dataset.shape[0]} rows"
             )
-        rows = np.asarray(dataset[first:last])
-        frames = rows.reshape((stop - start, per_index) + row_shape)
         keeps_frame_dim = (
             not info.squeezed
             and info.declared is not None
             and len(info.declared) == len(row_shape) + 1
         )
-        if keeps_frame_dim:
-            return frames
-        if per_index != 1:
+        if not keeps_frame_dim and per_index != 1:
             raise DataShapeError(
                 f"stream_resource {sres['uid']!r}: {per_index} rows per event, but data "
                 f"key {sres['data_key']!r} declares shape {list(info.declared or [])}, "
                 f"one frame per event"
             )
-        return frames[:, 0]
+        event_bytes = per_index * math.prod(row_shape) * dataset.dtype.itemsize
+        batch = max(1, READ_BATCH_BYTES // max(1, event_bytes))
+        for lo in range(start, stop, batch):
+            hi = min(stop, lo + batch)
+            rows = np.asarray(dataset[lo * per_index : hi * per_index])
+            frames = rows.reshape((hi - lo, per_index) + row_shape)
+            yield lo - start, frames if keeps_frame_dim else frames[:, 0]
 
     def _dataset(self, sres: Mapping[str, Any]) -> tuple[Any, str]:
         try:
