@@ -23,7 +23,7 @@ import bluesky.preprocessors as bpp
 import h5py
 import numpy as np
 import pytest
-from bluesky.plans import grid_scan
+from bluesky.plans import count, grid_scan
 from event_model import pack_datum_page, pack_event_page
 from ophyd.sim import SynSignalWithRegistry, hw
 from ophyd_async import sim
@@ -448,6 +448,21 @@ def test_fly_acquisition_in_reference_mode_keeps_points_unwritten(RE, tmp_path):
         for n in range(d["seq_nums"]["start"], d["seq_nums"]["stop"])
     )
     assert covered == sorted(list(range(1, 11)) * 2)  # det and det-sum
+
+
+def test_count_of_a_stream_only_detector_takes_times_from_its_events(RE, tmp_path):
+    pattern = sim.PatternGenerator(sleep=quick_sleep())
+    det = blob_detector(tmp_path, pattern)
+    docs = record(RE)
+    writer = ZarrWriter(tmp_path / "data")
+    RE.subscribe(writer)
+    RE(count([det], 3))
+    events = by_kind(docs, "event")
+    assert [e["data"] for e in events] == [{}, {}, {}]
+    ds = open_stream(writer.stores[0])
+    np.testing.assert_array_equal(ds["time"], [e["time"] for e in events])
+    np.testing.assert_array_equal(ds["det"], hdf5_rows(docs, "det"))
+    assert bool(ds["_written"].all())
 
 
 def step_scan_docs(RE: Any, tmp_path: Path, points: int = 3) -> Docs:
