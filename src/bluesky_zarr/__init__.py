@@ -9,13 +9,20 @@ from ._errors import (
     DataTypeError,
     DocumentError,
     DocumentOrderError,
+    ExternalDataError,
+    ExternalFileError,
+    ExternalIndexError,
+    HandlerError,
+    MissingDependencyError,
     OptionError,
     ScanIndexError,
     StoreExistsError,
     StoreLockedError,
+    UnknownSpecError,
     UnsafeNameError,
     WriteError,
 )
+from ._external import NpySequenceHandler
 from ._version import __version__
 from ._writer import ZarrWriter
 
@@ -25,10 +32,17 @@ __all__ = [
     "DataTypeError",
     "DocumentError",
     "DocumentOrderError",
+    "ExternalDataError",
+    "ExternalFileError",
+    "ExternalIndexError",
+    "HandlerError",
+    "MissingDependencyError",
+    "NpySequenceHandler",
     "OptionError",
     "ScanIndexError",
     "StoreExistsError",
     "StoreLockedError",
+    "UnknownSpecError",
     "UnsafeNameError",
     "WriteError",
     "ZarrWriter",

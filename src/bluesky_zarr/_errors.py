@@ -49,3 +49,27 @@ class UnsafeNameError(BlueskyZarrError, ValueError):
 
 class WriteError(BlueskyZarrError, OSError):
     """Writing to the store failed (in the background writer or at stop)."""
+
+
+class MissingDependencyError(BlueskyZarrError, ImportError):
+    """An optional dependency needed for the data at hand is not installed."""
+
+
+class ExternalDataError(BlueskyZarrError):
+    """Base class of the errors met while reading data that events point to."""
+
+
+class ExternalFileError(ExternalDataError, OSError):
+    """A file that external data lives in cannot be read from where the writer runs."""
+
+
+class UnknownSpecError(ExternalDataError, LookupError):
+    """No handler is registered for a resource's ``spec`` (or stream resource's mimetype)."""
+
+
+class ExternalIndexError(ExternalDataError, DocumentError, IndexError):
+    """A datum or stream_datum points outside the data its file holds."""
+
+
+class HandlerError(ExternalDataError, RuntimeError):
+    """A handler failed to read a datum for a reason other than a file error."""

@@ -38,9 +38,16 @@ class WriterOptions:
     overwrite: bool = False
     on_error: str = "raise"
     store_wrapper: Callable[[Any], Any] | None = None
+    external: str = "fill"
+    handler_registry: Mapping[str, Any] = field(default_factory=dict)
+    root_map: Mapping[str, str] = field(default_factory=dict)
 
 
 ON_ERROR = ("raise", "log")
+
+
+#: Values of the ``external=`` option.
+EXTERNAL_MODES = ("fill", "reference")
 
 
 def _layout_option(label: str, value: Any) -> dict[str, tuple[int, ...]]:
@@ -82,6 +89,9 @@ def make_options(
     overwrite: bool = False,
     on_error: str = "raise",
     store_wrapper: Callable[[Any], Any] | None = None,
+    external: str = "fill",
+    handler_registry: Mapping[str, Any] | None = None,
+    root_map: Mapping[str, str] | None = None,
 ) -> WriterOptions:
     """Check the user's options and return them as :class:`WriterOptions`."""
     if dims is not None:
@@ -112,6 +122,22 @@ def make_options(
         raise OptionError(f"on_error= must be one of {ON_ERROR}, got {on_error!r}")
     if store_wrapper is not None and not callable(store_wrapper):
         raise OptionError(f"store_wrapper= must be callable, got {store_wrapper!r}")
+    if external not in EXTERNAL_MODES:
+        raise OptionError(f"external= must be one of {EXTERNAL_MODES}, got {external!r}")
+    handlers = _mapping_option("handler_registry", handler_registry)
+    for spec, handler in handlers.items():
+        if not isinstance(spec, str) or not callable(handler):
+            raise OptionError(
+                f"handler_registry= must map spec names to handler classes, got "
+                f"{spec!r}: {handler!r}"
+            )
+    roots = _mapping_option("root_map", root_map)
+    for old, new in roots.items():
+        if not isinstance(old, str) or not isinstance(new, str):
+            raise OptionError(
+                f"root_map= must map directories to directories (strings), got "
+                f"{old!r}: {new!r}"
+            )
     return WriterOptions(
         dims=dims,
         chunks=_layout_option("chunks", chunks),
@@ -125,4 +151,15 @@ def make_options(
         overwrite=bool(overwrite),
         on_error=on_error,
         store_wrapper=store_wrapper,
+        external=external,
+        handler_registry=handlers,
+        root_map=roots,
     )
+
+
+def _mapping_option(label: str, value: Any) -> dict[Any, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise OptionError(f"{label}= must be a mapping, got {value!r}")
+    return dict(value)

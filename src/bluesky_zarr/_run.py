@@ -21,6 +21,7 @@ from zarr.storage import LocalStore
 
 from ._background import BackgroundWriter, MemoryBudget
 from ._errors import DocumentError, StoreExistsError, StoreLockedError, WriteError
+from ._external import ExternalData
 from ._layout import plan_stream
 from ._options import WriterOptions
 from ._plan import plan_scan, store_path
@@ -99,6 +100,7 @@ class RunWriter(DocumentRouter):
         self._stop_flusher = threading.Event()
         self._flusher: threading.Thread | None = None
         self.stopped = False
+        self.external = ExternalData(self)
 
     # -------------------------------------------------------------- documents
     def start(self, doc: RunStart) -> RunStart:
@@ -158,7 +160,7 @@ class RunWriter(DocumentRouter):
         with self.buffer_lock, self.meta_lock:
             stream = self.streams.get(name)
             if stream is None:
-                layout = plan_stream(self.plan, doc)
+                layout = plan_stream(self.plan, self.external.layout_descriptor(name, doc))
                 setpoints: dict[str, np.ndarray] = {}
                 if name == self.plan.stream:
                     for dim in self.plan.dims:
@@ -193,20 +195,44 @@ class RunWriter(DocumentRouter):
         seq_nums = np.asarray(doc.get("seq_num", []))
         if seq_nums.dtype.kind not in "iu":
             raise DocumentError(f"seq_num must be integers, got {doc.get('seq_num')!r}")
-        if stream.name == self.plan.stream:
-            index = self.plan.index(seq_nums)
-        else:
-            index = (seq_nums.astype(np.int64) - 1,)
-            if index[0].size and index[0].min() < 0:
-                raise DocumentError(f"seq_num must be >= 1, got {doc.get('seq_num')!r}")
+        index = self.point_index(stream, seq_nums)
+        page = self.external.fill_page(stream, doc)
         with self.buffer_lock:
-            stream.put_page(doc, index)
+            stream.put_page(page, index)
+        return doc
+
+    def point_index(self, stream: StreamWriter, seq_nums: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Index arrays (one per scan dimension) of the points ``seq_nums`` name."""
+        if stream.name == self.plan.stream:
+            return self.plan.index(seq_nums)
+        index = (seq_nums.astype(np.int64) - 1,)
+        if index[0].size and index[0].min() < 0:
+            raise DocumentError(f"seq_num must be >= 1, got {seq_nums.tolist()!r}")
+        return index
+
+    # External data: frames in files that these documents point to.
+    def resource(self, doc: Any) -> Any:
+        self.external.resource(doc)
+        return doc
+
+    def datum_page(self, doc: Any) -> Any:
+        self.external.datum_page(doc)
+        return doc
+
+    def stream_resource(self, doc: Any) -> Any:
+        self.external.stream_resource(doc)
+        return doc
+
+    def stream_datum(self, doc: Any) -> Any:
+        self._raise_failures()
+        self.external.stream_datum(doc)
         return doc
 
     def stop(self, doc: RunStop) -> RunStop:
         try:
             self.flush()
         finally:
+            self.external.close()
             self._finish(doc)
         # Failures already raised at an earlier document are not raised again.
         self._raise_failures()
@@ -274,6 +300,7 @@ class RunWriter(DocumentRouter):
 
     def flush(self) -> None:
         """Write every buffered point to disk and wait until it is there."""
+        self.external.write_references()
         self._spill()
         if self.background is not None:
             self.background.drain()

@@ -358,6 +358,18 @@ class StreamWriter:
             )
         self._place_column(spec, index, self._check_column(spec, values))
 
+    def put_points(
+        self, index: Sequence[np.ndarray], seq_nums: np.ndarray, times: np.ndarray
+    ) -> None:
+        """Record ``seq_num`` and ``time`` of points that no event describes.
+
+        For streams whose data all come from ``stream_datum`` documents (a fly
+        scan of an ophyd-async detector emits no events).
+        """
+        for name, values in (("seq_num", seq_nums), ("time", times)):
+            spec = self.layout.arrays[name]
+            self._place_column(spec, index, self._check_column(spec, list(values)))
+
     def _check_column(self, spec: ArraySpec, values: Sequence[Any]) -> list[np.ndarray]:
         sink = self.sinks.get(spec.name)
         if sink is None:

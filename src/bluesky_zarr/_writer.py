@@ -86,6 +86,23 @@ class ZarrWriter:
     store_wrapper
         Optional callable applied to each run's zarr store before use, e.g.
         a ``zarr.storage.WrapperStore`` subclass that counts or checks writes.
+    external
+        What to do with data that events point to (``resource``/``datum`` of
+        ophyd v1 detectors, ``stream_resource``/``stream_datum`` of
+        ophyd-async ones): ``"fill"`` reads the frames from their files and
+        writes them at their points, raising :class:`ExternalFileError` when a
+        file cannot be read here; ``"reference"`` reads nothing and records
+        the documents in each stream group's ``external`` attribute, leaving
+        those points unwritten (``_written`` False).
+    handler_registry
+        Handler classes by resource ``spec``, added to the default ones
+        (``NPY_SEQ``), in the ``event_model.Filler`` convention:
+        ``handler_class(full_path, **resource_kwargs)`` returns a handler,
+        ``handler(**datum_kwargs)`` returns the frame.
+    root_map
+        Directories by the ``root`` that resources name, for files mounted
+        elsewhere here than where the detector wrote them; also applied to the
+        leading directories of stream resources' ``file://`` URIs.
     """
 
     def __init__(
@@ -104,6 +121,9 @@ class ZarrWriter:
         overwrite: bool = False,
         on_error: str = "raise",
         store_wrapper: Callable[[Any], Any] | None = None,
+        external: str = "fill",
+        handler_registry: Mapping[str, Any] | None = None,
+        root_map: Mapping[str, str] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.options: WriterOptions = make_options(
@@ -119,6 +139,9 @@ class ZarrWriter:
             overwrite=overwrite,
             on_error=on_error,
             store_wrapper=store_wrapper,
+            external=external,
+            handler_registry=handler_registry,
+            root_map=root_map,
         )
         self._router = RunRouter(
             [self._factory], filler_class=_PassThrough  # type: ignore[arg-type]
@@ -126,6 +149,8 @@ class ZarrWriter:
         self._runs: dict[str, RunWriter] = {}
         self._seen_starts: set[str] = set()
         self._descriptors: dict[str, str] = {}
+        #: Run start uid of each resource and stream_resource seen (None: not said).
+        self._resources: dict[str, str | None] = {}
         #: Paths of the stores written so far, in order.
         self.stores: list[Path] = []
 
@@ -155,6 +180,8 @@ class ZarrWriter:
             raise
         if name == "descriptor":
             self._descriptors[doc["uid"]] = doc["run_start"]
+        if name in ("resource", "stream_resource"):
+            self._resources[doc["uid"]] = doc.get("run_start")
         if name == "start":
             path = self._runs[doc["uid"]].path
             if path is not None:
@@ -163,6 +190,8 @@ class ZarrWriter:
             self._runs.pop(doc["run_start"], None)
             for uid in [u for u, s in self._descriptors.items() if s == doc["run_start"]]:
                 del self._descriptors[uid]
+            for uid in [u for u, s in self._resources.items() if s == doc["run_start"]]:
+                del self._resources[uid]
         return result
 
     def _check_order(self, name: str, doc: Mapping[str, Any]) -> None:
@@ -180,11 +209,28 @@ class ZarrWriter:
                         f"{name} document for run {doc['run_start']!r}, which has not "
                         f"started (or has stopped) in this writer"
                     )
-            elif name in ("event", "event_page"):
+            elif name in ("event", "event_page", "stream_datum"):
                 if doc["descriptor"] not in self._descriptors:
                     raise DocumentOrderError(
                         f"{name} refers to descriptor {doc['descriptor']!r}, which this "
-                        f"writer has not seen (an event must follow its descriptor)"
+                        f"writer has not seen (it must follow its descriptor)"
+                    )
+            if name in ("resource", "stream_resource"):
+                uid = doc["uid"]
+                # Old resource documents do not name their run.
+                run_start = doc["run_start"] if name == "stream_resource" else doc.get("run_start")
+                if run_start is not None and run_start not in self._runs:
+                    raise DocumentOrderError(
+                        f"{name} {uid!r} belongs to run {run_start!r}, which has not "
+                        f"started (or has stopped) in this writer"
+                    )
+            elif name in ("datum", "datum_page", "stream_datum"):
+                parent = doc["stream_resource" if name == "stream_datum" else "resource"]
+                if parent not in self._resources:
+                    raise DocumentOrderError(
+                        f"{name} refers to {'stream_' if name == 'stream_datum' else ''}"
+                        f"resource {parent!r}, which this writer has not seen (it must "
+                        f"follow its resource)"
                     )
         except KeyError as err:
             raise DocumentError(f"{name} document lacks the field {err.args[0]!r}") from None

@@ -1,0 +1,608 @@
+"""External data: frames that events point to instead of carrying them.
+
+Two conventions exist, and a run may use both:
+
+* **resource / datum** (ophyd v1 detectors): an event's value for an
+  ``external`` data key is a datum id. The datum names a resource (a file or
+  a file series, with a ``spec`` naming its format) and the keyword arguments
+  that pick one frame. Frames are read with *handlers*, following the
+  ``event_model.Filler`` convention: ``handler_class(full_path,
+  **resource_kwargs)`` makes a handler for a resource, ``handler(**datum_kwargs)``
+  returns the frame.
+* **stream_resource / stream_datum** (ophyd-async detectors): events carry no
+  value for a data key whose ``external`` is ``"STREAM:"``. A stream_resource
+  names a file and a dataset in it; each stream_datum maps the rows
+  ``indices`` of that dataset onto the events ``seq_nums`` of one stream. One
+  index is one event: with ``k`` frames per point it spans ``k`` rows of the
+  dataset.
+
+With ``external="fill"`` (the default) the frames are read as the documents
+arrive and written into the cube at their points, like frames that travel
+inside events. With ``external="reference"`` nothing is read: the documents
+are recorded in the stream group's ``external`` attribute, and the points stay
+unwritten (``_written`` False) for a later pass to fill.
+
+**Frames per point.** ophyd-async declares a stream data key's shape as
+``[frames per point, *frame shape]``, so a step scan of a 240×320 camera
+declares ``[1, 240, 320]``. A leading size-1 dimension is dropped: the array
+is ``(x, y, y, x)``, and ``sel(x=..., y=...)`` gives the image, which is what a
+scientist plots or fits (a stack of one image only adds ``[0]`` everywhere).
+When a detector takes several frames per point, the dimension is kept and
+named ``frame``: ``(time, frame, y, x)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+from event_model import unpack_datum_page
+
+from ._errors import (
+    DataShapeError,
+    DocumentError,
+    DocumentOrderError,
+    ExternalFileError,
+    ExternalIndexError,
+    HandlerError,
+    MissingDependencyError,
+    UnknownSpecError,
+)
+
+if TYPE_CHECKING:
+    from ._run import RunWriter
+    from ._stream import StreamWriter
+
+#: The ``external`` prefix of data keys whose frames stream_datum documents give.
+STREAM_EXTERNAL = "STREAM:"
+
+#: The name of the kept frames-per-point dimension.
+FRAME_DIM = "frame"
+
+#: Most bytes read from a file at once: a stream_datum of many frames is read
+#: and buffered in batches of this size.
+READ_BATCH_BYTES = 64 * 2**20
+
+#: Mimetypes of stream resources this package reads.
+HDF5_MIMETYPES = frozenset({"application/x-hdf5", "application/x-hdf"})
+
+_REMOTE_HINT = (
+    "if the files are written where this writer cannot read them, pass "
+    "external='reference' to record the references instead, or root_map= to "
+    "say where their directories are mounted here"
+)
+
+
+class NpySequenceHandler:
+    """Handler of spec ``NPY_SEQ``: one ``<path>_<index>.npy`` file per datum.
+
+    This is the format ``ophyd.sim``'s ``SynSignalWithRegistry`` (the ``img``
+    detector) writes: ``resource_path`` is a file stem, each datum's
+    ``index`` picks one file.
+    """
+
+    specs = frozenset({"NPY_SEQ"})
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, index: int) -> np.ndarray:
+        return np.load(f"{self.path}_{int(index)}.npy", allow_pickle=False)
+
+
+#: Handlers registered by default, by spec.
+DEFAULT_HANDLERS: dict[str, Any] = {"NPY_SEQ": NpySequenceHandler}
+
+
+def is_stream_key(data_key: Mapping[str, Any]) -> bool:
+    """Whether stream_datum documents (not events) give this data key's values."""
+    return str(data_key.get("external") or "").startswith(STREAM_EXTERNAL)
+
+
+def is_datum_key(data_key: Mapping[str, Any]) -> bool:
+    """Whether events carry datum ids for this data key."""
+    return bool(data_key.get("external")) and not is_stream_key(data_key)
+
+
+@dataclass
+class StreamKey:
+    """How one stream-external data key's declared shape maps to stored frames."""
+
+    declared: tuple[int | None, ...] | None
+    squeezed: bool
+
+
+def layout_data_key(key: str, data_key: Mapping[str, Any]) -> tuple[dict[str, Any], StreamKey]:
+    """The data key as the array is laid out: the frames-per-point dim settled."""
+    shape = data_key.get("shape")
+    declared = None if shape is None else tuple(shape)
+    result = dict(data_key)
+    if not declared:
+        return result, StreamKey(declared, False)
+    dims = data_key.get("dims")
+    if declared[0] == 1:
+        result["shape"] = list(declared[1:])
+        if dims and len(dims) == len(declared):
+            result["dims"] = list(dims[1:])
+        return result, StreamKey(declared, True)
+    if not (dims and len(dims) == len(declared)):
+        rest = len(declared) - 1
+        result["dims"] = [FRAME_DIM] + (
+            ["y", "x"] if rest == 2 else [f"{key}_dim_{n}" for n in range(rest)]
+        )
+    return result, StreamKey(declared, False)
+
+
+@dataclass
+class _References:
+    """What one stream group's ``external`` attribute records."""
+
+    resource: dict[str, Any] = field(default_factory=dict)
+    datum: dict[str, Any] = field(default_factory=dict)
+    stream_resource: dict[str, Any] = field(default_factory=dict)
+    stream_datum: list[Any] = field(default_factory=list)
+    event_datum: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    #: Something is not yet in the attribute.
+    dirty: bool = False
+    #: A resource is not yet in the attribute: resources are few and say
+    #: where the data is, so they are written at once.
+    urgent: bool = False
+
+    def add_resource(self, kind: str, uid: str, doc: Any) -> None:
+        table = self.resource if kind == "resource" else self.stream_resource
+        if uid not in table and doc is not None:
+            table[uid] = doc
+            self.dirty = self.urgent = True
+
+    def as_attrs(self, mode: str) -> dict[str, Any]:
+        attrs: dict[str, Any] = {"mode": mode, "resource": list(self.resource.values())}
+        attrs["stream_resource"] = list(self.stream_resource.values())
+        if mode == "reference":
+            attrs["datum"] = list(self.datum.values())
+            attrs["stream_datum"] = self.stream_datum
+            attrs["event_datum"] = self.event_datum
+        return attrs
+
+
+class ExternalData:
+    """Resolves the external data of one run and hands frames to its streams."""
+
+    def __init__(self, run: RunWriter) -> None:
+        self.run = run
+        options = run.options
+        self.mode = options.external
+        self.handlers: dict[str, Any] = {**DEFAULT_HANDLERS, **options.handler_registry}
+        self.root_map: Mapping[str, str] = options.root_map
+        self.resources: dict[str, Mapping[str, Any]] = {}
+        self.datums: dict[str, Mapping[str, Any]] = {}
+        self.stream_resources: dict[str, Mapping[str, Any]] = {}
+        self._handler_instances: dict[str, Any] = {}
+        self._files: dict[str, Any] = {}
+        #: Per stream: its datum-external keys, and its stream-external keys.
+        self.datum_keys: dict[str, set[str]] = {}
+        self.stream_keys: dict[str, dict[str, StreamKey]] = {}
+        #: Streams whose every data key is stream-external: no event may come
+        #: for their points, so stream_datum documents also give seq_num.
+        self.stream_only: set[str] = set()
+        self.references: dict[str, _References] = {}
+        self._lock = threading.Lock()
+        self._last_written = time.monotonic()
+
+    # ---------------------------------------------------------- descriptors
+    def layout_descriptor(self, stream: str, doc: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The descriptor as arrays are laid out from it; notes its external keys."""
+        data_keys = doc.get("data_keys")
+        if not isinstance(data_keys, Mapping):
+            return doc
+        laid_out: dict[str, Any] = {}
+        datum_keys: set[str] = set()
+        stream_keys: dict[str, StreamKey] = {}
+        for key, data_key in data_keys.items():
+            if isinstance(data_key, Mapping) and is_stream_key(data_key):
+                laid_out[key], stream_keys[key] = layout_data_key(key, data_key)
+            else:
+                laid_out[key] = data_key
+                if isinstance(data_key, Mapping) and is_datum_key(data_key):
+                    datum_keys.add(key)
+        self.datum_keys[stream] = datum_keys
+        self.stream_keys[stream] = stream_keys
+        if stream_keys and len(stream_keys) == len(data_keys):
+            self.stream_only.add(stream)
+        if not datum_keys and not stream_keys:
+            return doc
+        return {**doc, "data_keys": laid_out}
+
+    # --------------------------------------------------- resource and datum
+    def resource(self, doc: Mapping[str, Any]) -> None:
+        uid = _field(doc, "uid", "resource")
+        spec = _field(doc, "spec", "resource")
+        if self.mode == "fill" and spec not in self.handlers:
+            raise UnknownSpecError(
+                f"resource {uid!r} has spec {spec!r}, for which no handler is "
+                f"registered (registered: {sorted(self.handlers)}); pass "
+                f"handler_registry={{{spec!r}: HandlerClass}} to ZarrWriter, or "
+                f"external='reference' to record the references instead"
+            )
+        self.resources[uid] = doc
+
+    def datum_page(self, doc: Mapping[str, Any]) -> None:
+        for datum in unpack_datum_page(doc):  # type: ignore[arg-type]
+            self.datums[_field(datum, "datum_id", "datum")] = datum
+
+    def fill_page(self, stream: StreamWriter, page: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The event page with frames in place of datum ids (or, to reference
+        them, without the datum-external columns)."""
+        keys = self.datum_keys.get(stream.name)
+        data = page.get("data")
+        if not keys or not isinstance(data, Mapping):
+            return page
+        filled_flags = page.get("filled") or {}
+        new_data = dict(data)
+        for key in keys:
+            if key not in data:
+                continue
+            values = list(data[key])
+            flags = filled_flags.get(key)
+            flags = [False] * len(values) if flags is None else list(flags)
+            # A value that is not a datum id is the data itself (filled upstream).
+            todo = [
+                i for i, done in enumerate(flags) if not done and isinstance(values[i], str)
+            ]
+            if not todo:
+                continue
+            if self.mode == "reference":
+                seq_nums = page.get("seq_num", [])
+                record = self._record(stream.name)
+                column = record.event_datum.setdefault(key, {"seq_num": [], "datum_id": []})
+                for i in todo:
+                    datum = self._datum(values[i], key)
+                    record.datum[datum["datum_id"]] = datum
+                    record.add_resource(
+                        "resource", datum["resource"], self.resources.get(datum["resource"])
+                    )
+                    column["seq_num"].append(int(seq_nums[i]))
+                    column["datum_id"].append(values[i])
+                record.dirty = True
+                # Leave the points unwritten: the frames are elsewhere.
+                del new_data[key]
+                continue
+            declared = next(
+                (a.frame_shape for a in stream.layout.arrays.values() if a.key == key), None
+            )
+            for i in todo:
+                value = self._read_datum(values[i], key, stream)
+                if declared is not None and value.shape == (1, *declared):
+                    # Area-detector handlers return (frames per point, *frame).
+                    value = value[0]
+                values[i] = value
+            new_data[key] = values
+        self.write_references(force=False)
+        return {**page, "data": new_data}
+
+    def _datum(self, datum_id: Any, key: str) -> Mapping[str, Any]:
+        datum = self.datums.get(datum_id) if isinstance(datum_id, str) else None
+        if datum is None:
+            raise DocumentOrderError(
+                f"an event gives data key {key!r} the datum id {datum_id!r}, but no "
+                f"datum document with that id came before it"
+            )
+        return datum
+
+    def _read_datum(self, datum_id: Any, key: str, stream: StreamWriter) -> np.ndarray:
+        datum = self._datum(datum_id, key)
+        resource_uid = datum["resource"]
+        handler = self._handler(resource_uid, stream)
+        kwargs = datum.get("datum_kwargs") or {}
+        try:
+            value = handler(**kwargs)
+        except OSError as err:
+            raise ExternalFileError(
+                f"data key {key!r}: reading datum {datum_id!r} ({dict(kwargs)}) of "
+                f"resource {resource_uid!r} failed: {err}; {_REMOTE_HINT}"
+            ) from err
+        except IndexError as err:
+            raise ExternalIndexError(
+                f"data key {key!r}: datum {datum_id!r} ({dict(kwargs)}) points outside "
+                f"what resource {resource_uid!r} holds: {err}"
+            ) from err
+        except Exception as err:
+            raise HandlerError(
+                f"data key {key!r}: the {type(handler).__name__} handler failed on "
+                f"datum {datum_id!r} ({dict(kwargs)}): {err!r}"
+            ) from err
+        return np.asarray(value)
+
+    def _handler(self, resource_uid: str, stream: StreamWriter) -> Any:
+        handler = self._handler_instances.get(resource_uid)
+        if handler is not None:
+            return handler
+        resource = self.resources.get(resource_uid)
+        if resource is None:
+            raise DocumentOrderError(
+                f"a datum refers to resource {resource_uid!r}, which this run has not seen"
+            )
+        spec = resource["spec"]
+        handler_class = self.handlers.get(spec)
+        if handler_class is None:
+            raise UnknownSpecError(
+                f"resource {resource_uid!r} has spec {spec!r}, for which no handler is "
+                f"registered (registered: {sorted(self.handlers)})"
+            )
+        path = self.resource_path(resource)
+        kwargs = resource.get("resource_kwargs") or {}
+        try:
+            handler = handler_class(path, **kwargs)
+        except OSError as err:
+            raise ExternalFileError(
+                f"resource {resource_uid!r} (spec {spec!r}) at {path!r} cannot be "
+                f"opened: {err}; {_REMOTE_HINT}"
+            ) from err
+        except Exception as err:
+            raise HandlerError(
+                f"handler {handler_class!r} for spec {spec!r} failed to open resource "
+                f"{resource_uid!r} at {path!r} with {dict(kwargs)}: {err!r}"
+            ) from err
+        self._handler_instances[resource_uid] = handler
+        self._record(stream.name).add_resource("resource", resource_uid, resource)
+        return handler
+
+    def resource_path(self, resource: Mapping[str, Any]) -> str:
+        """The resource's full path here: its ``root`` (mapped by ``root_map``)
+        joined with its ``resource_path``."""
+        root = str(resource.get("root") or "")
+        root = self.root_map.get(root, root)
+        path = str(resource.get("resource_path", ""))
+        return os.path.join(root, path) if root else path
+
+    # ------------------------------------------ stream_resource, stream_datum
+    def stream_resource(self, doc: Mapping[str, Any]) -> None:
+        uid = _field(doc, "uid", "stream_resource")
+        _field(doc, "data_key", "stream_resource")
+        mimetype = _field(doc, "mimetype", "stream_resource")
+        if self.mode == "fill" and mimetype not in HDF5_MIMETYPES:
+            raise UnknownSpecError(
+                f"stream_resource {uid!r} has mimetype {mimetype!r}; this writer reads "
+                f"{sorted(HDF5_MIMETYPES)} (pass external='reference' to record the "
+                f"references instead)"
+            )
+        self.stream_resources[uid] = doc
+
+    def stream_datum(self, doc: Mapping[str, Any]) -> None:
+        uid = _field(doc, "uid", "stream_datum")
+        sres_uid = _field(doc, "stream_resource", "stream_datum")
+        descriptor = _field(doc, "descriptor", "stream_datum")
+        stream = self.run.descriptors.get(descriptor)
+        sres = self.stream_resources.get(sres_uid)
+        if stream is None or sres is None:
+            missing = (
+                f"descriptor {descriptor!r}" if stream is None
+                else f"stream_resource {sres_uid!r}"
+            )
+            raise DocumentOrderError(
+                f"stream_datum {uid!r} refers to {missing}, which this run has not seen"
+            )
+        seq_start, seq_stop = _range(doc, "seq_nums", uid)
+        start, stop = _range(doc, "indices", uid)
+        if seq_stop - seq_start != stop - start:
+            raise DocumentError(
+                f"stream_datum {uid!r}: seq_nums {seq_start}..{seq_stop} and indices "
+                f"{start}..{stop} must span as many events"
+            )
+        if seq_start < 1:
+            raise DocumentError(
+                f"stream_datum {uid!r}: seq_nums must start at >= 1, got {seq_start}"
+            )
+        key = sres["data_key"]
+        info = self.stream_keys.get(stream.name, {}).get(key)
+        if info is None:
+            raise DocumentError(
+                f"stream_datum {uid!r} gives data key {key!r}, which stream "
+                f"{stream.name!r} does not declare as external {STREAM_EXTERNAL!r}"
+            )
+        record = self._record(stream.name)
+        record.add_resource("stream_resource", sres_uid, sres)
+        seq_nums = np.arange(seq_start, seq_stop, dtype=np.int64)
+        index = self.run.point_index(stream, seq_nums)
+        if self.mode == "reference":
+            record.stream_datum.append(doc)
+            record.dirty = True
+        else:
+            for offset, frames in self._read_rows(sres, info, start, stop, uid):
+                part = tuple(ix[offset : offset + len(frames)] for ix in index)
+                with self.run.buffer_lock:
+                    stream.put_frames(key, part, list(frames))
+        if stream.name in self.stream_only and seq_nums.size:
+            # No event will say when these points were taken: time stays NaN.
+            with self.run.buffer_lock:
+                stream.put_points(index, seq_nums, np.full(seq_nums.shape, np.nan))
+        self.write_references(force=False)
+
+    def _read_rows(
+        self, sres: Mapping[str, Any], info: StreamKey, start: int, stop: int, uid: str
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """The frames of events ``start..stop``, in batches of at most
+        :data:`READ_BATCH_BYTES`: ``(offset of the batch, (events, *stored frame
+        shape))``. The whole range is checked before the first batch."""
+        dataset, path = self._dataset(sres)
+        row_shape = tuple(dataset.shape[1:])
+        per_index = _rows_per_index(sres, info, row_shape)
+        first, last = start * per_index, stop * per_index
+        if last > dataset.shape[0] and getattr(dataset.file, "swmr_mode", False):
+            dataset.refresh()
+        if start < 0 or last > dataset.shape[0]:
+            raise ExternalIndexError(
+                f"stream_datum {uid!r} asks for rows {first}..{last} of dataset "
+                f"{sres['parameters'].get('dataset')!r} in {path} ({per_index} rows per "
+                f"event for indices {start}..{stop}), which holds {dataset.shape[0]} rows"
+            )
+        keeps_frame_dim = (
+            not info.squeezed
+            and info.declared is not None
+            and len(info.declared) == len(row_shape) + 1
+        )
+        if not keeps_frame_dim and per_index != 1:
+            raise DataShapeError(
+                f"stream_resource {sres['uid']!r}: {per_index} rows per event, but data "
+                f"key {sres['data_key']!r} declares shape {list(info.declared or [])}, "
+                f"one frame per event"
+            )
+        event_bytes = per_index * math.prod(row_shape) * dataset.dtype.itemsize
+        batch = max(1, READ_BATCH_BYTES // max(1, event_bytes))
+        for lo in range(start, stop, batch):
+            hi = min(stop, lo + batch)
+            rows = np.asarray(dataset[lo * per_index : hi * per_index])
+            frames = rows.reshape((hi - lo, per_index) + row_shape)
+            yield lo - start, frames if keeps_frame_dim else frames[:, 0]
+
+    def _dataset(self, sres: Mapping[str, Any]) -> tuple[Any, str]:
+        try:
+            import h5py
+        except ImportError as err:
+            raise MissingDependencyError(
+                f"stream_resource {sres['uid']!r} is an HDF5 file; reading it needs "
+                f"h5py (pip install 'bluesky-zarr[hdf5]')"
+            ) from err
+        path = self.uri_path(sres)
+        parameters = sres.get("parameters") or {}
+        name = parameters.get("dataset")
+        if not isinstance(name, str):
+            raise DocumentError(
+                f"stream_resource {sres['uid']!r}: parameters must name the HDF5 "
+                f"'dataset', got {parameters!r}"
+            )
+        file = self._files.get(path)
+        if file is None:
+            try:
+                file = h5py.File(path, "r", swmr=True)
+            except OSError as err:
+                raise ExternalFileError(
+                    f"stream_resource {sres['uid']!r} for data key {sres['data_key']!r} "
+                    f"points to {sres['uri']!r}; the HDF5 file {path} cannot be read "
+                    f"here: {err}; {_REMOTE_HINT}"
+                ) from err
+            self._files[path] = file
+        try:
+            dataset = file[name]
+        except KeyError:
+            raise ExternalFileError(
+                f"stream_resource {sres['uid']!r}: the HDF5 file {path} has no dataset "
+                f"{name!r}"
+            ) from None
+        return dataset, path
+
+    def uri_path(self, sres: Mapping[str, Any]) -> str:
+        """The local path of a stream resource's ``uri``, mapped by ``root_map``."""
+        uri = str(sres.get("uri", ""))
+        parsed = urlparse(uri)
+        if parsed.scheme not in ("file", ""):
+            raise ExternalFileError(
+                f"stream_resource {sres['uid']!r} points to {uri!r}; this writer reads "
+                f"file:// URIs only; {_REMOTE_HINT}"
+            )
+        path = unquote(parsed.path)
+        for old, new in self.root_map.items():
+            old = old.rstrip("/")
+            if path == old or path.startswith(old + "/"):
+                return new.rstrip("/") + path[len(old) :]
+        return path
+
+    # ----------------------------------------------------------- references
+    def _record(self, stream: str) -> _References:
+        record = self.references.get(stream)
+        if record is None:
+            record = self.references[stream] = _References()
+        return record
+
+    def write_references(self, force: bool = True) -> None:
+        """Write the recorded documents into each stream group's ``external``
+        attribute: new resources at once, datums at most once per flush
+        interval (and at every flush), since the attribute is rewritten whole."""
+        interval = self.run.options.flush_interval
+        due = (
+            force
+            or any(r.urgent for r in self.references.values())
+            or (interval is not None and time.monotonic() - self._last_written >= interval)
+        )
+        if not due:
+            return
+        from ._run import json_safe
+        from ._stream import consolidate
+
+        with self._lock:
+            dirty = {name: r for name, r in self.references.items() if r.dirty}
+            if not dirty:
+                return
+            with self.run.meta_lock:
+                for name, record in dirty.items():
+                    stream = self.run.streams.get(name)
+                    if stream is None:
+                        continue
+                    stream.group.attrs["external"] = json_safe(record.as_attrs(self.mode))
+                    record.dirty = record.urgent = False
+                consolidate(self.run.root)
+            self._last_written = time.monotonic()
+
+    def close(self) -> None:
+        """Close the files opened for reading, and the handlers that can close."""
+        files, self._files = self._files, {}
+        handlers, self._handler_instances = self._handler_instances, {}
+        for file in files.values():
+            file.close()
+        for handler in handlers.values():
+            close = getattr(handler, "close", None)
+            if callable(close):
+                close()
+
+
+def _rows_per_index(sres: Mapping[str, Any], info: StreamKey, row_shape: tuple[int, ...]) -> int:
+    """Dataset rows per event: the declared frames per point, or 1 when the
+    data key declares the row shape itself."""
+    multiplier = (sres.get("parameters") or {}).get("multiplier")
+    if multiplier is not None:
+        return int(multiplier)
+    declared = info.declared or ()
+    if _fits(declared, row_shape):
+        return 1
+    if len(declared) == len(row_shape) + 1 and _fits(declared[1:], row_shape):
+        return 1 if declared[0] is None else int(declared[0])
+    raise DataShapeError(
+        f"stream_resource {sres['uid']!r}: dataset "
+        f"{(sres.get('parameters') or {}).get('dataset')!r} holds rows of shape "
+        f"{list(row_shape)}, but data key {sres['data_key']!r} declares shape "
+        f"{list(declared)}, which is neither [frames per point, *row shape] nor "
+        f"the row shape"
+    )
+
+
+def _fits(declared: Sequence[int | None], actual: Sequence[int]) -> bool:
+    return len(declared) == len(actual) and all(
+        d is None or d == a for d, a in zip(declared, actual)
+    )
+
+
+def _field(doc: Mapping[str, Any], name: str, kind: str) -> Any:
+    try:
+        return doc[name]
+    except KeyError:
+        raise DocumentError(f"{kind} document lacks the field {name!r}") from None
+
+
+def _range(doc: Mapping[str, Any], name: str, uid: str) -> tuple[int, int]:
+    value = doc.get(name)
+    try:
+        start, stop = int(value["start"]), int(value["stop"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        raise DocumentError(
+            f"stream_datum {uid!r}: {name} must be {{'start': int, 'stop': int}}, got "
+            f"{value!r}"
+        ) from None
+    if stop < start:
+        raise DocumentError(f"stream_datum {uid!r}: {name} stop {stop} is before start {start}")
+    return start, stop
