@@ -24,9 +24,10 @@ unwritten (``_written`` False) for a later pass to fill.
 
 **Frames per point.** ophyd-async declares a stream data key's shape as
 ``[frames per point, *frame shape]``, so a step scan of a 240×320 camera
-declares ``[1, 240, 320]``. A leading size-1 dimension is dropped: the array
-is ``(x, y, y, x)``, and ``sel(x=..., y=...)`` gives the image, which is what a
-scientist plots or fits (a stack of one image only adds ``[0]`` everywhere).
+declares ``[1, 240, 320]``. A leading size-1 dimension is dropped: over a
+stage scan the array is ``(stage_x, stage_y, y, x)``, and
+``sel(stage_x=..., stage_y=...)`` gives the image, which is what a scientist
+plots or fits (a stack of one image only adds ``[0]`` everywhere).
 When a detector takes several frames per point, the dimension is kept and
 named ``frame``: ``(time, frame, y, x)``.
 """

@@ -168,9 +168,9 @@ class ZarrWriter:
             raise DocumentError(f"a {name} document must be a mapping, got {type(doc).__name__}")
         self._check_order(name, doc)
         if name == "start":
-            self._seen_starts.add(doc["uid"])
             run = RunWriter(self.directory, self.options)
             run.open(doc)  # type: ignore[arg-type]
+            self._seen_starts.add(doc["uid"])
             self._runs[doc["uid"]] = run
         try:
             result = self._router(name, doc)

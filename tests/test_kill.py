@@ -1,0 +1,89 @@
+"""Killed at any moment, the store still opens and tells the truth."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from bluesky_zarr.sim import frame_at
+from conftest import open_stream, open_tree
+
+CHILD = Path(__file__).with_name("scan_child.py")
+
+# (marker printed by the child, seconds to wait after it) for each kill:
+# before any event, after each of many events, and inside stop.
+_rng = random.Random(1234)
+MOMENTS = [("descriptor", 0.0), ("descriptor", 0.02)] + [
+    (f"event {n}", _rng.uniform(0.0, 0.03)) for n in range(1, 21)
+] + [("stop", 0.0), ("stop", 0.005), ("stop", 0.02)]
+
+
+def run_and_kill(directory: Path, marker: str, delay: float) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with subprocess.Popen(
+        [sys.executable, str(CHILD), str(directory)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    ) as child:
+        assert child.stdout is not None
+        try:
+            for line in child.stdout:
+                if line.strip() == marker:
+                    break
+            else:
+                pytest.fail(f"the child ended before printing {marker!r}")
+            if delay:
+                time.sleep(delay)
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.wait(timeout=60)
+
+
+def check_store(store: Path) -> int:
+    tree = open_tree(store)
+    if "primary" not in tree.children:
+        return 0
+    ds = open_stream(store)
+    written = ds["_written"].values
+    for index in zip(*np.nonzero(written)):
+        positions = {
+            "wavelength": float(ds["wavelength"].values[index[0]]),
+            "position": float(ds["position"].values[index[1]]),
+        }
+        np.testing.assert_array_equal(
+            ds["cam_image"].values[index], frame_at(positions, (32, 32)),
+            err_msg=f"point {index} is marked written but does not hold its frame",
+        )
+        assert ds["seq_num"].values[index] > 0
+    return int(written.sum())
+
+
+@pytest.mark.parametrize("marker, delay", MOMENTS, ids=[f"{m}+{d:.3f}s" for m, d in MOMENTS])
+def test_killed_writer_leaves_an_openable_truthful_store(tmp_path, marker, delay):
+    run_and_kill(tmp_path, marker, delay)
+    store = tmp_path / "scan.zarr"
+    assert store.is_dir()
+    written = check_store(store)
+    if marker.startswith("event"):
+        assert written <= int(marker.split()[1]) + 1
+    tree = open_tree(store)
+    assert tree.attrs["bluesky_zarr"]["complete"] in (False, True)
+    if tree.attrs["bluesky_zarr"]["complete"] is False:
+        assert "stop" not in tree.attrs
+
+
+def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
+    run_and_kill(tmp_path, "event 3", 0.0)
+    from bluesky_zarr._run import StoreLock
+
+    lock = StoreLock(tmp_path / "scan.zarr")  # would raise StoreLockedError if held
+    lock.release()
+    assert xr.open_datatree(tmp_path / "scan.zarr", engine="zarr") is not None
