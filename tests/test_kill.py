@@ -15,6 +15,7 @@ import pytest
 import xarray as xr
 
 from bluesky_zarr.sim import frame_at
+
 from conftest import open_stream, open_tree
 
 CHILD = Path(__file__).with_name("scan_child.py")

@@ -18,6 +18,7 @@ from zarr.storage import WrapperStore
 import bluesky_zarr
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr.sim import PointCamera, motors
+
 from conftest import assert_frames_match, open_stream, open_tree
 
 MOTORS_AT = {"wavelength": "wavelength", "position": "position"}
