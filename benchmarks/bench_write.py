@@ -188,6 +188,16 @@ def run_direct(scan: Scan, root: Path, **options: Any) -> Result:
     )
 
 
+def run_zarrs(scan: Scan, root: Path) -> Result | None:
+    """ZarrWriter with the zarrs (Rust) codec pipeline, when it is installed."""
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        return None
+    with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+        return run_direct(scan, root, compressors=None)
+
+
 def run_engine(scan: Scan, root: Path, **options: Any) -> Result:
     """ZarrWriter subscribed to a real RunEngine scanning a simulated camera."""
     from bluesky import RunEngine
@@ -337,6 +347,7 @@ def bench_size(size: int, gigabytes: float, workdir: Path, cases: set[str]) -> l
         ("raw write + fsync", lambda d: run_raw(scan, d, fsync=True)),
         ("ZarrWriter, uncompressed", lambda d: run_direct(scan, d, compressors=None)),
         ("ZarrWriter, default (lz4)", lambda d: run_direct(scan, d)),
+        ("ZarrWriter, uncompressed, zarrs codec pipeline", lambda d: run_zarrs(scan, d)),
         ("ZarrWriter, uncompressed, 64 MB buffer",
          lambda d: run_direct(scan, d, compressors=None, max_buffer_bytes=64 * 2**20)),
         ("ZarrWriter + RunEngine, uncompressed", lambda d: run_engine(scan, d, compressors=None)),
