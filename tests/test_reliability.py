@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -210,6 +211,10 @@ def test_ctrl_c_twice_halts_and_the_store_is_finalised(tmp_path):
         if name == "event" and doc["seq_num"] == 4:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
+            # The handler runs in the main thread while this callback holds
+            # the RunEngine: let it register both presses before the (fast)
+            # scan could finish on its own.
+            time.sleep(0.5)
 
     RE.subscribe(interrupt)
     with pytest.raises(RunEngineInterrupted):

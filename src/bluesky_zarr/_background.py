@@ -17,39 +17,65 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 
+#: Transient copies zarr makes of a block while it encodes and writes it
+#: (chunk buffers, then the assembled shard), measured with the benchmark.
+ENCODE_COPIES = 2
+
+
 class MemoryBudget:
     """Bytes held by buffered blocks, bounded by ``limit``.
 
     ``reserved`` counts every block from allocation until its write is done;
-    ``in_flight`` the part already handed to the workers.
+    ``in_flight`` the part already handed to the workers; ``active`` the part
+    a worker is writing right now, which zarr copies while encoding it. The
+    bound covers all of it: blocks plus the encoding copies.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, workers: int = 1) -> None:
         self.limit = int(limit)
+        self.workers = workers
         self.reserved = 0
         self.in_flight = 0
+        self.active = 0
         self.peak = 0
+        self.largest = 0
         self._cond = threading.Condition()
+
+    @property
+    def used(self) -> int:
+        return self.reserved + ENCODE_COPIES * self.active
+
+    def _note_peak(self) -> None:
+        self.peak = max(self.peak, self.used)
 
     def try_reserve(self, nbytes: int) -> bool:
         with self._cond:
             # A block larger than the whole budget is still allowed alone,
             # otherwise it could never be written.
-            if self.reserved + nbytes > self.limit and self.reserved > 0:
+            largest = max(self.largest, nbytes)
+            # Keep room for the copies the workers will make when they write.
+            headroom = ENCODE_COPIES * self.workers * largest
+            if self.reserved + nbytes + headroom > self.limit and self.reserved > 0:
                 return False
+            self.largest = largest
             self.reserved += nbytes
-            self.peak = max(self.peak, self.reserved)
+            self._note_peak()
             return True
+
+    def activate(self, nbytes: int) -> None:
+        with self._cond:
+            self.active += nbytes
+            self._note_peak()
 
     def hand_over(self, nbytes: int) -> None:
         with self._cond:
             self.in_flight += nbytes
 
-    def release(self, nbytes: int, *, in_flight: bool = True) -> None:
+    def release(self, nbytes: int) -> None:
         with self._cond:
             self.reserved -= nbytes
-            if in_flight:
-                self.in_flight -= nbytes
+            self.in_flight -= nbytes
+            self.active -= nbytes
             self._cond.notify_all()
 
     def wait(self, timeout: float) -> None:
@@ -101,6 +127,7 @@ class BackgroundWriter:
             if item is None:
                 return
             job, nbytes, what = item
+            self.budget.activate(nbytes)
             try:
                 job()
             except BaseException as err:  # noqa: BLE001 - recorded, re-raised to the caller

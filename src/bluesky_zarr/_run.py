@@ -94,7 +94,12 @@ class RunWriter(DocumentRouter):
         self.descriptors: dict[str, StreamWriter] = {}
         self.path: Path | None = None
         self.root: zarr.Group
-        self.budget = MemoryBudget(options.max_buffer_bytes)
+        self.budget = MemoryBudget(options.max_buffer_bytes, options.workers)
+        # Default shards small enough that the buffer holds a few of them
+        # while the workers write others (see MemoryBudget).
+        self.shard_bytes = min(
+            options.shard_bytes, options.max_buffer_bytes // (4 + 2 * options.workers)
+        )
         self.background: BackgroundWriter | None = None
         self._open_blocks: dict[tuple[int, tuple[int, ...]], tuple[StreamWriter, ArraySink]] = {}
         self._stop_flusher = threading.Event()

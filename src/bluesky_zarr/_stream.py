@@ -218,7 +218,7 @@ class StreamWriter:
     def _create(self, spec: ArraySpec) -> ArraySink:
         assert spec.dtype is not None and spec.frame_shape is not None
         options = self.run.options
-        chunks, shards = default_chunking(self.layout, spec, options.shard_bytes)
+        chunks, shards = default_chunking(self.layout, spec, self.run.shard_bytes)
         ndim = self.n_scan + len(spec.frame_shape)
         user_chunks = options.chunks.get(spec.name, options.chunks.get(spec.key or ""))
         user_shards = options.shards.get(spec.name, options.shards.get(spec.key or ""))
