@@ -204,16 +204,19 @@ def run_engine(scan: Scan, root: Path, **options: Any) -> Result:
     from bluesky.plans import grid_scan
     from ophyd.sim import SynAxis, SynSignal
 
+    class Camera(SynSignal):
+        def describe(self) -> dict[str, Any]:
+            description = super().describe()
+            description[self.name].update(dtype_numpy="<u2", shape=list(scan.frame))
+            return description
+
+        def __repr__(self) -> str:
+            # The default repr shows the current frame, and the RunEngine
+            # copies it into the start document's plan_args.
+            return f"Camera(name={self.name!r})"
+
     counter = iter(range(10**12))
-    cam = SynSignal(func=lambda: scan.frame_at(next(counter)), name="cam_image")
-    original = cam.describe
-
-    def describe() -> dict[str, Any]:
-        description = original()
-        description["cam_image"].update(dtype_numpy="<u2", shape=list(scan.frame))
-        return description
-
-    cam.describe = describe  # type: ignore[method-assign]
+    cam = Camera(func=lambda: scan.frame_at(next(counter)), name="cam_image")
     wavelength, position = SynAxis(name="wavelength"), SynAxis(name="position")
     writer = ZarrWriter(root, flush_interval=None, **options)
     callback: list[float] = []
