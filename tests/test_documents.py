@@ -197,3 +197,33 @@ def test_nan_and_inf_are_kept(RE, tmp_path):
     ds = open_stream(writer.stores[0])
     assert np.isnan(ds["det"].values[0, 0]) and np.isposinf(ds["det"].values[0, 1])
     assert bool(ds["_written"].all())
+
+
+def test_large_arrays_in_configuration_stay_out_of_metadata(tmp_path):
+    from event_model import compose_run
+
+    run = compose_run()
+    writer = ZarrWriter(tmp_path)
+    writer("start", run.start_doc)
+    frame = np.arange(200 * 200, dtype="uint16").reshape(200, 200)
+    descriptor = run.compose_descriptor(
+        name="primary",
+        data_keys={"x": {"dtype": "number", "shape": [], "source": "s"}},
+        configuration={
+            "cam": {
+                "data": {"cam_flatfield": frame, "cam_gain": np.array([1.5, 2.0])},
+                "timestamps": {"cam_flatfield": 0.0, "cam_gain": 0.0},
+                "data_keys": {
+                    "cam_flatfield": {"dtype": "array", "shape": [200, 200], "source": "s"},
+                    "cam_gain": {"dtype": "array", "shape": [2], "source": "s"},
+                },
+            }
+        },
+    )
+    writer("descriptor", descriptor.descriptor_doc)
+    writer("event", descriptor.compose_event(data={"x": 1.0}, timestamps={"x": 0.0}, seq_num=1))
+    writer("stop", run.compose_stop())
+    attrs = open_stream(writer.stores[0]).attrs["descriptors"][0]["configuration"]["cam"]["data"]
+    assert attrs["cam_gain"] == [1.5, 2.0]
+    assert "not stored in metadata" in attrs["cam_flatfield"]
+    assert "(200, 200)" in attrs["cam_flatfield"]

@@ -31,6 +31,10 @@ from ._version import __version__
 logger = logging.getLogger(__name__)
 
 
+#: Largest array (elements) that metadata attributes hold in full.
+MAX_ATTR_ARRAY = 10_000
+
+
 def json_safe(value: Any) -> Any:
     """A copy of ``value`` that JSON (and so Zarr attributes) can hold."""
     if isinstance(value, Mapping):
@@ -38,6 +42,10 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     if isinstance(value, np.ndarray):
+        if value.size > MAX_ATTR_ARRAY:
+            # Metadata, not data: a frame that a device reports in its
+            # configuration would bloat every metadata read of the store.
+            return f"<array shape={value.shape} dtype={value.dtype} not stored in metadata>"
         return json_safe(value.tolist())
     if isinstance(value, np.generic):
         return json_safe(value.item())
