@@ -399,14 +399,18 @@ class StreamWriter:
             current[positions] = values
 
     # ----------------------------------------------------------------- blocks
-    def new_block(self, sink: ArraySink, key: tuple[int, ...]) -> Block:
+    def _block_extent(
+        self, sink: ArraySink, key: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Origin and scan shape of a block (clipped at the edges of the scan)."""
         origin = tuple(k * b for k, b in zip(key, sink.block_shape))
         if self.growing:
-            scan = sink.block_shape
-        else:
-            scan = tuple(
-                min(b, s - o) for b, s, o in zip(sink.block_shape, self.scan_shape, origin)
-            )
+            return origin, sink.block_shape
+        scan = tuple(min(b, s - o) for b, s, o in zip(sink.block_shape, self.scan_shape, origin))
+        return origin, scan
+
+    def new_block(self, sink: ArraySink, key: tuple[int, ...]) -> Block:
+        origin, scan = self._block_extent(sink, key)
         shape = scan + sink.frame_shape
         # Not filled here: points never received get the fill value in the
         # worker, off the RunEngine's thread (see write_block).
@@ -415,13 +419,7 @@ class StreamWriter:
         return Block(origin, data, filled, 0, math.prod(scan), time.monotonic(), data.nbytes)
 
     def block_nbytes(self, sink: ArraySink, key: tuple[int, ...]) -> int:
-        origin = tuple(k * b for k, b in zip(key, sink.block_shape))
-        if self.growing:
-            scan = sink.block_shape
-        else:
-            scan = tuple(
-                min(b, s - o) for b, s, o in zip(sink.block_shape, self.scan_shape, origin)
-            )
+        _, scan = self._block_extent(sink, key)
         return math.prod(scan + sink.frame_shape) * sink.dtype.itemsize
 
     def write_block(self, sink: ArraySink, block: Block, merge: bool) -> None:
