@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
-from bluesky.plans import count, grid_scan, list_scan, scan
+from bluesky.plans import count, grid_scan, list_scan, rel_grid_scan, scan
 from bluesky.preprocessors import SupplementalData
-from ophyd.sim import det, det1
+from ophyd.sim import SynAxis, det, det1
 
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr.sim import PointCamera, frame_at, motors
@@ -179,3 +179,21 @@ def test_one_writer_many_runs(RE, tmp_path):
     assert len(writer.stores) == 2
     assert open_stream(writer.stores[0]).sizes["wavelength"] == 3
     assert open_stream(writer.stores[1]).sizes["wavelength"] == 2
+
+
+def test_relative_grid_scan_with_readback_only_motors(RE, tmp_path):
+    wavelength = SynAxis(name="wavelength", read_attrs=["readback"])
+    position = SynAxis(name="position", read_attrs=["readback"])
+    wavelength.set(500)
+    position.set(10)
+    cam = PointCamera([wavelength, position], shape=(4, 4), name="cam")
+    writer = ZarrWriter(tmp_path)
+    RE.subscribe(writer)
+    RE(rel_grid_scan([cam], wavelength, -100, 100, 3, position, 0, 2, 2, snake_axes=True))
+    ds = open_stream(writer.stores[0])
+    # Coordinates are absolute positions (from the readbacks), not the
+    # relative extents of the start document.
+    np.testing.assert_allclose(ds["wavelength"], [400, 500, 600])
+    np.testing.assert_allclose(ds["position"], [10, 12])
+    motors_at = {"wavelength": "wavelength", "position": "position"}
+    assert assert_frames_match(ds, "cam_image", motors_at, (4, 4)) == 6

@@ -183,7 +183,7 @@ def plan_stream(
             if not name or name in layout.coords or name in RESERVED:
                 continue
             source = None
-            for candidate in (f"{motor}_setpoint", motor):
+            for candidate in (f"{motor}_setpoint", f"{motor}_user_setpoint", motor):
                 if candidate in data_keys:
                     source = candidate
                     break

@@ -183,6 +183,10 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
 
     names = _dimension_names(motors_per_dim, sizes, dims)
     extents = start.get("extents")
+    if str(start.get("plan_name", "")).startswith("rel_"):
+        # Relative plans give extents relative to where the motors were:
+        # the setpoints come from the events instead.
+        extents = None
     scan_dims = []
     for axis, (name, size, motors) in enumerate(zip(names, sizes, motors_per_dim)):
         motors = [m for m in motors if m != TIME_DIM]

@@ -148,7 +148,7 @@ class StreamWriter:
         self.coord_from_data: dict[str, str] = {}
         for name, source in layout.coord_sources.items():
             if layout.coord_motors.get(name, name) not in setpoints or source.endswith(
-                "_setpoint"
+                "setpoint"
             ):
                 self.coord_from_data[name] = source
         for spec in layout.arrays.values():
