@@ -131,14 +131,22 @@ class StreamLayout:
     def growing(self) -> bool:
         return any(s is None for s in self.scan_sizes)
 
+    def _clashes(self, name: str, size: int) -> bool:
+        return name in self.scan_dims or (
+            name in self.dim_sizes and self.dim_sizes[name] != size
+        )
+
     def claim_frame_dims(self, spec: ArraySpec) -> None:
         """Give ``spec`` frame dimension names that do not clash in size."""
         assert spec.frame_shape is not None
         names = []
         for name, size in zip(spec.frame_dims, spec.frame_shape):
-            if name in self.dim_sizes and self.dim_sizes[name] != size:
+            # A frame dimension never shares a name with a scan dimension
+            # (one array cannot have a dimension twice), nor with another
+            # frame dimension of another size.
+            if self._clashes(name, size):
                 name = f"{sanitize_name(spec.key or spec.name)}_{name}"
-            while name in self.dim_sizes and self.dim_sizes[name] != size:
+            while self._clashes(name, size):
                 name = f"{name}_"
             self.dim_sizes[name] = size
             names.append(name)

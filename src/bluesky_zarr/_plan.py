@@ -99,6 +99,31 @@ class ScanPlan:
         return tuple(np.asarray(i, dtype=np.int64) for i in index)
 
 
+#: Plan patterns whose points are visited in raster order (snaked or not).
+RASTER_PATTERNS = {"outer_product", "outer_list_product"}
+
+
+def _snake_axes(start: Mapping[str, Any], ndim: int) -> list[bool]:
+    """Snaking from ``snake_axes`` (list_grid_scan records it, not ``snaking``)."""
+    value = start.get("snake_axes")
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            # A list of motors, recorded as the repr of the list.
+            motors = list(start.get("motors") or [])
+            if len(motors) == ndim:
+                return [i > 0 and f"name='{m}'" in text for i, m in enumerate(motors)]
+            return [False] * ndim
+    if value is True:
+        # All axes but the outermost snake, as bluesky's outer_list_product does.
+        return [False] + [True] * (ndim - 1)
+    if isinstance(value, (list, tuple)) and len(value) == ndim:
+        return [bool(v) for v in value]
+    return [False] * ndim
+
+
 def _dimension_motors(start: Mapping[str, Any], stream: str) -> list[list[str]]:
     """Motor names per dimension, from ``hints.dimensions`` or ``motors``."""
     hints = start.get("hints") or {}
@@ -151,6 +176,11 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
     stream = primary_stream(start)
     motors_per_dim = _dimension_motors(start, stream)
     shape_doc = start.get("shape")
+    pattern = start.get("plan_pattern")
+    if shape_doc is not None and pattern is not None and pattern not in RASTER_PATTERNS:
+        # e.g. spiral_square: a shape, but not visited in raster order, so
+        # seq_num does not say where a point lies. Points append instead.
+        shape_doc = None
     if shape_doc is not None:
         try:
             shape = tuple(int(s) for s in shape_doc)
@@ -164,7 +194,7 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
             )
         if len(motors_per_dim) != len(shape):
             motors_per_dim = [[] for _ in shape]
-        snaking_doc = start.get("snaking") or [False] * len(shape)
+        snaking_doc = start.get("snaking") or _snake_axes(start, len(shape))
         if len(snaking_doc) != len(shape):
             raise DocumentError(
                 f"start['snaking'] has {len(snaking_doc)} entries but start['shape'] "

@@ -14,6 +14,7 @@ that point on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from ._errors import DataShapeError, DataTypeError, DocumentError
 from ._layout import (
@@ -55,13 +57,44 @@ _ACCEPTED_KINDS = {
 _consolidate_lock = threading.Lock()
 
 
+async def _consolidate_quietly(group: zarr.Group) -> None:
+    """Store the metadata of every node below ``group`` in its ``zarr.json``.
+
+    What ``zarr.consolidate_metadata`` does, without its warning that
+    consolidated metadata is not yet part of the V3 specification: silencing
+    that warning would need ``warnings.catch_warnings``, whose process-wide
+    state races with other threads. xarray reads consolidated metadata, and
+    warns loudly without it.
+    """
+    from zarr.core.group import AsyncGroup, ConsolidatedMetadata, GroupMetadata
+
+    root = await AsyncGroup.open(group.store_path, use_consolidated=False)
+    members = {
+        key: node.metadata
+        async for key, node in root.members(max_depth=None, use_consolidated_for_children=False)
+    }
+    for key, metadata in members.items():
+        # Child groups say explicitly that they hold no further nodes.
+        if isinstance(metadata, GroupMetadata) and metadata.consolidated_metadata is None:
+            members[key] = dataclasses.replace(
+                metadata, consolidated_metadata=ConsolidatedMetadata(metadata={})
+            )
+    ConsolidatedMetadata._flat_to_nested(members)
+    metadata = dataclasses.replace(
+        root.metadata, consolidated_metadata=ConsolidatedMetadata(metadata=members)
+    )
+    await dataclasses.replace(root, metadata=metadata)._save_metadata()
+
+
 def consolidate(group: zarr.Group) -> None:
-    """Consolidate the metadata below ``group`` (quietly, one thread at a time)."""
-    with _consolidate_lock, warnings.catch_warnings():
-        # zarr warns that consolidation is not yet in the V3 spec; xarray
-        # reads it and warns far louder without it.
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently")
-        zarr.consolidate_metadata(group.store)
+    """Consolidate the metadata below ``group``, one thread at a time."""
+    with _consolidate_lock:
+        try:
+            sync(_consolidate_quietly(group))
+        except (ImportError, AttributeError):  # zarr's internals moved: the public way
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Consolidated metadata is currently")
+                zarr.consolidate_metadata(group.store)
 
 
 @dataclass
