@@ -146,18 +146,13 @@ class RunWriter(DocumentRouter):
         if self.options.store_wrapper is not None:
             store = self.options.store_wrapper(store)
         self.root = zarr.open_group(store, mode="w", zarr_format=3)
-        self.root.attrs.update(
-            {
-                "start": json_safe(doc),
-                "bluesky_zarr": {
-                    "version": __version__,
-                    "complete": False,
-                    "scan_dims": [d.name for d in self.plan.dims],
-                    "scan_shape": self.plan.shape and list(self.plan.shape),
-                },
-            }
-        )
-        consolidate(self.root)
+        self.info: dict[str, Any] = {
+            "version": __version__,
+            "complete": False,
+            "scan_dims": [d.name for d in self.plan.dims],
+            "scan_shape": self.plan.shape and list(self.plan.shape),
+        }
+        consolidate(self.root, {"start": json_safe(doc), "bluesky_zarr": self.info})
         self.background = BackgroundWriter(
             self.budget, self.options.workers, name=str(doc.get("scan_id", ""))
         )
@@ -338,20 +333,20 @@ class RunWriter(DocumentRouter):
             self.background.close()
         failures = self.background.failures if self.background else []
         with self.meta_lock:
-            info = dict(self.root.attrs["bluesky_zarr"])  # type: ignore[arg-type]
+            info = dict(self.info)
             info["complete"] = True
             info["streams"] = {name: s.summary() for name, s in self.streams.items()}
             info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures]
             info["buffer_peak_bytes"] = self.budget.peak
             info["max_buffer_bytes"] = self.budget.limit
-            self.root.attrs.update(
+            consolidate(
+                self.root,
                 {
                     "stop": json_safe(doc),
                     "exit_status": doc.get("exit_status", "unknown"),
                     "bluesky_zarr": info,
-                }
+                },
             )
-            consolidate(self.root)
         self.stopped = True
         self._lock.release()
         unused = (set(self.options.chunks) | set(self.options.shards)) - {

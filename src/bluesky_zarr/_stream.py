@@ -57,7 +57,7 @@ _ACCEPTED_KINDS = {
 _consolidate_lock = threading.Lock()
 
 
-async def _consolidate_quietly(group: zarr.Group) -> None:
+async def _consolidate_quietly(group: zarr.Group, attributes: dict[str, Any]) -> None:
     """Store the metadata of every node below ``group`` in its ``zarr.json``.
 
     What ``zarr.consolidate_metadata`` does, without its warning that
@@ -81,17 +81,27 @@ async def _consolidate_quietly(group: zarr.Group) -> None:
             )
     ConsolidatedMetadata._flat_to_nested(members)
     metadata = dataclasses.replace(
-        root.metadata, consolidated_metadata=ConsolidatedMetadata(metadata=members)
+        root.metadata,
+        attributes={**root.metadata.attributes, **attributes},
+        consolidated_metadata=ConsolidatedMetadata(metadata=members),
     )
     await dataclasses.replace(root, metadata=metadata)._save_metadata()
 
 
-def consolidate(group: zarr.Group) -> None:
-    """Consolidate the metadata below ``group``, one thread at a time."""
+def consolidate(group: zarr.Group, attributes: dict[str, Any] | None = None) -> None:
+    """Consolidate the metadata below ``group``, one thread at a time.
+
+    ``attributes`` are merged into the group's own attributes in the same
+    write, so the group's ``zarr.json`` never lacks its consolidated metadata
+    (a process killed between two writes would leave a store that xarray
+    opens only with a warning).
+    """
     with _consolidate_lock:
         try:
-            sync(_consolidate_quietly(group))
+            sync(_consolidate_quietly(group, attributes or {}))
         except (ImportError, AttributeError):  # zarr's internals moved: the public way
+            if attributes:
+                group.attrs.update(attributes)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Consolidated metadata is currently")
                 zarr.consolidate_metadata(group.store)
