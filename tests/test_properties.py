@@ -23,7 +23,7 @@ import zarr
 from bluesky.plan_patterns import snake_cyclers
 from cycler import cycler
 from event_model import compose_run, pack_event_page
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from bluesky_zarr import ZarrWriter
@@ -441,7 +441,13 @@ def check_store(run: Run, store: Path, expected: Expected) -> None:
 @PROPERTY_SETTINGS
 @given(run=runs())
 def test_random_runs_match_the_model(run, tmp_path_factory):
+    event("growing" if run.shape is None else f"{len(run.shape)}-d grid")
+    event("pages" if run.pages else "events")
+    event(f"max_buffer_bytes={run.options['max_buffer_bytes']}")
+    event("repeated points" if len(set(run.sends)) < len(run.sends) else "no repeats")
+    event("user layout" if {"chunks", "shards"} & set(run.options) else "default layout")
     docs, expected = compose(run)
+    event("missing points" if not expected.written.all() else "all points")
     directory = tmp_path_factory.mktemp("property")
     writer = ZarrWriter(directory, **run.options)
     for name, doc in docs:
