@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     with contextlib.suppress(ImportError):
         import libcst  # noqa: F401
+
+#: Largest number of points of a generated grid (keeps examples fast).
+MAX_POINTS = 24
 
 DTYPES = ["uint8", "uint16", "int32", "float32", "float64"]
 
@@ -297,7 +300,7 @@ def runs(draw) -> Run:
         ndim = draw(st.integers(1, 4))
         sizes: list[int] = []
         for _ in range(ndim):
-            room = max(1, 48 // math.prod(sizes or [1]))
+            room = max(1, MAX_POINTS // math.prod(sizes or [1]))
             sizes.append(draw(st.integers(1, min(5, room))))
         shape = tuple(sizes)
         snaking = (False,) + tuple(draw(st.booleans()) for _ in range(ndim - 1))
@@ -319,6 +322,9 @@ def runs(draw) -> Run:
     if growing and not sent:
         sent = [length]
     sends = list(sent)
+    if draw(st.integers(0, 3)) == 0:
+        # Out of order, as when documents of a run travel different routes.
+        sends = draw(st.permutations(sends))
     if sent:
         for _ in range(draw(st.integers(0, 3))):
             again = draw(st.sampled_from(sent))
@@ -393,7 +399,8 @@ def largest_block_bytes(
     return largest
 
 
-def check_store(run: Run, store: Path, expected: Expected) -> None:
+def check_arrays(run: Run, store: Path, expected: Expected) -> zarr.Group:
+    """Every array of the primary stream, read by zarr and by xarray, is as expected."""
     ds = open_primary(store)
     root = zarr.open_group(store, mode="r")
     group = root["primary"]
@@ -425,7 +432,14 @@ def check_store(run: Run, store: Path, expected: Expected) -> None:
         np.testing.assert_array_equal(ds[name].values, want, err_msg=f"coordinate {name}")
     if run.shape is not None:
         assert ds["_written"].dims == tuple(run.motors)
+    return root
 
+
+def check_store(run: Run, store: Path, expected: Expected) -> None:
+    root = check_arrays(run, store, expected)
+    group = root["primary"]
+    assert isinstance(group, zarr.Group)
+    buffered = list(expected.arrays)
     info = root.attrs["bluesky_zarr"]
     assert isinstance(info, dict)
     assert info["complete"] is True
@@ -434,7 +448,7 @@ def check_store(run: Run, store: Path, expected: Expected) -> None:
     limit = run.options["max_buffer_bytes"]
     assert info["max_buffer_bytes"] == limit
     assert info["buffer_peak_bytes"] <= max(
-        limit, largest_block_bytes(group, buffered, n_scan, run.shape is None)
+        limit, largest_block_bytes(group, buffered, run.n_scan, run.shape is None)
     )
 
 
@@ -444,6 +458,7 @@ def test_random_runs_match_the_model(run, tmp_path_factory):
     event("growing" if run.shape is None else f"{len(run.shape)}-d grid")
     event("pages" if run.pages else "events")
     event(f"max_buffer_bytes={run.options['max_buffer_bytes']}")
+    event("in order" if run.sends == sorted(run.sends) else "out of order")
     event("repeated points" if len(set(run.sends)) < len(run.sends) else "no repeats")
     event("user layout" if {"chunks", "shards"} & set(run.options) else "default layout")
     docs, expected = compose(run)
@@ -455,3 +470,60 @@ def test_random_runs_match_the_model(run, tmp_path_factory):
     assert len(writer.stores) == 1
     assert list(writer.open_runs) == []
     check_store(run, writer.stores[0], expected)
+
+
+def events_in(name: str, doc: dict[str, Any]) -> int:
+    if name == "event":
+        return 1
+    if name == "event_page":
+        return len(doc["seq_num"])
+    return 0
+
+
+@settings(PROPERTY_SETTINGS, max_examples=25)
+@given(run=runs(), data=st.data())
+def test_store_is_consistent_during_the_run(run, data, tmp_path_factory):
+    """Mid-run the store opens; written points hold what was sent; flush writes all."""
+    docs, _ = compose(run)
+    directory = tmp_path_factory.mktemp("midrun")
+    writer = ZarrWriter(directory, **run.options)
+    last = len(docs) - 1
+    checkpoints = data.draw(st.sets(st.integers(1, last - 1), max_size=3)) if last > 1 else set()
+    flushes = data.draw(st.sets(st.sampled_from(sorted(checkpoints)))) if checkpoints else set()
+    sent = 0
+    for n, (name, doc) in enumerate(docs):
+        writer(name, doc)
+        sent += events_in(name, doc)
+        if n not in checkpoints:
+            continue
+        so_far = replace(run, sends=run.sends[:sent])
+        _, expected = compose(so_far)
+        store = writer.stores[0]
+        if n in flushes:
+            writer.flush()
+            check_arrays(so_far, store, expected)
+            continue
+        # Without a flush the writer may hold any part back; whatever it
+        # marks as written must be complete and hold the last value sent.
+        ds = open_primary(store)
+        written = ds["_written"].values
+        length = written.shape[0]
+        assert length <= expected.written.shape[0]
+        assert not (written & ~expected.written[:length]).any()
+        # A point sent again may still hold its earlier value on disk.
+        repeated = {s for s in so_far.sends if so_far.sends.count(s) > 1}
+        if run.shape is None:
+            settled = [(s - 1,) for s in so_far.sends if s not in repeated and s <= length]
+        else:
+            order = visiting_order(run.shape, run.snaking)
+            settled = [order[s - 1] for s in so_far.sends if s not in repeated]
+        for point in settled:
+            if not written[point]:
+                continue
+            for array_name, want in expected.arrays.items():
+                np.testing.assert_array_equal(
+                    ds[array_name].values[point],
+                    want[point],
+                    err_msg=f"{array_name} at written point {point}",
+                )
+    check_store(run, writer.stores[0], compose(run)[1])
