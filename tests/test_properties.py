@@ -42,7 +42,7 @@ MAX_POINTS = 16
 DTYPES = ["uint8", "uint16", "int32", "float32", "float64"]
 
 PROPERTY_SETTINGS = settings(
-    max_examples=40,
+    max_examples=25,
     deadline=None,
     derandomize=True,
     database=None,
@@ -301,8 +301,10 @@ def layouts(draw, scan_shape: tuple[int, ...], frame: tuple[int, ...]) -> dict[s
 
 
 @st.composite
-def runs(draw) -> Run:
-    growing = draw(st.integers(0, 3)) == 0
+def runs(draw, growing: bool | None = None) -> Run:
+    """A random run: a grid (``growing=False``), a scan without shape, or either."""
+    if growing is None:
+        growing = draw(st.integers(0, 3)) == 0
     if growing:
         shape = None
         snaking: tuple[bool, ...] = (False,)
@@ -465,9 +467,8 @@ def check_store(run: Run, store: Path, expected: Expected) -> None:
     )
 
 
-@PROPERTY_SETTINGS
-@given(run=runs())
-def test_random_runs_match_the_model(run, tmp_path_factory):
+def feed_and_check(run: Run, tmp_path_factory) -> None:
+    """Feed the run to a writer with its options; the store must match the model."""
     event("growing" if run.shape is None else f"{len(run.shape)}-d grid")
     event(("stacked pages" if run.stacked else "pages") if run.pages else "events")
     event("dtype from data" if any(not k.declared and k.frame for k in run.keys) else "declared")
@@ -486,6 +487,18 @@ def test_random_runs_match_the_model(run, tmp_path_factory):
     check_store(run, writer.stores[0], expected)
 
 
+@PROPERTY_SETTINGS
+@given(run=runs(growing=False))
+def test_random_grid_runs_match_the_model(run, tmp_path_factory):
+    feed_and_check(run, tmp_path_factory)
+
+
+@settings(PROPERTY_SETTINGS, max_examples=12)
+@given(run=runs(growing=True))
+def test_random_growing_runs_match_the_model(run, tmp_path_factory):
+    feed_and_check(run, tmp_path_factory)
+
+
 def events_in(name: str, doc: dict[str, Any]) -> int:
     if name == "event":
         return 1
@@ -494,7 +507,7 @@ def events_in(name: str, doc: dict[str, Any]) -> int:
     return 0
 
 
-@settings(PROPERTY_SETTINGS, max_examples=20)
+@settings(PROPERTY_SETTINGS, max_examples=15)
 @given(run=runs(), data=st.data())
 def test_store_is_consistent_during_the_run(run, data, tmp_path_factory):
     """Mid-run the store opens; written points hold what was sent; flush writes all."""
