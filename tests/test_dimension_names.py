@@ -16,14 +16,7 @@ from conftest import assert_frames_match, open_stream
     "frame",
     [
         (5, 6),
-        pytest.param(
-            (3, 4),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a frame dimension takes the name of a scan dimension of the same "
-                "size (motors y, x and frame dims y, x): duplicate dimension names",
-            ),
-        ),
+        (3, 4),
     ],
     ids=["sizes-differ", "sizes-equal"],
 )

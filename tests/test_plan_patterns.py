@@ -42,11 +42,6 @@ def test_list_grid_scan_without_snaking(RE, tmp_path, b_positions):
     assert bool(ds["_written"].all())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="list_grid_scan(snake_axes=True) records snake_axes, not snaking: reversed "
-    "sweeps are stored at mirrored points",
-)
 def test_list_grid_scan_with_snaking(RE, tmp_path):
     ds = run(
         RE,
@@ -59,11 +54,6 @@ def test_list_grid_scan_with_snaking(RE, tmp_path):
     assert assert_frames_match(ds, "cam_image", {"a": "a", "b": "b"}, FRAME) == 12
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spiral_square declares shape (y_num, x_num) but visits the grid in spiral "
-    "order: frames are stored at raster-order points",
-)
 def test_spiral_square(RE, tmp_path):
     ds = run(
         RE,

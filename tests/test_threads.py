@@ -7,19 +7,12 @@ import time
 import warnings
 
 import numpy as np
-import pytest
 import zarr
 from event_model import compose_run
 
 from bluesky_zarr import ZarrWriter
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consolidate() silences zarr's consolidated-metadata warning with "
-    "warnings.catch_warnings(), which is not thread-safe: while another thread scopes "
-    "warnings, the warning escapes and (warnings as errors) a block write fails",
-)
 def test_consolidation_ignores_warning_scopes_of_other_threads(tmp_path):
     bundle = compose_run(metadata={"hints": {"dimensions": [(["time"], "primary")]}})
     descriptor = bundle.compose_descriptor(
