@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from bluesky_zarr import ZarrWriter
+from bluesky_zarr._background import ENCODE_COPIES
 
 with warnings.catch_warnings():
     # Hypothesis imports libcst to print a patch for a failing example; the
@@ -462,9 +463,10 @@ def check_store(run: Run, store: Path, expected: Expected) -> None:
     assert info["streams"]["primary"]["written_points"] == int(expected.written.sum())
     limit = run.options["max_buffer_bytes"]
     assert info["max_buffer_bytes"] == limit
-    assert info["buffer_peak_bytes"] <= max(
-        limit, largest_block_bytes(group, buffered, run.n_scan, run.shape is None)
-    )
+    # The bound covers blocks and zarr's copies of a block being written; a
+    # single block larger than the bound is still written (alone).
+    largest = largest_block_bytes(group, buffered, run.n_scan, run.shape is None)
+    assert info["buffer_peak_bytes"] <= max(limit, (1 + ENCODE_COPIES) * largest)
 
 
 def feed_and_check(run: Run, tmp_path_factory) -> None:
