@@ -10,12 +10,16 @@ from ._errors import (
     DocumentError,
     DocumentOrderError,
     OptionError,
+    ReplayError,
     ScanIndexError,
+    ServeError,
+    StorageError,
     StoreExistsError,
     StoreLockedError,
     UnsafeNameError,
     WriteError,
 )
+from ._export import export
 from ._version import __version__
 from ._writer import ZarrWriter
 
@@ -26,11 +30,15 @@ __all__ = [
     "DocumentError",
     "DocumentOrderError",
     "OptionError",
+    "ReplayError",
     "ScanIndexError",
+    "ServeError",
+    "StorageError",
     "StoreExistsError",
     "StoreLockedError",
     "UnsafeNameError",
     "WriteError",
     "ZarrWriter",
     "__version__",
+    "export",
 ]

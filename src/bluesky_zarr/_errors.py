@@ -49,3 +49,21 @@ class UnsafeNameError(BlueskyZarrError, ValueError):
 
 class WriteError(BlueskyZarrError, OSError):
     """Writing to the store failed (in the background writer or at stop)."""
+
+
+class StorageError(BlueskyZarrError, OSError):
+    """The storage a store lives in (a bucket, a directory) cannot be used."""
+
+
+class ReplayError(BlueskyZarrError, ValueError):
+    """A recorded document file is unreadable, malformed or truncated."""
+
+    def __init__(self, message: str, *, path: str = "", location: str = "") -> None:
+        super().__init__(message)
+        #: The file, and where in it (``line 12`` or ``byte 3456``).
+        self.path = path
+        self.location = location
+
+
+class ServeError(BlueskyZarrError, RuntimeError):
+    """The document service cannot start (a bad address, an unreachable proxy)."""

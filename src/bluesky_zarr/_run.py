@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import threading
 import time
 from collections.abc import Mapping
@@ -15,13 +14,13 @@ import numpy as np
 import zarr
 from event_model import DocumentRouter, pack_event_page
 from event_model.documents import Event, EventDescriptor, EventPage, RunStart, RunStop
-from zarr.storage import LocalStore
 
 from ._background import BackgroundWriter, MemoryBudget
-from ._errors import DocumentError, StoreExistsError, WriteError
+from ._errors import DocumentError, WriteError
 from ._layout import plan_stream
 from ._options import WriterOptions
-from ._plan import plan_scan, store_path
+from ._plan import plan_scan
+from ._storage import Root
 from ._stream import ArraySink, Block, StreamWriter, consolidate
 from ._version import __version__
 
@@ -50,15 +49,15 @@ def json_safe(value: Any) -> Any:
 class RunWriter(DocumentRouter):
     """Writes the documents of one run into ``<root>/<name>.zarr``."""
 
-    def __init__(self, root: Path, options: WriterOptions) -> None:
+    def __init__(self, storage: Root, options: WriterOptions) -> None:
         super().__init__()
-        self.root_dir = root
+        self.storage = storage
         self.options = options
         self.meta_lock = threading.RLock()
         self.buffer_lock = threading.RLock()
         self.streams: dict[str, StreamWriter] = {}
         self.descriptors: dict[str, StreamWriter] = {}
-        self.path: Path | None = None
+        self.path: Path | str | None = None
         self.root: zarr.Group
         self.budget = MemoryBudget(options.max_buffer_bytes)
         self.background: BackgroundWriter | None = None
@@ -76,20 +75,9 @@ class RunWriter(DocumentRouter):
         """Plan the run from its start document and create its store."""
         self.start_doc = doc
         self.plan = plan_scan(doc, self.options.dims)
-        path = store_path(self.root_dir, self.options.name_template, doc)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            path.mkdir()
-        except FileExistsError:
-            if not self.options.overwrite:
-                raise StoreExistsError(
-                    f"{path} already exists; refusing to overwrite another run "
-                    f"(pass overwrite=True or choose another name_template)"
-                ) from None
-            shutil.rmtree(path)
-            path.mkdir()
-        self.path = path
-        self.root = zarr.open_group(LocalStore(path), mode="w", zarr_format=3)
+        self.path, self.root = self.storage.create_group(
+            self.options.name_template, doc, overwrite=self.options.overwrite
+        )
         self.root.attrs.update(
             {
                 "start": json_safe(doc),
@@ -170,6 +158,14 @@ class RunWriter(DocumentRouter):
         self._raise_failures(all_failures=True)
         return doc
 
+    def close_incomplete(self, reason: str) -> None:
+        """Finish a run whose stop document will not come: write what arrived,
+        mark the store incomplete (``bluesky_zarr.complete`` stays false)."""
+        try:
+            self.flush()
+        finally:
+            self._finish(None, reason)
+
     # ---------------------------------------------------------------- buffers
     def place(
         self, stream: StreamWriter, sink: ArraySink, index: tuple[int, ...], value: Any
@@ -248,7 +244,7 @@ class RunWriter(DocumentRouter):
                 + f": {first.error!r}"
             ) from first.error
 
-    def _finish(self, doc: RunStop) -> None:
+    def _finish(self, doc: RunStop | None, incomplete_reason: str = "") -> None:
         self._stop_flusher.set()
         if self._flusher is not None:
             self._flusher.join()
@@ -257,16 +253,16 @@ class RunWriter(DocumentRouter):
         failures = self.background.failures if self.background else []
         with self.meta_lock:
             info = dict(self.root.attrs["bluesky_zarr"])  # type: ignore[arg-type]
-            info["complete"] = True
+            info["complete"] = doc is not None
             info["streams"] = {name: s.summary() for name, s in self.streams.items()}
             info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures]
-            self.root.attrs.update(
-                {
-                    "stop": json_safe(doc),
-                    "exit_status": doc.get("exit_status", "unknown"),
-                    "bluesky_zarr": info,
-                }
-            )
+            attrs: dict[str, Any] = {"bluesky_zarr": info}
+            if doc is None:
+                info["incomplete_reason"] = incomplete_reason
+            else:
+                attrs["stop"] = json_safe(doc)
+                attrs["exit_status"] = doc.get("exit_status", "unknown")
+            self.root.attrs.update(attrs)
             consolidate(self.root)
         self.stopped = True
         unused = (set(self.options.chunks) | set(self.options.shards)) - {
