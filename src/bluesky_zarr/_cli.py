@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._plan import DEFAULT_NAME_TEMPLATE
+
 
 def _demo(args: argparse.Namespace) -> int:
     import xarray as xr
@@ -49,6 +51,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from ._errors import BlueskyZarrError, ReplayError
+    from ._replay import ReplayReport, format_summary, replay
+
+    try:
+        report = replay(
+            args.files,
+            args.out,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            name_template=args.name_template,
+        )
+    except ReplayError as err:
+        print(format_summary(err.report or ReplayReport(), args.out))
+        print(f"bluesky-zarr replay: error: {err}", file=sys.stderr)
+        return 1
+    except BlueskyZarrError as err:
+        print(f"bluesky-zarr replay: error: {err}", file=sys.stderr)
+        return 1
+    print(format_summary(report, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bluesky-zarr",
@@ -63,6 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--positions", type=int, default=20, help="points along position")
     demo.add_argument("--size", type=int, default=256, help="frame height and width")
     demo.set_defaults(func=_demo)
+
+    replay = commands.add_parser(
+        "replay",
+        help="convert recorded runs (suitcase-jsonl .jsonl, suitcase-msgpack .msgpack, "
+        "optionally .gz) into stores",
+    )
+    replay.add_argument("files", nargs="+", metavar="FILE", help="recorded document files")
+    replay.add_argument(
+        "--out", required=True, help="root of the stores: a directory or s3://bucket/prefix"
+    )
+    replay.add_argument(
+        "--name-template", default=DEFAULT_NAME_TEMPLATE, help="store name over the start doc"
+    )
+    replay.add_argument("--overwrite", action="store_true", help="replace existing stores")
+    replay.add_argument("--no-progress", action="store_true", help="no progress bar")
+    replay.set_defaults(func=_replay)
     return parser
 
 

@@ -6,6 +6,8 @@ specific class or the builtin.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BlueskyZarrError(Exception):
     """Base class of every exception raised by this package."""
@@ -63,6 +65,8 @@ class ReplayError(BlueskyZarrError, ValueError):
         #: The file, and where in it (``line 12`` or ``byte 3456``).
         self.path = path
         self.location = location
+        #: For :func:`~bluesky_zarr._replay.replay`: what was written before the error.
+        self.report: Any = None
 
 
 class ServeError(BlueskyZarrError, RuntimeError):
