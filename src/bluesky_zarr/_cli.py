@@ -74,6 +74,24 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from ._errors import BlueskyZarrError
+    from ._inspect import describe_store, format_description
+
+    try:
+        description = describe_store(args.store)
+    except BlueskyZarrError as err:
+        print(f"bluesky-zarr inspect: error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(description, indent=2))
+    else:
+        print(format_description(description))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bluesky-zarr",
@@ -104,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--overwrite", action="store_true", help="replace existing stores")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.set_defaults(func=_replay)
+
+    inspect = commands.add_parser(
+        "inspect", help="show a store's run, streams, arrays and how much is written"
+    )
+    inspect.add_argument("store", metavar="STORE", help="a store's directory or s3:// URL")
+    inspect.add_argument("--json", action="store_true", help="machine-readable JSON")
+    inspect.set_defaults(func=_inspect)
     return parser
 
 
