@@ -92,6 +92,30 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from ._errors import BlueskyZarrError
+    from ._serve import DocumentService
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s bluesky-zarr serve: %(message)s", force=True
+    )
+    try:
+        service = DocumentService(
+            args.zmq,
+            args.out,
+            prefix=args.prefix.encode(),
+            overwrite=args.overwrite,
+            name_template=args.name_template,
+        )
+    except BlueskyZarrError as err:
+        print(f"bluesky-zarr serve: error: {err}", file=sys.stderr)
+        return 2
+    service.run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bluesky-zarr",
@@ -122,6 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--overwrite", action="store_true", help="replace existing stores")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
     replay.set_defaults(func=_replay)
+
+    serve = commands.add_parser(
+        "serve", help="write every run published through a bluesky 0MQ proxy, until stopped"
+    )
+    serve.add_argument(
+        "--zmq", required=True, metavar="HOST:PORT",
+        help="the 0MQ proxy's outbound address (bluesky-0MQ-proxy's second port)",
+    )
+    serve.add_argument(
+        "--out", required=True, help="root of the stores: a directory or s3://bucket/prefix"
+    )
+    serve.add_argument("--prefix", default="", help="only documents published with this prefix")
+    serve.add_argument(
+        "--name-template", default=DEFAULT_NAME_TEMPLATE, help="store name over the start doc"
+    )
+    serve.add_argument("--overwrite", action="store_true", help="replace existing stores")
+    serve.set_defaults(func=_serve)
 
     inspect = commands.add_parser(
         "inspect", help="show a store's run, streams, arrays and how much is written"
