@@ -157,6 +157,7 @@ def _filesystem(scheme: str, options: dict[str, Any], *, asynchronous: bool) -> 
         raise OptionError(
             f"writing to {scheme}:// needs s3fs: pip install 'bluesky-zarr[s3]'"
         ) from None
-    # A fresh instance: fsspec's instance cache would keep credentials and
-    # endpoints read from the environment when the filesystem was first made.
-    return s3fs.S3FileSystem(asynchronous=asynchronous, skip_instance_cache=True, **options)
+    # fsspec caches instances by their options: one client (and connection
+    # pool) per bucket configuration for the life of the process, as readers
+    # through xarray get too.
+    return s3fs.S3FileSystem(asynchronous=asynchronous, **options)
