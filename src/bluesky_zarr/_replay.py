@@ -241,7 +241,10 @@ def replay(
 def _replay_file(
     writer: ZarrWriter, path: str | os.PathLike[str], report: ReplayReport, progress: bool
 ) -> None:
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise OptionError("replay needs tqdm: pip install 'bluesky-zarr[replay]'") from None
 
     runs: dict[str, ReplayedRun] = {}
     with tqdm(
