@@ -164,7 +164,20 @@ class RunWriter(DocumentRouter):
         try:
             self.flush()
         finally:
-            self._finish(None, reason)
+            self._stop_flusher.set()
+            if self._flusher is not None:
+                self._flusher.join()
+            if self.background is not None:
+                self.background.close()
+            failures = self.background.failures if self.background else []
+            with self.meta_lock:
+                info = dict(self.root.attrs["bluesky_zarr"])  # type: ignore[arg-type]
+                info["streams"] = {name: s.summary() for name, s in self.streams.items()}
+                info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures]
+                info["incomplete_reason"] = reason
+                self.root.attrs["bluesky_zarr"] = info
+                consolidate(self.root)
+            self.stopped = True
 
     # ---------------------------------------------------------------- buffers
     def place(
@@ -244,7 +257,7 @@ class RunWriter(DocumentRouter):
                 + f": {first.error!r}"
             ) from first.error
 
-    def _finish(self, doc: RunStop | None, incomplete_reason: str = "") -> None:
+    def _finish(self, doc: RunStop) -> None:
         self._stop_flusher.set()
         if self._flusher is not None:
             self._flusher.join()
@@ -253,16 +266,16 @@ class RunWriter(DocumentRouter):
         failures = self.background.failures if self.background else []
         with self.meta_lock:
             info = dict(self.root.attrs["bluesky_zarr"])  # type: ignore[arg-type]
-            info["complete"] = doc is not None
+            info["complete"] = True
             info["streams"] = {name: s.summary() for name, s in self.streams.items()}
             info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures]
-            attrs: dict[str, Any] = {"bluesky_zarr": info}
-            if doc is None:
-                info["incomplete_reason"] = incomplete_reason
-            else:
-                attrs["stop"] = json_safe(doc)
-                attrs["exit_status"] = doc.get("exit_status", "unknown")
-            self.root.attrs.update(attrs)
+            self.root.attrs.update(
+                {
+                    "stop": json_safe(doc),
+                    "exit_status": doc.get("exit_status", "unknown"),
+                    "bluesky_zarr": info,
+                }
+            )
             consolidate(self.root)
         self.stopped = True
         unused = (set(self.options.chunks) | set(self.options.shards)) - {
