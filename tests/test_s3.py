@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -22,6 +26,7 @@ from bluesky_zarr.sim import PointCamera, motors
 
 from conftest import assert_frames_match
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 MOTORS_AT = {"wavelength": "wavelength", "position": "position"}
 CREDENTIALS = {"key": "testing", "secret": "testing"}
 
@@ -124,3 +129,22 @@ def test_a_store_on_s3_is_never_overwritten(scan_docs, bucket, options):
 def test_a_missing_bucket_is_a_clear_error(scan_docs, options):
     with pytest.raises(StorageError, match="cannot create the store s3://no-such-bucket/"):
         export(scan_docs, "s3://no-such-bucket/runs", storage_options=options)
+
+
+def test_the_command_in_its_own_process_exits_cleanly(scan_docs, bucket, endpoint, options):
+    (url,) = export(scan_docs, f"s3://{bucket}", storage_options=options)
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PYTHONPATH": os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "bluesky_zarr._cli", "inspect", url],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "written 12 of 12 points" in result.stdout
+    assert result.stderr == ""  # no "Unclosed client session" at exit

@@ -13,9 +13,12 @@ store back, and, with none given, the standard AWS environment variables
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
 import shutil
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -160,4 +163,29 @@ def _filesystem(scheme: str, options: dict[str, Any], *, asynchronous: bool) -> 
     # fsspec caches instances by their options: one client (and connection
     # pool) per bucket configuration for the life of the process, as readers
     # through xarray get too.
-    return s3fs.S3FileSystem(asynchronous=asynchronous, **options)
+    fs = s3fs.S3FileSystem(asynchronous=asynchronous, **options)
+    if asynchronous:
+        _async_filesystems.add(fs)
+    return fs
+
+
+# s3fs closes the sessions of its synchronous instances when they are
+# collected, not those of asynchronous ones (which zarr's FsspecStore drives on
+# zarr's event loop): close them there at exit, while that loop still runs (its
+# own exit handler was registered first, so runs after this one), or aiohttp
+# reports them unclosed.
+_async_filesystems: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_sessions() -> None:
+    from zarr.core.sync import sync
+
+    for fs in list(_async_filesystems):
+        creator = getattr(fs, "_s3creator", None)
+        if creator is None:
+            continue
+        try:
+            sync(creator.__aexit__(None, None, None), timeout=5)
+        except Exception as err:  # noqa: BLE001 - best effort at interpreter exit
+            logging.getLogger(__name__).debug("closing an S3 session failed: %r", err)
