@@ -128,7 +128,7 @@ def test_truncated_msgpack_names_the_byte_offset(recorded, tmp_path):
     _check_grid_store(store, complete=False)
 
 
-def test_truncated_gzip_and_malformed_lines_are_clear_errors(recorded, tmp_path):
+def test_truncated_gzip_and_malformed_lines_are_clear_errors(recorded, tmp_path, capsys):
     compressed = gzip.compress(recorded["files"]["grid.jsonl"].read_bytes())
     cut = tmp_path / "grid.jsonl.gz"
     cut.write_bytes(compressed[: len(compressed) // 2])
@@ -140,6 +140,10 @@ def test_truncated_gzip_and_malformed_lines_are_clear_errors(recorded, tmp_path)
     expected = re.escape(f"{bad}, line 2: expected a [name, document]")
     with pytest.raises(ReplayError, match=expected):
         list(read_documents(bad))
+
+    missing = tmp_path / "missing.jsonl"
+    assert main(["replay", str(missing), "--out", str(tmp_path / "out")]) == 1
+    assert f"{missing}: cannot open" in capsys.readouterr().err
 
     other = tmp_path / "run.h5"
     other.write_bytes(b"")

@@ -246,9 +246,13 @@ def _replay_file(
     except ImportError:
         raise OptionError("replay needs tqdm: pip install 'bluesky-zarr[replay]'") from None
 
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise ReplayError(f"{path}: cannot open: {err}", path=str(path)) from err
     runs: dict[str, ReplayedRun] = {}
     with tqdm(
-        total=os.path.getsize(path),
+        total=size,
         unit="B",
         unit_scale=True,
         desc=Path(path).name,
