@@ -75,9 +75,10 @@ class RunWriter(DocumentRouter):
         """Plan the run from its start document and create its store."""
         self.start_doc = doc
         self.plan = plan_scan(doc, self.options.dims)
-        self.path, self.root = self.storage.create_group(
+        self.path, store = self.storage.create_store(
             self.options.name_template, doc, overwrite=self.options.overwrite
         )
+        self.root = zarr.open_group(store, mode="r+", zarr_format=3)
         self.root.attrs.update(
             {
                 "start": json_safe(doc),

@@ -2,7 +2,8 @@
 
 :func:`resolve_root` turns the ``directory`` given to the writer into a
 storage root that claims a new store for a run exclusively (never taking over
-another run's store), opens it as a Zarr group and names it for people.
+another run's store), holding an empty Zarr V3 group from its first write, and
+names it for people (a path, or an ``s3://`` URL).
 
 Object storage goes through zarr's :class:`~zarr.storage.FsspecStore` with
 ``s3fs``: the same ``storage_options`` that ``xr.open_zarr`` takes to read the
@@ -23,7 +24,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import zarr
 from zarr.abc.store import Store
 from zarr.storage import LocalStore
 
@@ -54,12 +54,17 @@ class LocalRoot:
     def display(self) -> Path:
         return self.directory
 
-    def create_group(
-        self, template: str, start: Mapping[str, Any], *, overwrite: bool
-    ) -> tuple[Path, zarr.Group]:
-        """Make the run's store directory exclusively and open it as a new group."""
+    def location(self, template: str, start: Mapping[str, Any]) -> Path:
+        """The path the run's store will have (its parent directory made)."""
         path = store_path(self.directory, template, start)
         path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def create_store(
+        self, template: str, start: Mapping[str, Any], *, overwrite: bool
+    ) -> tuple[Path, Store]:
+        """Make the run's store directory exclusively, holding an empty group."""
+        path = self.location(template, start)
         try:
             path.mkdir()
         except FileExistsError:
@@ -70,7 +75,8 @@ class LocalRoot:
                 ) from None
             shutil.rmtree(path)
             path.mkdir()
-        return path, zarr.open_group(LocalStore(path), mode="w", zarr_format=3)
+        (path / "zarr.json").write_bytes(_EMPTY_GROUP)
+        return path, LocalStore(path)
 
 
 class FsspecRoot:
@@ -95,9 +101,9 @@ class FsspecRoot:
     def display(self) -> str:
         return f"{self.scheme}://{self.prefix}"
 
-    def create_group(
+    def create_store(
         self, template: str, start: Mapping[str, Any], *, overwrite: bool
-    ) -> tuple[str, zarr.Group]:
+    ) -> tuple[str, Store]:
         """Claim the run's prefix with a conditional write, then open it."""
         key = "/".join([self.prefix, *store_name(template, start)])
         url = f"{self.scheme}://{key}"
@@ -113,8 +119,7 @@ class FsspecRoot:
             ) from None
         except OSError as err:
             raise StorageError(f"cannot create the store {url}: {err}") from err
-        store = open_store(url, self.storage_options, read_only=False)
-        return url, zarr.open_group(store, mode="r+", zarr_format=3)
+        return url, open_store(url, self.storage_options, read_only=False)
 
 
 Root = LocalRoot | FsspecRoot
