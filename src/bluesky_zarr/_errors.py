@@ -49,10 +49,6 @@ class UnsafeNameError(BlueskyZarrError, ValueError):
     """A store name built from metadata would leave the root directory."""
 
 
-class WriteError(BlueskyZarrError, OSError):
-    """Writing to the store failed (in the background writer or at stop)."""
-
-
 class StorageError(BlueskyZarrError, OSError):
     """The storage a store lives in (a bucket, a directory) cannot be used."""
 
@@ -71,3 +67,7 @@ class ReplayError(BlueskyZarrError, ValueError):
 
 class ServeError(BlueskyZarrError, RuntimeError):
     """The document service cannot start (a bad address, an unreachable proxy)."""
+
+
+class WriteError(BlueskyZarrError, OSError):
+    """Writing to the store failed (in the background writer or at stop)."""
