@@ -15,13 +15,17 @@ from ._errors import (
     HandlerError,
     MissingDependencyError,
     OptionError,
+    ReplayError,
     ScanIndexError,
+    ServeError,
+    StorageError,
     StoreExistsError,
     StoreLockedError,
     UnknownSpecError,
     UnsafeNameError,
     WriteError,
 )
+from ._export import export
 from ._external import NpySequenceHandler
 from ._version import __version__
 from ._writer import ZarrWriter
@@ -39,7 +43,10 @@ __all__ = [
     "MissingDependencyError",
     "NpySequenceHandler",
     "OptionError",
+    "ReplayError",
     "ScanIndexError",
+    "ServeError",
+    "StorageError",
     "StoreExistsError",
     "StoreLockedError",
     "UnknownSpecError",
@@ -47,4 +54,5 @@ __all__ = [
     "WriteError",
     "ZarrWriter",
     "__version__",
+    "export",
 ]

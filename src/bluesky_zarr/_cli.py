@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._plan import DEFAULT_NAME_TEMPLATE
+
 
 def _demo(args: argparse.Namespace) -> int:
     import xarray as xr
@@ -49,6 +51,71 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from ._errors import BlueskyZarrError, ReplayError
+    from ._replay import ReplayReport, format_summary, replay
+
+    try:
+        report = replay(
+            args.files,
+            args.out,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+            name_template=args.name_template,
+        )
+    except ReplayError as err:
+        print(format_summary(err.report or ReplayReport(), args.out))
+        print(f"bluesky-zarr replay: error: {err}", file=sys.stderr)
+        return 1
+    except BlueskyZarrError as err:
+        print(f"bluesky-zarr replay: error: {err}", file=sys.stderr)
+        return 1
+    print(format_summary(report, args.out))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from ._errors import BlueskyZarrError
+    from ._inspect import describe_store, format_description
+
+    try:
+        description = describe_store(args.store)
+    except BlueskyZarrError as err:
+        print(f"bluesky-zarr inspect: error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(description, indent=2))
+    else:
+        print(format_description(description))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from ._errors import BlueskyZarrError
+    from ._serve import DocumentService
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s bluesky-zarr serve: %(message)s", force=True
+    )
+    try:
+        service = DocumentService(
+            args.zmq,
+            args.out,
+            prefix=args.prefix.encode(),
+            overwrite=args.overwrite,
+            name_template=args.name_template,
+        )
+    except BlueskyZarrError as err:
+        print(f"bluesky-zarr serve: error: {err}", file=sys.stderr)
+        return 2
+    service.run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bluesky-zarr",
@@ -63,6 +130,46 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--positions", type=int, default=20, help="points along position")
     demo.add_argument("--size", type=int, default=256, help="frame height and width")
     demo.set_defaults(func=_demo)
+
+    replay = commands.add_parser(
+        "replay",
+        help="convert recorded runs (suitcase-jsonl .jsonl, suitcase-msgpack .msgpack, "
+        "optionally .gz) into stores",
+    )
+    replay.add_argument("files", nargs="+", metavar="FILE", help="recorded document files")
+    replay.add_argument(
+        "--out", required=True, help="root of the stores: a directory or s3://bucket/prefix"
+    )
+    replay.add_argument(
+        "--name-template", default=DEFAULT_NAME_TEMPLATE, help="store name over the start doc"
+    )
+    replay.add_argument("--overwrite", action="store_true", help="replace existing stores")
+    replay.add_argument("--no-progress", action="store_true", help="no progress bar")
+    replay.set_defaults(func=_replay)
+
+    serve = commands.add_parser(
+        "serve", help="write every run published through a bluesky 0MQ proxy, until stopped"
+    )
+    serve.add_argument(
+        "--zmq", required=True, metavar="HOST:PORT",
+        help="the 0MQ proxy's outbound address (bluesky-0MQ-proxy's second port)",
+    )
+    serve.add_argument(
+        "--out", required=True, help="root of the stores: a directory or s3://bucket/prefix"
+    )
+    serve.add_argument("--prefix", default="", help="only documents published with this prefix")
+    serve.add_argument(
+        "--name-template", default=DEFAULT_NAME_TEMPLATE, help="store name over the start doc"
+    )
+    serve.add_argument("--overwrite", action="store_true", help="replace existing stores")
+    serve.set_defaults(func=_serve)
+
+    inspect = commands.add_parser(
+        "inspect", help="show a store's run, streams, arrays and how much is written"
+    )
+    inspect.add_argument("store", metavar="STORE", help="a store's directory or s3:// URL")
+    inspect.add_argument("--json", action="store_true", help="machine-readable JSON")
+    inspect.set_defaults(func=_inspect)
     return parser
 
 

@@ -6,6 +6,8 @@ specific class or the builtin.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BlueskyZarrError(Exception):
     """Base class of every exception raised by this package."""
@@ -45,6 +47,26 @@ class StoreLockedError(BlueskyZarrError, RuntimeError):
 
 class UnsafeNameError(BlueskyZarrError, ValueError):
     """A store name built from metadata would leave the root directory."""
+
+
+class StorageError(BlueskyZarrError, OSError):
+    """The storage a store lives in (a bucket, a directory) cannot be used."""
+
+
+class ReplayError(BlueskyZarrError, ValueError):
+    """A recorded document file is unreadable, malformed or truncated."""
+
+    def __init__(self, message: str, *, path: str = "", location: str = "") -> None:
+        super().__init__(message)
+        #: The file, and where in it (``line 12`` or ``byte 3456``).
+        self.path = path
+        self.location = location
+        #: For :func:`~bluesky_zarr._replay.replay`: what was written before the error.
+        self.report: Any = None
+
+
+class ServeError(BlueskyZarrError, RuntimeError):
+    """The document service cannot start (a bad address, an unreachable proxy)."""
 
 
 class WriteError(BlueskyZarrError, OSError):

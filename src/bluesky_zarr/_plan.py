@@ -277,11 +277,12 @@ class _SafeFormatter(string.Formatter):
         return sanitize_name(super().format_field(value, format_spec))
 
 
-def store_path(root: Path, template: str, start: Mapping[str, Any]) -> Path:
-    """The path of a run's store: ``root / (template formatted over start) + .zarr``.
+def store_name(template: str, start: Mapping[str, Any]) -> list[str]:
+    """The parts of a run's store name: ``template`` formatted over ``start``.
 
     Values from the start document are sanitised; literal ``/`` in the
-    template makes subdirectories. The result always lies inside ``root``.
+    template separates the parts (subdirectories). The last part ends in
+    ``.zarr``; no part is empty, ``.`` or ``..``.
     """
     if Path(template).is_absolute() or ".." in Path(template).parts:
         raise OptionError(
@@ -299,8 +300,17 @@ def store_path(root: Path, template: str, start: Mapping[str, Any]) -> Path:
         raise UnsafeNameError(
             f"name_template {template!r} gives an empty or unsafe store name {name!r}"
         )
-    path = root.joinpath(*parts)
-    path = path.with_name(path.name + ".zarr")
+    parts[-1] += ".zarr"
+    return parts
+
+
+def store_path(root: Path, template: str, start: Mapping[str, Any]) -> Path:
+    """The path of a run's store: ``root / (template formatted over start) + .zarr``.
+
+    Values from the start document are sanitised; literal ``/`` in the
+    template makes subdirectories. The result always lies inside ``root``.
+    """
+    path = root.joinpath(*store_name(template, start))
     resolved_root = root.resolve()
     if resolved_root not in path.resolve().parents:
         raise UnsafeNameError(f"store path {path} would lie outside {root}")

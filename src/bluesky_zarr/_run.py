@@ -6,7 +6,6 @@ import fcntl
 import logging
 import math
 import os
-import shutil
 import threading
 import time
 from collections.abc import Mapping
@@ -17,14 +16,14 @@ import numpy as np
 import zarr
 from event_model import DocumentRouter, pack_event_page
 from event_model.documents import Event, EventDescriptor, EventPage, RunStart, RunStop
-from zarr.storage import LocalStore
 
 from ._background import BackgroundWriter, MemoryBudget
-from ._errors import DocumentError, StoreExistsError, StoreLockedError, WriteError
+from ._errors import DocumentError, StoreLockedError, WriteError
 from ._external import ExternalData
 from ._layout import plan_stream
 from ._options import WriterOptions
-from ._plan import plan_scan, store_path
+from ._plan import plan_scan
+from ._storage import LocalRoot, Root
 from ._stream import ArraySink, Block, StreamWriter, consolidate
 from ._version import __version__
 
@@ -92,15 +91,15 @@ class StoreLock:
 class RunWriter(DocumentRouter):
     """Writes the documents of one run into ``<root>/<name>.zarr``."""
 
-    def __init__(self, root: Path, options: WriterOptions) -> None:
+    def __init__(self, storage: Root, options: WriterOptions) -> None:
         super().__init__()
-        self.root_dir = root
+        self.storage = storage
         self.options = options
         self.meta_lock = threading.RLock()
         self.buffer_lock = threading.RLock()
         self.streams: dict[str, StreamWriter] = {}
         self.descriptors: dict[str, StreamWriter] = {}
-        self.path: Path | None = None
+        self.path: Path | str | None = None
         self.root: zarr.Group
         self.budget = MemoryBudget(options.max_buffer_bytes, options.workers)
         # Default shards small enough that the buffer holds a few of them
@@ -124,28 +123,23 @@ class RunWriter(DocumentRouter):
         """Plan the run from its start document and create its store."""
         self.start_doc = doc
         self.plan = plan_scan(doc, self.options.dims)
-        path = store_path(self.root_dir, self.options.name_template, doc)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = StoreLock(path)
+        # A local store is locked before it is made (or replaced), so two
+        # writers never take the same directory; object storage claims its
+        # store with a conditional write instead.
+        self._lock: StoreLock | None = None
+        if isinstance(self.storage, LocalRoot):
+            self._lock = StoreLock(self.storage.location(self.options.name_template, doc))
         try:
-            try:
-                path.mkdir()
-            except FileExistsError:
-                if not self.options.overwrite:
-                    raise StoreExistsError(
-                        f"{path} already exists; refusing to overwrite another run "
-                        f"(pass overwrite=True or choose another name_template)"
-                    ) from None
-                shutil.rmtree(path)
-                path.mkdir()
+            self.path, store = self.storage.create_store(
+                self.options.name_template, doc, overwrite=self.options.overwrite
+            )
         except BaseException:
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
             raise
-        self.path = path
-        store: Any = LocalStore(path)
         if self.options.store_wrapper is not None:
             store = self.options.store_wrapper(store)
-        self.root = zarr.open_group(store, mode="w", zarr_format=3)
+        self.root = zarr.open_group(store, mode="r+", zarr_format=3)
         self.info: dict[str, Any] = {
             "version": __version__,
             "complete": False,
@@ -245,6 +239,28 @@ class RunWriter(DocumentRouter):
         # Failures already raised at an earlier document are not raised again.
         self._raise_failures()
         return doc
+
+    def close_incomplete(self, reason: str) -> None:
+        """Finish a run whose stop document will not come: write what arrived,
+        mark the store incomplete (``bluesky_zarr.complete`` stays false)."""
+        try:
+            self.flush()
+        finally:
+            self._stop_flusher.set()
+            if self._flusher is not None:
+                self._flusher.join()
+            if self.background is not None:
+                self.background.close()
+            failures = self.background.failures if self.background else []
+            with self.meta_lock:
+                info = dict(self.info)
+                info["streams"] = {name: s.summary() for name, s in self.streams.items()}
+                info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures]
+                info["incomplete_reason"] = reason
+                consolidate(self.root, {"bluesky_zarr": info})
+            self.stopped = True
+            if self._lock is not None:
+                self._lock.release()
 
     # ---------------------------------------------------------------- buffers
     def place(
@@ -348,7 +364,8 @@ class RunWriter(DocumentRouter):
                 },
             )
         self.stopped = True
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
         unused = (set(self.options.chunks) | set(self.options.shards)) - {
             name
             for stream in self.streams.values()

@@ -7,13 +7,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from event_model import RunRouter
+from event_model import RunRouter, bulk_events_to_event_pages
 
 from ._errors import DocumentError, DocumentOrderError
 from ._layout import DEFAULT_SHARD_BYTES
 from ._options import DEFAULT_MAX_BUFFER_BYTES, WriterOptions, make_options
 from ._plan import DEFAULT_NAME_TEMPLATE
 from ._run import RunWriter
+from ._storage import resolve_root
 
 _KINDS = {
     "start",
@@ -53,7 +54,13 @@ class ZarrWriter:
     Parameters
     ----------
     directory
-        Root directory of the stores; created if missing.
+        Root directory of the stores (created if missing), or an object storage
+        URL, ``s3://bucket/prefix`` (needs the ``s3`` extra).
+    storage_options
+        For object storage: options of ``s3fs.S3FileSystem`` (``key``,
+        ``secret``, ``endpoint_url``, ``client_kwargs``, ...), the same that
+        ``xr.open_zarr(..., storage_options=...)`` takes. Without them the
+        standard AWS environment variables and configuration files apply.
     dims
         Names for the scan dimensions, overriding the scanned motors' names.
     chunks, shards
@@ -109,6 +116,7 @@ class ZarrWriter:
         self,
         directory: str | os.PathLike[str],
         *,
+        storage_options: Mapping[str, Any] | None = None,
         dims: Sequence[str] | None = None,
         chunks: Mapping[str, Sequence[int]] | None = None,
         shards: Mapping[str, Sequence[int]] | None = None,
@@ -125,7 +133,8 @@ class ZarrWriter:
         handler_registry: Mapping[str, Any] | None = None,
         root_map: Mapping[str, str] | None = None,
     ) -> None:
-        self.directory = Path(directory)
+        self.storage = resolve_root(directory, storage_options)
+        self.directory: Path | str = self.storage.display
         self.options: WriterOptions = make_options(
             dims=dims,
             chunks=chunks,
@@ -151,8 +160,8 @@ class ZarrWriter:
         self._descriptors: dict[str, str] = {}
         #: Run start uid of each resource and stream_resource seen (None: not said).
         self._resources: dict[str, str | None] = {}
-        #: Paths of the stores written so far, in order.
-        self.stores: list[Path] = []
+        #: Stores written so far, in order: paths, or URLs for object storage.
+        self.stores: list[Path | str] = []
 
     def __repr__(self) -> str:
         return f"ZarrWriter({str(self.directory)!r})"
@@ -162,13 +171,18 @@ class ZarrWriter:
         return [self._runs[start["uid"]]], []
 
     def __call__(self, name: str, doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if name == "bulk_events" and isinstance(doc, Mapping):
+            # The legacy batch of events: the same events as event pages.
+            for page in bulk_events_to_event_pages(dict(doc)):
+                self("event_page", page)
+            return name, doc
         if name not in _KINDS:
             raise DocumentError(f"unknown document kind {name!r}")
         if not isinstance(doc, Mapping):
             raise DocumentError(f"a {name} document must be a mapping, got {type(doc).__name__}")
         self._check_order(name, doc)
         if name == "start":
-            run = RunWriter(self.directory, self.options)
+            run = RunWriter(self.storage, self.options)
             run.open(doc)  # type: ignore[arg-type]
             self._seen_starts.add(doc["uid"])
             self._runs[doc["uid"]] = run
@@ -240,7 +254,26 @@ class ZarrWriter:
         for run in list(self._runs.values()):
             run.flush()
 
+    def close(self, reason: str = "the writer was closed before the run stopped") -> None:
+        """Finish every open run as incomplete: write what arrived, keep the store.
+
+        For runs whose stop document will never come (a service shutting
+        down, a recorded file that ends early). Their stores keep
+        ``bluesky_zarr.complete == False`` and record ``reason``.
+        """
+        errors: list[BaseException] = []
+        for uid in list(self._runs):
+            run = self._runs.pop(uid)
+            try:
+                run.close_incomplete(reason)
+            except Exception as err:  # noqa: BLE001 - finish the others, then raise
+                errors.append(err)
+            for descriptor in [d for d, s in self._descriptors.items() if s == uid]:
+                del self._descriptors[descriptor]
+        if errors:
+            raise errors[0]
+
     @property
-    def open_runs(self) -> Iterable[Path]:
+    def open_runs(self) -> Iterable[Path | str]:
         """Stores of the runs started and not yet stopped."""
         return [run.path for run in self._runs.values() if run.path is not None]

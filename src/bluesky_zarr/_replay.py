@@ -1,0 +1,313 @@
+"""``replay``: recorded document files (suitcase-jsonl, suitcase-msgpack) to stores.
+
+Files are read as a stream, one document at a time, so a file of any size
+replays in bounded memory. A file that cannot be read, holds something other
+than ``(name, document)`` pairs, or ends before the stop document of a run
+raises :class:`~bluesky_zarr.ReplayError` naming the file and the line (JSON
+lines) or byte offset (msgpack); the stores of the runs before it are kept
+and a run it leaves open is kept, marked incomplete.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ._errors import BlueskyZarrError, MissingDependencyError, ReplayError
+from ._writer import ZarrWriter
+
+#: File name endings understood, after an optional ``.gz``.
+FORMATS = (".jsonl", ".msgpack")
+
+
+@dataclass
+class ReplayedRun:
+    """One run found in a recorded file, and where it went."""
+
+    file: str
+    uid: str
+    store: Path | str | None = None
+    plan_name: str = ""
+    scan_id: Any = None
+    num_events: int = 0
+    exit_status: str | None = None
+
+
+@dataclass
+class ReplayReport:
+    """What :func:`replay` did: the runs written, per file, in order."""
+
+    runs: list[ReplayedRun] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+
+def file_format(path: str | os.PathLike[str]) -> tuple[str, bool]:
+    """The format (``.jsonl`` or ``.msgpack``) of a recorded file, and whether gzipped."""
+    name = Path(path).name.lower()
+    gzipped = name.endswith(".gz")
+    if gzipped:
+        name = name[: -len(".gz")]
+    for suffix in FORMATS:
+        if name.endswith(suffix):
+            return suffix, gzipped
+    raise ReplayError(
+        f"{path}: unknown format; expected a suitcase-jsonl (.jsonl) or "
+        f"suitcase-msgpack (.msgpack) file, optionally gzipped (.gz)",
+        path=str(path),
+    )
+
+
+class _Counting(io.RawIOBase):
+    """A read-only stream that counts the bytes read through it."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        self.count += len(data)
+        return len(data)
+
+
+def read_documents(
+    path: str | os.PathLike[str], progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """Yield ``(name, document, location)`` from a recorded file.
+
+    ``location`` is ``"line N"`` or ``"byte N"``. ``progress`` is called with
+    the number of bytes of the file (as stored, compressed or not) read so far.
+    """
+    suffix, gzipped = file_format(path)
+    try:
+        raw = open(path, "rb")
+    except OSError as err:
+        raise ReplayError(f"{path}: cannot open: {err}", path=str(path)) from err
+    with raw:
+        stream: IO[bytes] = (
+            gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw  # type: ignore[assignment]
+        )
+        report = (lambda: progress(raw.tell())) if progress is not None else (lambda: None)
+        if suffix == ".jsonl":
+            yield from _read_jsonl(path, stream, report)
+        else:
+            yield from _read_msgpack(path, stream, report)
+
+
+def _decode_failure(path: Any, where: str, err: Exception) -> ReplayError:
+    if isinstance(err, (EOFError, gzip.BadGzipFile, zlib.error)):
+        what = f"the gzip stream is truncated or corrupt ({err})"
+    else:
+        what = f"cannot read it: {err}"
+    return ReplayError(f"{path}, {where}: {what}", path=str(path), location=where)
+
+
+def _pair(path: Any, where: str, item: Any) -> tuple[str, dict[str, Any]]:
+    if (
+        not isinstance(item, (list, tuple))
+        or len(item) != 2
+        or not isinstance(item[0], str)
+        or not isinstance(item[1], dict)
+    ):
+        preview = repr(item)
+        preview = preview if len(preview) <= 80 else preview[:77] + "..."
+        raise ReplayError(
+            f"{path}, {where}: expected a [name, document] pair, got {preview}",
+            path=str(path),
+            location=where,
+        )
+    return item[0], item[1]
+
+
+def _read_jsonl(
+    path: Any, stream: IO[bytes], report: Callable[[], None]
+) -> Iterator[tuple[str, dict[str, Any], str]]:
+    lineno = 0
+    while True:
+        where = f"line {lineno + 1}"
+        try:
+            line = stream.readline()
+        except (OSError, EOFError, zlib.error) as err:
+            raise _decode_failure(path, where, err) from err
+        if not line:
+            return
+        lineno += 1
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as err:
+            hint = "" if line.endswith(b"\n") else " (the file ends mid-line: truncated?)"
+            raise ReplayError(
+                f"{path}, {where}: not valid JSON{hint}: {err}", path=str(path), location=where
+            ) from err
+        name, doc = _pair(path, where, item)
+        report()
+        yield name, doc, where
+
+
+def _read_msgpack(
+    path: Any, stream: IO[bytes], report: Callable[[], None]
+) -> Iterator[tuple[str, dict[str, Any], str]]:
+    try:
+        import msgpack
+        import msgpack_numpy
+    except ImportError:
+        raise MissingDependencyError(
+            "replaying .msgpack files needs msgpack and msgpack-numpy: "
+            "pip install 'bluesky-zarr[replay]'"
+        ) from None
+    counting = _Counting(stream)
+    unpacker = msgpack.Unpacker(
+        counting, object_hook=msgpack_numpy.decode, raw=False, strict_map_key=False
+    )
+    offset = 0
+    while True:
+        where = f"byte {offset}"
+        try:
+            item = next(unpacker)
+        except StopIteration:
+            break
+        except (ValueError, msgpack.UnpackException, OSError, EOFError, zlib.error) as err:
+            raise _decode_failure(path, where, err) from err
+        name, doc = _pair(path, where, item)
+        report()
+        yield name, doc, where
+        offset = unpacker.tell()
+    if counting.count > offset:
+        where = f"byte {offset}"
+        raise ReplayError(
+            f"{path}, {where}: the file ends inside a document "
+            f"({counting.count - offset} bytes left over): truncated?",
+            path=str(path),
+            location=where,
+        )
+
+
+def replay(
+    paths: Sequence[str | os.PathLike[str]],
+    directory: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    **options: Any,
+) -> ReplayReport:
+    """Write the runs recorded in ``paths`` into stores below ``directory``.
+
+    Parameters
+    ----------
+    paths
+        suitcase-jsonl (``.jsonl``) or suitcase-msgpack (``.msgpack``) files,
+        optionally gzipped (``.gz``).
+    directory
+        Root of the stores: a directory or an ``s3://bucket/prefix`` URL.
+    progress
+        Show a progress bar (tqdm) per file, on stderr.
+    **options
+        Keyword options of :class:`~bluesky_zarr.ZarrWriter`.
+
+    Raises
+    ------
+    ReplayError
+        At the first file that is unreadable, malformed or truncated, or whose
+        documents the writer refuses; ``error.report`` holds what was written.
+    """
+    for path in paths:
+        file_format(path)
+    writer = ZarrWriter(directory, **options)
+    report = ReplayReport()
+    for path in paths:
+        try:
+            _replay_file(writer, path, report, progress)
+        except BaseException as err:
+            writer.close(f"replaying {path} failed before the run stopped")
+            if isinstance(err, ReplayError):
+                err.report = report
+            raise
+        report.files.append(str(path))
+    return report
+
+
+def _replay_file(
+    writer: ZarrWriter, path: str | os.PathLike[str], report: ReplayReport, progress: bool
+) -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise MissingDependencyError(
+            "replay needs tqdm: pip install 'bluesky-zarr[replay]'"
+        ) from None
+
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise ReplayError(f"{path}: cannot open: {err}", path=str(path)) from err
+    runs: dict[str, ReplayedRun] = {}
+    with tqdm(
+        total=size,
+        unit="B",
+        unit_scale=True,
+        desc=Path(path).name,
+        disable=not progress,
+        leave=True,
+    ) as bar:
+
+        def advance(position: int) -> None:
+            bar.update(position - bar.n)
+
+        where = "line 1"
+        try:
+            for name, doc, location in read_documents(path, advance):
+                where = location
+                writer(name, doc)
+                if name == "start":
+                    run = ReplayedRun(
+                        file=str(path),
+                        uid=str(doc["uid"]),
+                        store=writer.stores[-1],
+                        plan_name=str(doc.get("plan_name", "")),
+                        scan_id=doc.get("scan_id"),
+                    )
+                    runs[run.uid] = run
+                    report.runs.append(run)
+                elif name == "stop" and doc.get("run_start") in runs:
+                    run = runs.pop(doc["run_start"])
+                    run.exit_status = str(doc.get("exit_status", "unknown"))
+                    num_events = doc.get("num_events") or {}
+                    run.num_events = int(sum(num_events.values()))
+        except ReplayError:
+            raise
+        except BlueskyZarrError as err:
+            raise ReplayError(f"{path}, {where}: {err}", path=str(path), location=where) from err
+    if runs:
+        uids = ", ".join(sorted(runs))
+        raise ReplayError(
+            f"{path}: the file ends before the stop document of run(s) {uids} "
+            f"(truncated?); kept as incomplete",
+            path=str(path),
+            location="end of file",
+        )
+
+
+def format_summary(report: ReplayReport, directory: str | os.PathLike[str]) -> str:
+    """A person's summary of a replay: one line per run."""
+    lines = [
+        f"Replayed {len(report.files)} file(s), {len(report.runs)} run(s) into {directory}:"
+    ]
+    for run in report.runs:
+        status = run.exit_status or "INCOMPLETE (no stop document)"
+        lines.append(
+            f"  {Path(run.file).name}: {run.plan_name or '?'} scan_id={run.scan_id} "
+            f"uid={run.uid[:8]} events={run.num_events} {status} -> {run.store}"
+        )
+    return "\n".join(lines)
