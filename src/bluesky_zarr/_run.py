@@ -246,21 +246,8 @@ class RunWriter(DocumentRouter):
         try:
             self.flush()
         finally:
-            self._stop_flusher.set()
-            if self._flusher is not None:
-                self._flusher.join()
-            if self.background is not None:
-                self.background.close()
-            failures = self.background.failures if self.background else []
-            with self.meta_lock:
-                info = dict(self.info)
-                info["streams"] = {name: s.summary() for name, s in self.streams.items()}
-                info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures]
-                info["incomplete_reason"] = reason
-                consolidate(self.root, {"bluesky_zarr": info})
-            self.stopped = True
-            if self._lock is not None:
-                self._lock.release()
+            self.external.close()
+            self._finish(None, incomplete_reason=reason)
 
     # ---------------------------------------------------------------- buffers
     def place(
@@ -341,7 +328,9 @@ class RunWriter(DocumentRouter):
                 + f": {first.error!r}"
             ) from first.error
 
-    def _finish(self, doc: RunStop) -> None:
+    def _finish(self, doc: RunStop | None, incomplete_reason: str | None = None) -> None:
+        """Stop the threads and record how the run ended; ``doc`` is None when
+        no stop document came (the run stays marked incomplete)."""
         self._stop_flusher.set()
         if self._flusher is not None:
             self._flusher.join()
@@ -350,19 +339,18 @@ class RunWriter(DocumentRouter):
         failures = self.background.failures if self.background else []
         with self.meta_lock:
             info = dict(self.info)
-            info["complete"] = True
+            info["complete"] = doc is not None
             info["streams"] = {name: s.summary() for name, s in self.streams.items()}
             info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures]
             info["buffer_peak_bytes"] = self.budget.peak
             info["max_buffer_bytes"] = self.budget.limit
-            consolidate(
-                self.root,
-                {
-                    "stop": json_safe(doc),
-                    "exit_status": doc.get("exit_status", "unknown"),
-                    "bluesky_zarr": info,
-                },
-            )
+            attributes: dict[str, Any] = {"bluesky_zarr": info}
+            if doc is None:
+                info["incomplete_reason"] = incomplete_reason
+            else:
+                attributes["stop"] = json_safe(doc)
+                attributes["exit_status"] = doc.get("exit_status", "unknown")
+            consolidate(self.root, attributes)
         self.stopped = True
         if self._lock is not None:
             self._lock.release()
