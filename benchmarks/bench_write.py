@@ -173,13 +173,15 @@ def feed(scan: Scan, callback: Callable[[str, dict[str, Any]], Any]) -> list[flo
     return seconds
 
 
-def run_direct(scan: Scan, root: Path, **options: Any) -> Result:
-    """ZarrWriter fed documents directly (no RunEngine)."""
+def run_direct(scan: Scan, root: Path, sync: bool = False, **options: Any) -> Result:
+    """ZarrWriter fed documents directly (no RunEngine); ``sync``: until on disk."""
     writer = ZarrWriter(root, flush_interval=None, **options)
     written0 = wchar()
     with PeakRSS() as memory:
         t0 = time.perf_counter()
         callback = feed(scan, writer)
+        if sync:
+            os.sync()
         seconds = time.perf_counter() - t0
     info = zarr.open_group(writer.stores[0], mode="r").attrs["bluesky_zarr"]
     return Result(
@@ -352,6 +354,8 @@ def bench_size(size: int, gigabytes: float, workdir: Path, cases: set[str]) -> l
         ("raw write (page cache)", lambda d: run_raw(scan, d)),
         ("raw write + fsync", lambda d: run_raw(scan, d, fsync=True)),
         ("ZarrWriter, uncompressed", lambda d: run_direct(scan, d, compressors=None)),
+        ("ZarrWriter, uncompressed, until on disk (sync)",
+         lambda d: run_direct(scan, d, compressors=None, sync=True)),
         ("ZarrWriter, default (lz4)", lambda d: run_direct(scan, d)),
         ("ZarrWriter, uncompressed, zarrs codec pipeline", lambda d: run_zarrs(scan, d)),
         ("ZarrWriter, uncompressed, 64 MB buffer",
@@ -367,6 +371,8 @@ def bench_size(size: int, gigabytes: float, workdir: Path, cases: set[str]) -> l
         if cases and not any(c in name for c in cases):
             continue
         directory = Path(tempfile.mkdtemp(dir=workdir))
+        # Every case starts with no dirty pages of earlier cases to flush.
+        os.sync()
         try:
             result = case(directory)
         finally:

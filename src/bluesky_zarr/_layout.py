@@ -235,27 +235,41 @@ def plan_stream(
     return layout
 
 
+#: Frames smaller than this are grouped into shards by default: many small
+#: files cost more than sharding. Larger frames are one chunk file each,
+#: which zarr-python writes faster than shards (see the benchmark).
+SHARD_FRAMES_BELOW = 256 * 2**10
+
+
 def default_chunking(
     layout: StreamLayout,
     spec: ArraySpec,
     shard_bytes: int,
-) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-    """Default chunks (one frame) and shards (frames in a row, up to a size)."""
+) -> tuple[tuple[int, ...], tuple[int, ...] | None, tuple[int, ...]]:
+    """Default chunks, shards and write blocks (over the scan dimensions).
+
+    A chunk is one frame. The frames that arrive in a row along the innermost
+    scan dimension (up to ``shard_bytes``) form one write block: written in
+    one go when the row is complete, as one shard file for small frames or as
+    one file per frame otherwise.
+    """
     assert spec.frame_shape is not None and spec.dtype is not None
     n_scan = len(layout.scan_dims)
     inner = layout.scan_sizes[-1]
     frame_bytes = math.prod(spec.frame_shape) * spec.dtype.itemsize
     if spec.frame_shape and frame_bytes > 0:
-        per_shard = max(1, shard_bytes // frame_bytes)
-        per_shard = min(per_shard, inner) if inner is not None else min(per_shard, 1000)
+        per_row = max(1, shard_bytes // frame_bytes)
+        per_row = min(per_row, inner) if inner is not None else min(per_row, 1000)
         chunks = (1,) * n_scan + spec.frame_shape
-        if per_shard > 1:
-            return chunks, (1,) * (n_scan - 1) + (per_shard,) + spec.frame_shape
-        return chunks, None
-    # Scalars: one chunk per run of points as long as the frames' shards, so a
-    # point's scalars reach the disk when its frames do.
+        block = (1,) * (n_scan - 1) + (per_row,)
+        if per_row > 1 and frame_bytes < SHARD_FRAMES_BELOW:
+            return chunks, block + spec.frame_shape, block
+        return chunks, None, block
+    # Scalars: one chunk per run of points as long as the frames' blocks, so
+    # a point's scalars reach the disk when its frames do.
     run = row_length(layout, shard_bytes)
-    return (1,) * (n_scan - 1) + (run,) + spec.frame_shape, None
+    block = (1,) * (n_scan - 1) + (run,)
+    return block + spec.frame_shape, None, block
 
 
 def row_length(layout: StreamLayout, shard_bytes: int) -> int:

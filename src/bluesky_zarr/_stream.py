@@ -123,15 +123,23 @@ class Block:
 class ArraySink:
     """One array of a stream and the blocks filling for it."""
 
-    def __init__(self, spec: ArraySpec, array: zarr.Array, n_scan: int) -> None:
+    def __init__(
+        self,
+        spec: ArraySpec,
+        array: zarr.Array,
+        n_scan: int,
+        block_shape: tuple[int, ...] | None = None,
+    ) -> None:
         assert spec.dtype is not None and spec.frame_shape is not None
         self.spec = spec
         self.name = spec.name
         self.array = array
         self.dtype = spec.dtype
         self.frame_shape = spec.frame_shape
+        # A block spans whole write units (shards, else chunks), so blocks
+        # never share a file and each is written without touching another.
         unit = array.shards or array.chunks
-        self.block_shape = tuple(unit[:n_scan])
+        self.block_shape = tuple(block_shape or unit[:n_scan])
         self.fill = fill_value_for(spec.dtype)
         self.blocks: dict[tuple[int, ...], Block] = {}
         #: Blocks handed to the writer at least once: later writes merge.
@@ -261,11 +269,13 @@ class StreamWriter:
     def _create(self, spec: ArraySpec) -> ArraySink:
         assert spec.dtype is not None and spec.frame_shape is not None
         options = self.run.options
-        chunks, shards = default_chunking(self.layout, spec, self.run.shard_bytes)
+        chunks, shards, block = default_chunking(self.layout, spec, self.run.shard_bytes)
+        block_shape: tuple[int, ...] | None = block
         ndim = self.n_scan + len(spec.frame_shape)
         user_chunks = options.chunks.get(spec.name, options.chunks.get(spec.key or ""))
         user_shards = options.shards.get(spec.name, options.shards.get(spec.key or ""))
         if user_chunks is not None or user_shards is not None:
+            block_shape = None  # the user's shards (else chunks) are the blocks
             check_chunking(spec.name, ndim, user_chunks, user_shards)
             if user_chunks is not None:
                 chunks = tuple(int(c) for c in user_chunks)
@@ -275,10 +285,7 @@ class StreamWriter:
                 if user_chunks is None:
                     chunks = tuple(min(c, s) for c, s in zip(chunks, shards))
                 check_chunking(spec.name, ndim, chunks, shards)
-        if self.growing:
-            # A shard may not be longer than the array can grow in one step.
-            pass
-        else:
+        if not self.growing:
             chunks = tuple(min(c, max(1, s)) for c, s in zip(chunks, self.scan_shape)) + tuple(
                 chunks[self.n_scan :]
             )
@@ -301,7 +308,7 @@ class StreamWriter:
             compressors=options.compressors,
             config={"write_empty_chunks": True},
         )
-        sink = ArraySink(spec, array, self.n_scan)
+        sink = ArraySink(spec, array, self.n_scan, block_shape)
         self.sinks[spec.name] = sink
         self.on_disk[spec.name] = np.zeros(self.scan_shape, dtype=bool)
         return sink
