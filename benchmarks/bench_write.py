@@ -365,6 +365,8 @@ def bench_size(size: int, gigabytes: float, workdir: Path, cases: set[str]) -> l
         ("naive arr[i,j]=frame, unsharded", lambda d: run_naive(scan, d, sharded=False)),
         ("xarray in memory, then to_zarr", lambda d: run_after(scan, d)),
         ("suitcase-tiff series", lambda d: run_suitcase_tiff(scan, d)),
+        # The disk of a shared machine varies: measure the baseline twice.
+        ("raw write (page cache), again", lambda d: run_raw(scan, d)),
     ]
     results = []
     for name, case in plan:
@@ -383,7 +385,10 @@ def bench_size(size: int, gigabytes: float, workdir: Path, cases: set[str]) -> l
         result.case = name
         results.append(result)
         print(f"  {name:42s} {result.mbps:8.0f} MB/s", flush=True)
-    raw = next((r for r in results if r.case.startswith("raw write (page")), None)
+    raws = [r for r in results if r.case.startswith("raw write (page")]
+    raw = max(raws, key=lambda r: r.mbps) if raws else None
+    if raw is not None:
+        print(f"\n  ratios are to the faster raw write: {raw.mbps:.0f} MB/s")
     print()
     print(
         "| case | MB/s | ratio to raw write | callback median / p99 (ms) | "

@@ -14,6 +14,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 
@@ -71,16 +73,61 @@ class MemoryBudget:
         with self._cond:
             self.in_flight += nbytes
 
-    def release(self, nbytes: int) -> None:
+    def finish(self, nbytes: int) -> None:
+        """A write is done: its block is no longer in flight nor being encoded."""
         with self._cond:
-            self.reserved -= nbytes
             self.in_flight -= nbytes
             self.active -= nbytes
+            self._cond.notify_all()
+
+    def free(self, nbytes: int) -> None:
+        """A block's memory is given up."""
+        with self._cond:
+            self.reserved -= nbytes
             self._cond.notify_all()
 
     def wait(self, timeout: float) -> None:
         with self._cond:
             self._cond.wait(timeout)
+
+
+class BufferPool:
+    """Block buffers kept for reuse, their memory still counted as reserved.
+
+    Fresh memory costs the RunEngine's thread a page fault (and the kernel a
+    page of zeros) for every 4 KiB it first writes: about as much as copying
+    the frame itself. A reused buffer is already mapped.
+    """
+
+    def __init__(self, budget: MemoryBudget, per_shape: int = 4) -> None:
+        self.budget = budget
+        self.per_shape = per_shape
+        self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        with self._lock:
+            free = self._free.get((shape, dtype.str))
+            return free.pop() if free else None
+
+    def give(self, array: np.ndarray) -> None:
+        """Keep ``array`` for a later block, or give its memory up."""
+        if array.dtype.kind != "O":
+            with self._lock:
+                free = self._free.setdefault((array.shape, array.dtype.str), [])
+                if len(free) < self.per_shape:
+                    free.append(array)
+                    return
+        self.budget.free(array.nbytes)
+
+    def drop(self) -> bool:
+        """Give up every kept buffer; whether there were any."""
+        with self._lock:
+            arrays = [a for free in self._free.values() for a in free]
+            self._free.clear()
+        for array in arrays:
+            self.budget.free(array.nbytes)
+        return bool(arrays)
 
 
 @dataclass
@@ -115,18 +162,27 @@ class BackgroundWriter:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, lane: int, job: Callable[[], None], nbytes: int, what: str) -> None:
+    def submit(
+        self,
+        lane: int,
+        job: Callable[[], None],
+        nbytes: int,
+        what: str,
+        done: Callable[[], None],
+    ) -> None:
+        """Queue ``job``; ``done`` runs after it (even if it fails) to hand
+        back the block's memory."""
         with self._cond:
             self._pending += 1
         self.budget.hand_over(nbytes)
-        self._queues[lane % len(self._queues)].put((job, nbytes, what))
+        self._queues[lane % len(self._queues)].put((job, nbytes, what, done))
 
     def _work(self, jobs: queue.SimpleQueue) -> None:
         while True:
             item = jobs.get()
             if item is None:
                 return
-            job, nbytes, what = item
+            job, nbytes, what, done = item
             self.budget.activate(nbytes)
             try:
                 job()
@@ -135,7 +191,8 @@ class BackgroundWriter:
                 with self._cond:
                     self.failures.append(Failure(err, what))
             finally:
-                self.budget.release(nbytes)
+                self.budget.finish(nbytes)
+                done()
                 with self._cond:
                     self._pending -= 1
                     self._cond.notify_all()

@@ -17,7 +17,7 @@ import zarr
 from event_model import DocumentRouter, pack_event_page
 from event_model.documents import Event, EventDescriptor, EventPage, RunStart, RunStop
 
-from ._background import BackgroundWriter, MemoryBudget
+from ._background import BackgroundWriter, BufferPool, MemoryBudget
 from ._errors import DocumentError, StoreLockedError, WriteError
 from ._external import ExternalData
 from ._layout import plan_stream
@@ -102,6 +102,7 @@ class RunWriter(DocumentRouter):
         self.path: Path | str | None = None
         self.root: zarr.Group
         self.budget = MemoryBudget(options.max_buffer_bytes, options.workers)
+        self.pool = BufferPool(self.budget)
         # Default shards small enough that the buffer holds a few of them
         # while the workers write others (see MemoryBudget).
         self.shard_bytes = min(
@@ -257,8 +258,12 @@ class RunWriter(DocumentRouter):
         key = tuple(i // b for i, b in zip(index, sink.block_shape))
         block = sink.blocks.get(key)
         if block is None:
-            self._reserve(stream.block_nbytes(sink, key))
-            block = stream.new_block(sink, key)
+            shape, dtype = stream.block_layout(sink, key)
+            data = self.pool.take(shape, dtype)
+            if data is None:
+                self._reserve(math.prod(shape) * dtype.itemsize)
+                data = np.empty(shape, dtype=dtype)
+            block = stream.new_block(sink, key, data)
             sink.blocks[key] = block
             self._open_blocks[(id(sink), key)] = (stream, sink)
         local = tuple(i - o for i, o in zip(index, block.origin))
@@ -280,11 +285,14 @@ class RunWriter(DocumentRouter):
             lambda: stream.write_block(sink, block, merge),
             block.nbytes,
             f"{stream.name}/{sink.name} at {block.origin}",
+            lambda: self.pool.give(block.data),
         )
 
     def _reserve(self, nbytes: int) -> None:
         """Make room for a new block: spill old partial blocks, else wait."""
         while not self.budget.try_reserve(nbytes):
+            if self.pool.drop():
+                continue
             if self.budget.in_flight >= nbytes or not self._open_blocks:
                 self.budget.wait(0.05)
                 self._raise_failures()

@@ -459,18 +459,21 @@ class StreamWriter:
         scan = tuple(min(b, s - o) for b, s, o in zip(sink.block_shape, self.scan_shape, origin))
         return origin, scan
 
-    def new_block(self, sink: ArraySink, key: tuple[int, ...]) -> Block:
+    def block_layout(
+        self, sink: ArraySink, key: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of the buffer of a block."""
+        _, scan = self._block_extent(sink, key)
+        dtype = sink.dtype if sink.dtype.kind not in "OU" else np.dtype(object)
+        return scan + sink.frame_shape, dtype
+
+    def new_block(self, sink: ArraySink, key: tuple[int, ...], data: np.ndarray) -> Block:
+        """A block over ``data``, a buffer of :meth:`block_layout`. Its content
+        is not cleared: points never received get the fill value in the
+        worker, off the RunEngine's thread (see write_block)."""
         origin, scan = self._block_extent(sink, key)
-        shape = scan + sink.frame_shape
-        # Not filled here: points never received get the fill value in the
-        # worker, off the RunEngine's thread (see write_block).
-        data = np.empty(shape, dtype=sink.dtype if sink.dtype.kind not in "OU" else object)
         filled = np.zeros(scan, dtype=bool)
         return Block(origin, data, filled, 0, math.prod(scan), time.monotonic(), data.nbytes)
-
-    def block_nbytes(self, sink: ArraySink, key: tuple[int, ...]) -> int:
-        _, scan = self._block_extent(sink, key)
-        return math.prod(scan + sink.frame_shape) * sink.dtype.itemsize
 
     def write_block(self, sink: ArraySink, block: Block, merge: bool) -> None:
         """Write one block to disk, then mark its points (a worker thread)."""
