@@ -269,3 +269,19 @@ def test_event_with_unknown_descriptor_uid(tmp_path):
     event["descriptor"] = "no-such-descriptor"
     with pytest.raises(bluesky_zarr.DocumentOrderError, match="no-such-descriptor"):
         writer("event", event)
+
+
+def test_a_run_whose_stop_raised_is_not_reopened_by_close(tmp_path):
+    RE, writer, cam, wavelength, position = setup(
+        tmp_path,
+        store_wrapper=faulty(error=OSError(errno.EIO, "I/O error"), fail_on={12}),
+        shards={"cam_image": (1, 1, 8, 8)},
+    )
+    # The last frame's write fails after the last event: only stop reports it.
+    with pytest.raises(bluesky_zarr.WriteError):
+        RE(grid(cam, wavelength, position))
+    assert list(writer.open_runs) == []
+    writer.close()
+    tree = open_tree(writer.stores[0])
+    assert tree.attrs["bluesky_zarr"]["complete"] is True
+    assert "incomplete_reason" not in tree.attrs["bluesky_zarr"]

@@ -191,6 +191,10 @@ class ZarrWriter:
         except BaseException:
             if name == "start":
                 self._runs.pop(doc["uid"], None)
+            if name == "stop":
+                # The run was finalised even though its stop raised (a write
+                # failure reported late): it is no longer open.
+                self._forget(doc["run_start"])
             raise
         if name == "descriptor":
             self._descriptors[doc["uid"]] = doc["run_start"]
@@ -201,12 +205,16 @@ class ZarrWriter:
             if path is not None:
                 self.stores.append(path)
         if name == "stop":
-            self._runs.pop(doc["run_start"], None)
-            for uid in [u for u, s in self._descriptors.items() if s == doc["run_start"]]:
-                del self._descriptors[uid]
-            for uid in [u for u, s in self._resources.items() if s == doc["run_start"]]:
-                del self._resources[uid]
+            self._forget(doc["run_start"])
         return result
+
+    def _forget(self, run_start: str) -> None:
+        """Drop what this writer keeps of a run that has stopped."""
+        self._runs.pop(run_start, None)
+        for uid in [u for u, s in self._descriptors.items() if s == run_start]:
+            del self._descriptors[uid]
+        for uid in [u for u, s in self._resources.items() if s == run_start]:
+            del self._resources[uid]
 
     def _check_order(self, name: str, doc: Mapping[str, Any]) -> None:
         """Refuse documents that do not fit the runs seen so far."""
