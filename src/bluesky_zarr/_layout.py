@@ -103,8 +103,6 @@ class ArraySpec:
     frame_shape: tuple[int, ...] | None
     frame_dims: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)
-    chunks: tuple[int, ...] | None = None
-    shards: tuple[int, ...] | None = None
     #: The data key's ``external`` field (e.g. ``"STREAM:"``), if any.
     external: str | None = None
 

@@ -63,11 +63,6 @@ class ScanPlan:
             return None
         return sizes  # type: ignore[return-value]
 
-    @property
-    def num_points(self) -> int | None:
-        shape = self.shape
-        return None if shape is None else math.prod(shape)
-
     def index(self, seq_nums: np.ndarray) -> tuple[np.ndarray, ...]:
         """Map an array of ``seq_num`` values to index arrays, one per dimension.
 

@@ -112,7 +112,6 @@ class RunWriter(DocumentRouter):
         self._open_blocks: dict[tuple[int, tuple[int, ...]], tuple[StreamWriter, ArraySink]] = {}
         self._stop_flusher = threading.Event()
         self._flusher: threading.Thread | None = None
-        self.stopped = False
         self.external = ExternalData(self)
 
     # -------------------------------------------------------------- documents
@@ -122,7 +121,6 @@ class RunWriter(DocumentRouter):
 
     def open(self, doc: RunStart) -> None:
         """Plan the run from its start document and create its store."""
-        self.start_doc = doc
         self.plan = plan_scan(doc, self.options.dims)
         # A local store is locked before it is made (or replaced), so two
         # writers never take the same directory; object storage claims its
@@ -297,7 +295,7 @@ class RunWriter(DocumentRouter):
                 self.budget.wait(0.05)
                 self._raise_failures()
             else:
-                (sink_id, key), (stream, sink) = next(iter(self._open_blocks.items()))
+                (_, key), (stream, sink) = next(iter(self._open_blocks.items()))
                 self._submit(stream, sink, key)
 
     def _spill(self, older_than: float | None = None) -> None:
@@ -359,7 +357,6 @@ class RunWriter(DocumentRouter):
                 attributes["stop"] = json_safe(doc)
                 attributes["exit_status"] = doc.get("exit_status", "unknown")
             consolidate(self.root, attributes)
-        self.stopped = True
         if self._lock is not None:
             self._lock.release()
         unused = (set(self.options.chunks) | set(self.options.shards)) - {
