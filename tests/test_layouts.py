@@ -14,7 +14,7 @@ from event_model import pack_event_page
 from ophyd.sim import det
 
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._background import ENCODE_COPIES
+from bluesky_zarr._buffer import MERGE_COPIES
 from bluesky_zarr.sim import PointCamera, frame_at, motors
 
 from conftest import assert_frames_match, open_stream
@@ -206,8 +206,8 @@ def run_writer(docs: Docs, directory, **options: Any) -> tuple[Any, dict[str, An
 def test_buffer_peak_stays_within_the_bound(
     big_grid_docs, tmp_path, options, frames_per_block, flush_interval
 ):
-    # The bound covers a block and the copies zarr makes while writing it.
-    limit = ((1 + ENCODE_COPIES) * frames_per_block + 1) * BIG_FRAME_BYTES
+    # The bound covers a block and the copies made while writing (or merging) it.
+    limit = ((1 + MERGE_COPIES) * frames_per_block + 1) * BIG_FRAME_BYTES
     store, info = run_writer(
         big_grid_docs,
         tmp_path / "bounded",
@@ -230,7 +230,7 @@ def test_outer_chunks_need_more_than_the_bound_without_it(big_grid_docs, tmp_pat
     """The bound does work: unbounded, the same layout holds more than it allows."""
     options = {"chunks": {"cam_image": (4, 1) + BIG_FRAME}, "flush_interval": None}
     unbounded_store, unbounded = run_writer(big_grid_docs, tmp_path / "unbounded", **options)
-    limit = ((1 + ENCODE_COPIES) * 4 + 1) * BIG_FRAME_BYTES
+    limit = ((1 + MERGE_COPIES) * 4 + 1) * BIG_FRAME_BYTES
     assert unbounded["buffer_peak_bytes"] > limit
     store, bounded = run_writer(
         big_grid_docs, tmp_path / "bounded", max_buffer_bytes=limit, **options

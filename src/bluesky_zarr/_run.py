@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import fcntl
+import json
 import logging
 import math
-import os
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,15 +14,19 @@ import numpy as np
 import zarr
 from event_model import DocumentRouter, pack_event_page
 from event_model.documents import Event, EventDescriptor, EventPage, RunStart, RunStop
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import ConsolidatedMetadata, GroupMetadata
+from zarr.core.sync import sync
 
-from ._background import BackgroundWriter, BufferPool, MemoryBudget
-from ._errors import DocumentError, StoreLockedError, WriteError
+from ._background import BackgroundWriter
+from ._buffer import BlockBuffer
+from ._errors import BlueskyZarrError, DocumentError, StorageError, WriteError
 from ._external import ExternalData
 from ._layout import plan_stream
 from ._options import WriterOptions
 from ._plan import plan_scan
-from ._storage import LocalRoot, Root
-from ._stream import ArraySink, Block, StreamWriter, consolidate
+from ._storage import LocalRoot, Root, StoreLock
+from ._stream import REFUSED_FILE, StreamWriter, consolidate
 from ._version import __version__
 
 logger = logging.getLogger(__name__)
@@ -57,62 +59,57 @@ def json_safe(value: Any) -> Any:
     return repr(value)
 
 
-class StoreLock:
-    """An exclusive lock on a store path, held while a run writes it.
+def _json_verbatim(value: Any) -> Any:
+    """JSON for what the standard encoder cannot take: arrays in full."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
 
-    ``flock`` on a hidden file beside the store: the kernel releases it if the
-    process dies, so a killed writer leaves no stale lock behind.
-    """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path.with_name(f".{path.name}.lock")
-        self._fd: int | None = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
-            raise StoreLockedError(
-                f"{path} is being written by another writer; two writers cannot "
-                f"write one store"
-            ) from None
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            self.path.unlink(missing_ok=True)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+def _root_metadata(attributes: dict[str, Any]) -> bytes:
+    """A root group's ``zarr.json`` with ``attributes`` and (empty) consolidated metadata."""
+    metadata = GroupMetadata(
+        attributes=attributes, consolidated_metadata=ConsolidatedMetadata(metadata={})
+    )
+    return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
 class RunWriter(DocumentRouter):
     """Writes the documents of one run into ``<root>/<name>.zarr``."""
 
-    def __init__(self, storage: Root, options: WriterOptions) -> None:
+    def __init__(self, storage: Root, options: WriterOptions, buffer: BlockBuffer) -> None:
         super().__init__()
         self.storage = storage
         self.options = options
+        self.buffer = buffer
         self.meta_lock = threading.RLock()
-        self.buffer_lock = threading.RLock()
         self.streams: dict[str, StreamWriter] = {}
         self.descriptors: dict[str, StreamWriter] = {}
         self.path: Path | str | None = None
         self.root: zarr.Group
-        self.budget = MemoryBudget(options.max_buffer_bytes, options.workers)
-        self.pool = BufferPool(self.budget)
         # Default shards small enough that the buffer holds a few of them
         # while the workers write others (see MemoryBudget).
         self.shard_bytes = min(
             options.shard_bytes, options.max_buffer_bytes // (4 + 2 * options.workers)
         )
         self.background: BackgroundWriter | None = None
-        self._open_blocks: dict[tuple[int, tuple[int, ...]], tuple[StreamWriter, ArraySink]] = {}
+        self._lock: StoreLock | None = None
         self._stop_flusher = threading.Event()
         self._flusher: threading.Thread | None = None
+        self._refused = 0
+        self._refused_lines: list[bytes] = []
+        #: Whether the run has been finished (stopped or closed).
+        self.finished = False
         self.external = ExternalData(self)
+
+    @property
+    def buffer_lock(self) -> threading.RLock:
+        """Held while this run's blocks are placed (shared by the writer's runs)."""
+        return self.buffer.lock
 
     # -------------------------------------------------------------- documents
     def start(self, doc: RunStart) -> RunStart:
@@ -120,34 +117,41 @@ class RunWriter(DocumentRouter):
         return doc
 
     def open(self, doc: RunStart) -> None:
-        """Plan the run from its start document and create its store."""
+        """Plan the run from its start document and create its store.
+
+        The store appears whole: its root ``zarr.json`` holds the start
+        document and consolidated metadata from its first byte.
+        """
         self.plan = plan_scan(doc, self.options.dims)
-        # A local store is locked before it is made (or replaced), so two
-        # writers never take the same directory; object storage claims its
-        # store with a conditional write instead.
-        self._lock: StoreLock | None = None
-        if isinstance(self.storage, LocalRoot):
-            self._lock = StoreLock(self.storage.location(self.options.name_template, doc))
-        try:
-            self.path, store = self.storage.create_store(
-                self.options.name_template, doc, overwrite=self.options.overwrite
-            )
-        except BaseException:
-            if self._lock is not None:
-                self._lock.release()
-            raise
-        if self.options.store_wrapper is not None:
-            store = self.options.store_wrapper(store)
-        self.root = zarr.open_group(store, mode="r+", zarr_format=3)
         self.info: dict[str, Any] = {
             "version": __version__,
             "complete": False,
             "scan_dims": [d.name for d in self.plan.dims],
             "scan_shape": self.plan.shape and list(self.plan.shape),
         }
-        consolidate(self.root, {"start": json_safe(doc), "bluesky_zarr": self.info})
+        metadata = _root_metadata({"start": json_safe(doc), "bluesky_zarr": self.info})
+        # A local store is locked before it is made (or replaced), so two
+        # writers never take the same directory; object storage claims its
+        # store with a conditional write instead.
+        if isinstance(self.storage, LocalRoot):
+            self._lock = self.storage.lock(self.options.name_template, doc)
+        try:
+            self.path, store = self.storage.create_store(
+                self.options.name_template,
+                doc,
+                overwrite=self.options.overwrite,
+                metadata=metadata,
+            )
+            if self.options.store_wrapper is not None:
+                store = self.options.store_wrapper(store)
+            self.root = zarr.open_group(store, mode="r+", zarr_format=3)
+        except BaseException as err:
+            self._release_lock()
+            if isinstance(err, OSError) and not isinstance(err, BlueskyZarrError):
+                raise StorageError(f"cannot create the run's store: {err!r}") from err
+            raise
         self.background = BackgroundWriter(
-            self.budget, self.options.workers, name=str(doc.get("scan_id", ""))
+            self.buffer.budget, self.options.workers, name=str(doc.get("scan_id", ""))
         )
         if self.options.flush_interval is not None:
             self._flusher = threading.Thread(
@@ -156,7 +160,7 @@ class RunWriter(DocumentRouter):
             self._flusher.start()
 
     def descriptor(self, doc: EventDescriptor) -> EventDescriptor:
-        self._raise_failures()
+        self.check_health()
         name = str(doc.get("name", "primary"))
         with self.buffer_lock, self.meta_lock:
             stream = self.streams.get(name)
@@ -191,7 +195,7 @@ class RunWriter(DocumentRouter):
         return doc
 
     def event_page(self, doc: EventPage) -> EventPage:
-        self._raise_failures()
+        self.check_health()
         stream = self.descriptors[doc["descriptor"]]
         seq_nums = np.asarray(doc.get("seq_num", []))
         if seq_nums.dtype.kind not in "iu":
@@ -225,104 +229,85 @@ class RunWriter(DocumentRouter):
         return doc
 
     def stream_datum(self, doc: Any) -> Any:
-        self._raise_failures()
+        self.check_health()
         self.external.stream_datum(doc)
         return doc
 
     def stop(self, doc: RunStop) -> RunStop:
-        try:
-            self.flush()
-        finally:
-            self.external.close()
-            self._finish(doc)
-        # Failures already raised at an earlier document are not raised again.
-        self._raise_failures()
+        self._finish(doc)
         return doc
 
     def close_incomplete(self, reason: str) -> None:
         """Finish a run whose stop document will not come: write what arrived,
         mark the store incomplete (``bluesky_zarr.complete`` stays false)."""
-        try:
-            self.flush()
-        finally:
-            self.external.close()
-            self._finish(None, incomplete_reason=reason)
+        self._finish(None, incomplete_reason=reason)
+
+    # ------------------------------------------------------- refused documents
+    def refuse(self, name: str, doc: Mapping[str, Any], error: BaseException) -> None:
+        """Keep a document this run's writer refused, verbatim, in the store.
+
+        One JSON line per document (``{"name", "doc", "error"}``) in
+        ``refused_documents.jsonl`` at the store's root; the count goes to the
+        root attributes at stop (and at each periodic flush). Never raises:
+        the caller is already raising the refusal itself.
+        """
+        line = json.dumps(
+            {"name": name, "doc": doc, "error": f"{type(error).__name__}: {error}"},
+            default=_json_verbatim,
+        ).encode() + b"\n"
+        with self.meta_lock:
+            self._refused += 1
+            try:
+                if isinstance(self.path, Path):
+                    if not self.path.is_dir():
+                        raise FileNotFoundError(f"{self.path} no longer exists")
+                    with open(self.path / REFUSED_FILE, "ab") as file:
+                        file.write(line)
+                else:
+                    # Object storage has no append: the object is rewritten.
+                    self._refused_lines.append(line)
+                    sync(
+                        self.root.store.set(
+                            REFUSED_FILE,
+                            default_buffer_prototype().buffer.from_bytes(
+                                b"".join(self._refused_lines)
+                            ),
+                        )
+                    )
+            except Exception as err:  # noqa: BLE001 - counted; the refusal is raised anyway
+                logger.error(
+                    "bluesky-zarr: cannot keep a refused %s document in %s: %r",
+                    name, self.path, err,
+                )
 
     # ---------------------------------------------------------------- buffers
-    def place(
-        self, stream: StreamWriter, sink: ArraySink, index: tuple[int, ...], value: Any
-    ) -> None:
-        """Copy one point's value into its block; hand full blocks to the writer."""
-        key = tuple(i // b for i, b in zip(index, sink.block_shape))
-        block = sink.blocks.get(key)
-        if block is None:
-            shape, dtype = stream.block_layout(sink, key)
-            data = self.pool.take(shape, dtype)
-            if data is None:
-                self._reserve(math.prod(shape) * dtype.itemsize)
-                data = np.empty(shape, dtype=dtype)
-            block = stream.new_block(sink, key, data)
-            sink.blocks[key] = block
-            self._open_blocks[(id(sink), key)] = (stream, sink)
-        local = tuple(i - o for i, o in zip(index, block.origin))
-        block.data[local] = value
-        if not block.filled[local]:
-            block.filled[local] = True
-            block.count += 1
-            if block.count == block.expected:
-                self._submit(stream, sink, key)
-
-    def _submit(self, stream: StreamWriter, sink: ArraySink, key: tuple[int, ...]) -> None:
-        block: Block = sink.blocks.pop(key)
-        self._open_blocks.pop((id(sink), key), None)
-        merge = key in sink.submitted
-        sink.submitted.add(key)
-        assert self.background is not None
-        self.background.submit(
-            hash((id(sink), key)),
-            lambda: stream.write_block(sink, block, merge),
-            block.nbytes,
-            f"{stream.name}/{sink.name} at {block.origin}",
-            lambda: self.pool.give(block.data),
-        )
-
-    def _reserve(self, nbytes: int) -> None:
-        """Make room for a new block: spill old partial blocks, else wait."""
-        while not self.budget.try_reserve(nbytes):
-            if self.pool.drop():
-                continue
-            if self.budget.in_flight >= nbytes or not self._open_blocks:
-                self.budget.wait(0.05)
-                self._raise_failures()
-            else:
-                (_, key), (stream, sink) = next(iter(self._open_blocks.items()))
-                self._submit(stream, sink, key)
-
-    def _spill(self, older_than: float | None = None) -> None:
-        with self.buffer_lock:
-            now = time.monotonic()
-            for (_, key), (stream, sink) in list(self._open_blocks.items()):
-                block = sink.blocks[key]
-                if older_than is None or now - block.born >= older_than:
-                    self._submit(stream, sink, key)
-
     def _flush_periodically(self) -> None:
         interval = self.options.flush_interval
         assert interval is not None
         while not self._stop_flusher.wait(interval / 2):
             try:
-                self._spill(older_than=interval)
+                self.buffer.spill(self, older_than=interval)
             except Exception:  # noqa: BLE001 - logged; the caller sees write failures
                 logger.exception("bluesky-zarr: periodic flush failed")
 
     def flush(self) -> None:
         """Write every buffered point to disk and wait until it is there."""
         self.external.write_references()
-        self._spill()
+        self.buffer.spill(self)
         if self.background is not None:
             self.background.drain()
 
-    def _raise_failures(self) -> None:
+    def check_health(self) -> None:
+        """Raise what went wrong since the last document: a write that failed
+        in the background, or a store that has been deleted."""
+        if isinstance(self.path, Path) and not self.path.is_dir():
+            raise StorageError(
+                f"the store {self.path} has been deleted during the run; the writer "
+                f"does not recreate it"
+            )
+        self.raise_failures()
+
+    def raise_failures(self) -> None:
         if self.background is None or self.options.on_error == "log":
             return
         failures = self.background.new_failures()
@@ -335,30 +320,119 @@ class RunWriter(DocumentRouter):
             ) from first.error
 
     def _finish(self, doc: RunStop | None, incomplete_reason: str | None = None) -> None:
-        """Stop the threads and record how the run ended; ``doc`` is None when
-        no stop document came (the run stays marked incomplete)."""
-        self._stop_flusher.set()
-        if self._flusher is not None:
-            self._flusher.join()
-        if self.background is not None:
-            self.background.close()
+        """Write what is buffered, record how the run ended and release the
+        store, whatever fails on the way; ``doc`` is None when no stop
+        document came (the run stays marked incomplete).
+
+        Raises :class:`WriteError` (or :class:`StorageError`) afterwards if
+        the data or the record could not be written.
+        """
+        if self.finished:
+            return
+        self.finished = True
+        errors: list[BaseException] = []
+
+        def attempt(step: Any) -> None:
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 - recorded and raised below
+                errors.append(err)
+
+        try:
+            # Each step is tried even if one before it failed: the frames in
+            # memory are written if the storage still takes them.
+            attempt(self.external.write_references)
+            attempt(lambda: self.buffer.spill(self))
+            if self.background is not None:
+                attempt(self.background.drain)
+            self._stop_flusher.set()
+            if self._flusher is not None:
+                self._flusher.join()
+            attempt(self.external.close)
+            if self.background is not None:
+                attempt(self.background.close)
+            attempt(lambda: self._record_end(doc, incomplete_reason, errors))
+        finally:
+            self._release_lock()
+        self._warn_unused_options()
+        # Background failures already raised at an earlier document are not
+        # raised again; with on_error="log" they are only recorded.
+        self.raise_failures()
+        if errors:
+            first = errors[0]
+            if isinstance(first, BlueskyZarrError):
+                raise first
+            raise WriteError(
+                f"finishing the run's store {self.path} failed: {first!r}"
+            ) from first
+
+    def _record_end(
+        self, doc: RunStop | None, incomplete_reason: str | None, errors: list[BaseException]
+    ) -> None:
+        """Record in the root attributes how the run ended and what it lacks."""
         failures = self.background.failures if self.background else []
         with self.meta_lock:
             info = dict(self.info)
-            info["complete"] = doc is not None
             info["streams"] = {name: s.summary() for name, s in self.streams.items()}
-            info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures]
-            info["buffer_peak_bytes"] = self.budget.peak
-            info["max_buffer_bytes"] = self.budget.limit
+            info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures] + [
+                repr(e) for e in errors
+            ]
+            info["refused_documents"] = self._refused
+            if self._refused:
+                info["refused_file"] = REFUSED_FILE
+            info["buffer_peak_bytes"] = self.buffer.budget.peak
+            info["max_buffer_bytes"] = self.buffer.budget.limit
             attributes: dict[str, Any] = {"bluesky_zarr": info}
+            reasons = []
             if doc is None:
-                info["incomplete_reason"] = incomplete_reason
+                reasons.append(incomplete_reason or "no stop document came")
             else:
                 attributes["stop"] = json_safe(doc)
                 attributes["exit_status"] = doc.get("exit_status", "unknown")
+                missing = self._missing_points(doc, info["streams"])
+                if missing:
+                    info["missing"] = missing
+                    reasons.append(
+                        "; ".join(
+                            f"stream {name!r} has {m['written']} of its {m['expected']} "
+                            f"events written"
+                            for name, m in missing.items()
+                        )
+                    )
+            if self._refused:
+                reasons.append(
+                    f"{self._refused} refused document(s) are kept in {REFUSED_FILE}"
+                )
+            if info["write_failures"]:
+                reasons.append(f"{len(info['write_failures'])} write(s) failed")
+            info["complete"] = not reasons
+            if reasons:
+                info["incomplete_reason"] = "; ".join(reasons)
             consolidate(self.root, attributes)
+
+    def _missing_points(
+        self, doc: RunStop, summaries: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, dict[str, int]]:
+        """Streams holding fewer points than the stop document's ``num_events``."""
+        num_events = doc.get("num_events")
+        if not isinstance(num_events, Mapping):
+            return {}
+        missing = {}
+        for name, expected in num_events.items():
+            if not isinstance(expected, int) or isinstance(expected, bool):
+                continue
+            summary = summaries.get(str(name))
+            written = int(summary["recorded_points"]) if summary else 0
+            if written < expected:
+                missing[str(name)] = {"expected": expected, "written": written}
+        return missing
+
+    def _release_lock(self) -> None:
         if self._lock is not None:
             self._lock.release()
+            self._lock = None
+
+    def _warn_unused_options(self) -> None:
         unused = (set(self.options.chunks) | set(self.options.shards)) - {
             name
             for stream in self.streams.values()

@@ -2,8 +2,10 @@
 
 :func:`resolve_root` turns the ``directory`` given to the writer into a
 storage root that claims a new store for a run exclusively (never taking over
-another run's store), holding an empty Zarr V3 group from its first write, and
-names it for people (a path, or an ``s3://`` URL).
+another run's store) and names it for people (a path, or an ``s3://`` URL).
+A store appears complete or not at all: its root group, attributes and
+consolidated metadata are written in one step (a directory made aside and
+renamed into place; one conditional object write on object storage).
 
 Object storage goes through zarr's :class:`~zarr.storage.FsspecStore` with
 ``s3fs``: the same ``storage_options`` that ``xr.open_zarr`` takes to read the
@@ -15,9 +17,11 @@ store back, and, with none given, the standard AWS environment variables
 from __future__ import annotations
 
 import atexit
-import json
+import errno
+import fcntl
 import logging
 import os
+import secrets
 import shutil
 import weakref
 from collections.abc import Mapping
@@ -27,16 +31,98 @@ from typing import Any
 from zarr.abc.store import Store
 from zarr.storage import LocalStore
 
-from ._errors import MissingDependencyError, OptionError, StorageError, StoreExistsError
+from ._errors import (
+    MissingDependencyError,
+    OptionError,
+    StorageError,
+    StoreExistsError,
+    StoreLockedError,
+)
 from ._plan import store_name, store_path
 
 #: URL schemes served by object storage, and the extra that installs them.
 REMOTE_SCHEMES = {"s3": "s3", "s3a": "s3"}
 
-# A claimed store starts as an empty Zarr V3 group: valid from the first byte.
-_EMPTY_GROUP = json.dumps(
-    {"zarr_format": 3, "node_type": "group", "attributes": {}}, indent=2
-).encode()
+
+class StoreLock:
+    """An exclusive lock on a store path, held while a run writes it.
+
+    ``flock`` on a hidden file beside the store: the kernel releases it if the
+    process dies, so a killed writer leaves no stale lock behind. The holder
+    unlinks the file before it unlocks, and a writer that locked a file checks
+    that the file is still the one at the lock path (else it locked a file
+    that a holder has just given up, and tries again): so at most one writer
+    ever holds the lock of a path.
+    """
+
+    def __init__(self, store: Path) -> None:
+        self.path = store.with_name(f".{store.name}.lock")
+        self._fd: int | None = None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            except OSError as err:
+                raise StorageError(f"cannot lock {store}: {err}") from err
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise StoreLockedError(
+                    f"{store} is being written by another writer; two writers cannot "
+                    f"write one store"
+                ) from None
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            locked = os.fstat(fd)
+            if current is not None and (current.st_dev, current.st_ino) == (
+                locked.st_dev,
+                locked.st_ino,
+            ):
+                self._fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        """Give the lock up (unlinking its file first); never raises."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass  # a read-only or vanished directory: the unlock below still frees it
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+class GuardedLocalStore(LocalStore):
+    """A local store that never recreates a part of itself that was deleted.
+
+    zarr's :class:`~zarr.storage.LocalStore` makes every missing parent
+    directory of a key it writes: a store (or root directory) deleted during a
+    run would come back as a few loose chunk files that no reader opens. Here
+    a write needs the node it belongs to: a chunk needs its array's directory,
+    a node's ``zarr.json`` its parent group's directory.
+    """
+
+    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        parts = key.split("/")
+        if "c" in parts:
+            node = parts[: parts.index("c")]
+        elif parts[-1] == "zarr.json":
+            node = parts[:-2]
+        else:
+            node = parts[:-1]
+        if not self.root.joinpath(*node).is_dir():
+            missing = self.root if not self.root.is_dir() else self.root.joinpath(*node)
+            raise StorageError(
+                errno.ENOENT,
+                f"the store {self.root} has been deleted or damaged during the run "
+                f"({missing} is missing); not recreating it",
+            )
+        await super()._set(key, value, exclusive=exclusive)
 
 
 def is_url(root: str | os.PathLike[str]) -> bool:
@@ -49,6 +135,17 @@ class LocalRoot:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise StorageError(
+                f"{self.directory} is a file, not a directory: the writer needs a "
+                f"directory to hold its stores"
+            ) from None
+        except OSError as err:
+            raise StorageError(
+                f"cannot use {self.directory} as the stores' directory: {err}"
+            ) from err
 
     @property
     def display(self) -> Path:
@@ -60,23 +157,52 @@ class LocalRoot:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def create_store(
-        self, template: str, start: Mapping[str, Any], *, overwrite: bool
-    ) -> tuple[Path, Store]:
-        """Make the run's store directory exclusively, holding an empty group."""
-        path = self.location(template, start)
+    def lock(self, template: str, start: Mapping[str, Any]) -> StoreLock:
+        """Lock the path of the run's store (before it is made or replaced)."""
         try:
-            path.mkdir()
-        except FileExistsError:
-            if not overwrite:
-                raise StoreExistsError(
-                    f"{path} already exists; refusing to overwrite another run "
-                    f"(pass overwrite=True or choose another name_template)"
-                ) from None
-            shutil.rmtree(path)
-            path.mkdir()
-        (path / "zarr.json").write_bytes(_EMPTY_GROUP)
-        return path, LocalStore(path)
+            path = self.location(template, start)
+        except OSError as err:
+            raise StorageError(f"cannot make the directory of the run's store: {err}") from err
+        return StoreLock(path)
+
+    def create_store(
+        self, template: str, start: Mapping[str, Any], *, overwrite: bool, metadata: bytes
+    ) -> tuple[Path, Store]:
+        """Make the run's store, holding ``metadata`` as its root ``zarr.json``.
+
+        The store is built in a hidden directory beside its path and renamed
+        into place: a reader (or a writer killed meanwhile) sees it whole or
+        not at all. The caller holds the path's :class:`StoreLock`.
+        """
+        path = self.location(template, start)
+        self._remove_leftovers(path)
+        if path.exists() and not overwrite:
+            raise StoreExistsError(
+                f"{path} already exists; refusing to overwrite another run "
+                f"(pass overwrite=True or choose another name_template)"
+            )
+        aside = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            aside.mkdir()
+            (aside / "zarr.json").write_bytes(metadata)
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+                path.rename(old)
+                aside.rename(path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                aside.rename(path)
+        except OSError as err:
+            shutil.rmtree(aside, ignore_errors=True)
+            raise StorageError(f"cannot create the store {path}: {err}") from err
+        return path, GuardedLocalStore(path)
+
+    @staticmethod
+    def _remove_leftovers(path: Path) -> None:
+        """Remove what a writer killed while making or replacing ``path`` left."""
+        for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
+            for leftover in path.parent.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 class FsspecRoot:
@@ -102,16 +228,17 @@ class FsspecRoot:
         return f"{self.scheme}://{self.prefix}"
 
     def create_store(
-        self, template: str, start: Mapping[str, Any], *, overwrite: bool
+        self, template: str, start: Mapping[str, Any], *, overwrite: bool, metadata: bytes
     ) -> tuple[str, Store]:
-        """Claim the run's prefix with a conditional write, then open it."""
+        """Claim the run's prefix with a conditional write of its root
+        ``zarr.json`` (``metadata``), then open it."""
         key = "/".join([self.prefix, *store_name(template, start)])
         url = f"{self.scheme}://{key}"
         try:
             if overwrite and self.fs.exists(f"{key}/zarr.json"):
                 self.fs.rm(key, recursive=True)
             # If-None-Match: exactly one writer can create zarr.json.
-            self.fs.pipe_file(f"{key}/zarr.json", _EMPTY_GROUP, mode="create")
+            self.fs.pipe_file(f"{key}/zarr.json", metadata, mode="create")
         except FileExistsError:
             raise StoreExistsError(
                 f"{url} already exists; refusing to overwrite another run "

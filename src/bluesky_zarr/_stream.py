@@ -56,6 +56,10 @@ _ACCEPTED_KINDS = {
 
 _consolidate_lock = threading.Lock()
 
+#: The file, inside a run's store, that keeps the documents the writer refused
+#: (not a Zarr node: consolidation passes it over).
+REFUSED_FILE = "refused_documents.jsonl"
+
 
 async def _consolidate_quietly(group: zarr.Group, attributes: dict[str, Any]) -> None:
     """Store the metadata of every node below ``group`` in its ``zarr.json``.
@@ -66,12 +70,22 @@ async def _consolidate_quietly(group: zarr.Group, attributes: dict[str, Any]) ->
     state races with other threads. xarray reads consolidated metadata, and
     warns loudly without it.
     """
-    from zarr.core.group import AsyncGroup, ConsolidatedMetadata, GroupMetadata
+    from zarr.core.group import (
+        AsyncGroup,
+        ConsolidatedMetadata,
+        GroupMetadata,
+        _iter_members_deep,
+    )
 
     root = await AsyncGroup.open(group.store_path, use_consolidated=False)
     members = {
         key: node.metadata
-        async for key, node in root.members(max_depth=None, use_consolidated_for_children=False)
+        async for key, node in _iter_members_deep(
+            root,
+            max_depth=None,
+            skip_keys=("zarr.json", REFUSED_FILE),
+            use_consolidated_for_children=False,
+        )
     }
     for key, metadata in members.items():
         # Child groups say explicitly that they hold no further nodes.
@@ -436,7 +450,7 @@ class StreamWriter:
             sink = self._create_pending(spec, arrays[0])
             arrays = [sink.check(a) for a in arrays]
         for i, value in enumerate(arrays):
-            self.run.place(self, sink, tuple(int(ix[i]) for ix in index), value)
+            self.run.buffer.place(self, sink, tuple(int(ix[i]) for ix in index), value)
 
     def _set_coordinate(self, name: str, positions: np.ndarray, values: np.ndarray) -> None:
         with self.lock:
@@ -537,10 +551,24 @@ class StreamWriter:
                     array[part.start : stop] = values[part.start : stop]
 
     def summary(self) -> dict[str, Any]:
-        """Counts for the stop record: points on disk per array."""
+        """Counts for the stop record: points on disk in every array
+        (``written_points``), and in every array but those whose frames stay
+        in external files as references (``recorded_points``)."""
+        referenced = {
+            spec.name
+            for spec in self.layout.arrays.values()
+            if spec.external and self.run.options.external == "reference"
+        }
         with self.lock:
-            written = np.logical_and.reduce(list(self.on_disk.values())) if self.on_disk else None
             return {
                 "shape": list(self.scan_shape),
-                "written_points": int(written.sum()) if written is not None else 0,
+                "written_points": self._count(set()),
+                "recorded_points": self._count(referenced),
             }
+
+    def _count(self, leave_out: set[str]) -> int:
+        """Points on disk in every array but those in ``leave_out``."""
+        if any(name not in leave_out for name in self.pending):
+            return 0  # an array that has not been made yet holds nothing
+        masks = [mask for name, mask in self.on_disk.items() if name not in leave_out]
+        return int(np.logical_and.reduce(masks).sum()) if masks else 0

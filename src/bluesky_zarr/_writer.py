@@ -9,7 +9,8 @@ from typing import Any
 
 from event_model import RunRouter, bulk_events_to_event_pages
 
-from ._errors import DocumentError, DocumentOrderError
+from ._buffer import BlockBuffer
+from ._errors import BlueskyZarrError, DocumentError, DocumentOrderError, WriteError
 from ._layout import DEFAULT_SHARD_BYTES
 from ._options import DEFAULT_MAX_BUFFER_BYTES, WriterOptions, make_options
 from ._plan import DEFAULT_NAME_TEMPLATE
@@ -73,8 +74,10 @@ class ZarrWriter:
     shard_bytes
         Size target of a default shard.
     max_buffer_bytes
-        Memory bound of the frames held before they are written. When it is
-        reached, partially filled chunks are written early and merged later.
+        Memory bound of the frames held before they are written, and of the
+        copies made while writing them, for all the runs of this writer
+        together. When it is reached, partially filled chunks are written
+        early and merged later.
     flush_interval
         Seconds after which a partially filled chunk is written anyway, so a
         slow scan becomes visible on disk; ``None`` to only write full chunks.
@@ -152,6 +155,7 @@ class ZarrWriter:
             handler_registry=handler_registry,
             root_map=root_map,
         )
+        self.buffer = BlockBuffer(self.options.max_buffer_bytes, self.options.workers)
         self._router = RunRouter(
             [self._factory], filler_class=_PassThrough  # type: ignore[arg-type]
         )
@@ -171,18 +175,41 @@ class ZarrWriter:
         return [self._runs[start["uid"]]], []
 
     def __call__(self, name: str, doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Take one document; every exception raised is a :class:`BlueskyZarrError`.
+
+        A document that a run refuses is kept verbatim in that run's store
+        (``refused_documents.jsonl``) before the refusal is raised: callers
+        such as ophyd's subscription threads only log exceptions.
+        """
         if name == "bulk_events" and isinstance(doc, Mapping):
             # The legacy batch of events: the same events as event pages.
             for page in bulk_events_to_event_pages(dict(doc)):
                 self("event_page", page)
             return name, doc
+        try:
+            return self._take(name, doc)
+        except BlueskyZarrError as err:
+            self._keep_refused(name, doc, err)
+            raise
+        except OSError as err:
+            wrapped: BlueskyZarrError = WriteError(
+                f"writing the {name} document to its store failed: {err!r}"
+            )
+            self._keep_refused(name, doc, wrapped)
+            raise wrapped from err
+        except Exception as err:  # noqa: BLE001 - a malformed document met unchecked code
+            wrapped = DocumentError(f"the {name} document cannot be written: {err!r}")
+            self._keep_refused(name, doc, wrapped)
+            raise wrapped from err
+
+    def _take(self, name: str, doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if name not in _KINDS:
             raise DocumentError(f"unknown document kind {name!r}")
         if not isinstance(doc, Mapping):
             raise DocumentError(f"a {name} document must be a mapping, got {type(doc).__name__}")
         self._check_order(name, doc)
         if name == "start":
-            run = RunWriter(self.storage, self.options)
+            run = RunWriter(self.storage, self.options, self.buffer)
             run.open(doc)  # type: ignore[arg-type]
             self._seen_starts.add(doc["uid"])
             self._runs[doc["uid"]] = run
@@ -190,7 +217,7 @@ class ZarrWriter:
             result = self._router(name, doc)
         except BaseException:
             if name == "start":
-                self._runs.pop(doc["uid"], None)
+                self._runs.pop(doc["uid"]).close_incomplete("the start document was refused")
             if name == "stop":
                 # The run was finalised even though its stop raised (a write
                 # failure reported late): it is no longer open.
@@ -207,6 +234,28 @@ class ZarrWriter:
         if name == "stop":
             self._forget(doc["run_start"])
         return result
+
+    def _run_of(self, name: str, doc: Any) -> RunWriter | None:
+        """The open run a document belongs to, if it says so clearly."""
+        if not isinstance(doc, Mapping):
+            return None
+        try:
+            if name in ("descriptor", "stop", "resource", "stream_resource"):
+                run_start = doc.get("run_start")
+            elif name in ("event", "event_page", "stream_datum"):
+                run_start = self._descriptors.get(doc.get("descriptor"))  # type: ignore[arg-type]
+            elif name in ("datum", "datum_page"):
+                run_start = self._resources.get(doc.get("resource"))  # type: ignore[arg-type]
+            else:
+                return None
+            return self._runs.get(run_start)  # type: ignore[arg-type]
+        except TypeError:  # an unhashable id
+            return None
+
+    def _keep_refused(self, name: str, doc: Any, error: BaseException) -> None:
+        run = self._run_of(name, doc)
+        if run is not None and not run.finished:
+            run.refuse(name, doc, error)
 
     def _forget(self, run_start: str) -> None:
         """Drop what this writer keeps of a run that has stopped."""
@@ -271,13 +320,12 @@ class ZarrWriter:
         """
         errors: list[BaseException] = []
         for uid in list(self._runs):
-            run = self._runs.pop(uid)
+            run = self._runs[uid]
             try:
                 run.close_incomplete(reason)
             except Exception as err:  # noqa: BLE001 - finish the others, then raise
                 errors.append(err)
-            for descriptor in [d for d, s in self._descriptors.items() if s == uid]:
-                del self._descriptors[descriptor]
+            self._forget(uid)
         if errors:
             raise errors[0]
 

@@ -1,0 +1,225 @@
+"""The chunk buffer: frames held in memory until their write unit is complete.
+
+Events are copied into *blocks*: in-memory images of one write unit (a shard,
+or a chunk when unsharded) over the scan dimensions, spanning whole frames. A
+block is handed to its run's background writer when all its points have
+arrived (written once: write amplification 1), or earlier when the memory
+budget is spent, the flush interval passes or the run stops; a block written
+before is then merged with what is on disk (read-modify-write).
+
+One :class:`BlockBuffer` serves every run of a writer, so its memory bound
+holds for the writer as a whole: interleaved runs share it, and a run that
+needs room may spill another run's oldest partial block. Memory held by
+blocks (filling, queued or being written) and the copies made while writing
+them is counted against the budget; when it is spent, the callback blocks
+until a write finishes (backpressure).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ._stream import ArraySink, Block, StreamWriter
+
+#: Transient copies zarr makes of a block while it encodes and writes it
+#: (chunk buffers, then the assembled shard), measured with the benchmark.
+ENCODE_COPIES = 2
+
+#: The same for a block merged with what is on disk: the image read back (into
+#: which the block's new points go), besides the encoding copies.
+MERGE_COPIES = ENCODE_COPIES + 1
+
+
+class MemoryBudget:
+    """Bytes held by buffered blocks, bounded by ``limit``.
+
+    ``reserved`` counts every block from allocation until its write is done;
+    ``in_flight`` the part already handed to the workers; ``active`` the
+    copies the workers make of the blocks they are writing right now (zarr
+    copies a block while encoding it; a merge reads the block's chunks back
+    too). The bound covers all of it: blocks plus those copies.
+    """
+
+    def __init__(self, limit: int, workers: int = 1) -> None:
+        self.limit = int(limit)
+        self.workers = workers
+        self.reserved = 0
+        self.in_flight = 0
+        self.active = 0
+        self.peak = 0
+        self.largest = 0
+        self._cond = threading.Condition()
+
+    @property
+    def used(self) -> int:
+        return self.reserved + self.active
+
+    def _note_peak(self) -> None:
+        self.peak = max(self.peak, self.used)
+
+    def try_reserve(self, nbytes: int) -> bool:
+        with self._cond:
+            # A block larger than the whole budget is still allowed alone,
+            # otherwise it could never be written.
+            largest = max(self.largest, nbytes)
+            # Keep room for the copies the workers will make when they write:
+            # each worker encoding a block, or one merging a block (a second
+            # worker waits when a merge leaves no room, see activate).
+            headroom = max(MERGE_COPIES, ENCODE_COPIES * self.workers) * largest
+            if self.reserved + nbytes + headroom > self.limit and self.reserved > 0:
+                return False
+            self.largest = largest
+            self.reserved += nbytes
+            self._note_peak()
+            return True
+
+    def activate(self, nbytes: int) -> None:
+        """A worker starts writing, making ``nbytes`` of copies: it waits while
+        that would pass the bound and another worker is writing (one worker
+        always may, so writes go on and free room)."""
+        with self._cond:
+            while self.active and self.reserved + self.active + nbytes > self.limit:
+                self._cond.wait()
+            self.active += nbytes
+            self._note_peak()
+
+    def hand_over(self, nbytes: int) -> None:
+        with self._cond:
+            self.in_flight += nbytes
+
+    def finish(self, nbytes: int, copies: int) -> None:
+        """A write is done: its block is no longer in flight nor being encoded."""
+        with self._cond:
+            self.in_flight -= nbytes
+            self.active -= copies * nbytes
+            self._cond.notify_all()
+
+    def free(self, nbytes: int) -> None:
+        """A block's memory is given up."""
+        with self._cond:
+            self.reserved -= nbytes
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+
+class BufferPool:
+    """Block buffers kept for reuse, their memory still counted as reserved.
+
+    Fresh memory costs the RunEngine's thread a page fault (and the kernel a
+    page of zeros) for every 4 KiB it first writes: about as much as copying
+    the frame itself. A reused buffer is already mapped.
+    """
+
+    def __init__(self, budget: MemoryBudget, per_shape: int = 4) -> None:
+        self.budget = budget
+        self.per_shape = per_shape
+        self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        with self._lock:
+            free = self._free.get((shape, dtype.str))
+            return free.pop() if free else None
+
+    def give(self, array: np.ndarray) -> None:
+        """Keep ``array`` for a later block, or give its memory up."""
+        if array.dtype.kind != "O":
+            with self._lock:
+                free = self._free.setdefault((array.shape, array.dtype.str), [])
+                if len(free) < self.per_shape:
+                    free.append(array)
+                    return
+        self.budget.free(array.nbytes)
+
+    def drop(self) -> bool:
+        """Give up every kept buffer; whether there were any."""
+        with self._lock:
+            arrays = [a for free in self._free.values() for a in free]
+            self._free.clear()
+        for array in arrays:
+            self.budget.free(array.nbytes)
+        return bool(arrays)
+
+
+class BlockBuffer:
+    """The blocks of every run of one writer, within one memory bound."""
+
+    def __init__(self, limit: int, workers: int) -> None:
+        self.budget = MemoryBudget(limit, workers)
+        self.pool = BufferPool(self.budget)
+        #: Held while blocks are placed, submitted or spilled (any run).
+        self.lock = threading.RLock()
+        #: Partially filled blocks, oldest first.
+        self._open: dict[tuple[int, tuple[int, ...]], tuple[StreamWriter, ArraySink]] = {}
+
+    def place(
+        self, stream: StreamWriter, sink: ArraySink, index: tuple[int, ...], value: Any
+    ) -> None:
+        """Copy one point's value into its block; hand full blocks to the writer."""
+        key = tuple(i // b for i, b in zip(index, sink.block_shape))
+        block = sink.blocks.get(key)
+        if block is None:
+            shape, dtype = stream.block_layout(sink, key)
+            data = self.pool.take(shape, dtype)
+            if data is None:
+                self._reserve(math.prod(shape) * dtype.itemsize, stream)
+                data = np.empty(shape, dtype=dtype)
+            block = stream.new_block(sink, key, data)
+            sink.blocks[key] = block
+            self._open[(id(sink), key)] = (stream, sink)
+        local = tuple(i - o for i, o in zip(index, block.origin))
+        block.data[local] = value
+        if not block.filled[local]:
+            block.filled[local] = True
+            block.count += 1
+            if block.count == block.expected:
+                self.submit(stream, sink, key)
+
+    def submit(self, stream: StreamWriter, sink: ArraySink, key: tuple[int, ...]) -> None:
+        """Hand a block to its run's background writer."""
+        block: Block = sink.blocks.pop(key)
+        self._open.pop((id(sink), key), None)
+        merge = key in sink.submitted
+        sink.submitted.add(key)
+        background = stream.run.background
+        assert background is not None
+        background.submit(
+            hash((id(sink), key)),
+            lambda: stream.write_block(sink, block, merge),
+            block.nbytes,
+            f"{stream.name}/{sink.name} at {block.origin}",
+            lambda: self.pool.give(block.data),
+            copies=MERGE_COPIES if merge else ENCODE_COPIES,
+        )
+
+    def _reserve(self, nbytes: int, stream: StreamWriter) -> None:
+        """Make room for a new block: spill old partial blocks, else wait."""
+        while not self.budget.try_reserve(nbytes):
+            if self.pool.drop():
+                continue
+            if self.budget.in_flight >= nbytes or not self._open:
+                self.budget.wait(0.05)
+                stream.run.raise_failures()
+            else:
+                (_, key), (owner, sink) = next(iter(self._open.items()))
+                self.submit(owner, sink, key)
+
+    def spill(self, run: object, older_than: float | None = None) -> None:
+        """Hand the partial blocks of ``run`` to its writer (those older than
+        ``older_than`` seconds, or all)."""
+        with self.lock:
+            now = time.monotonic()
+            for (_, key), (stream, sink) in list(self._open.items()):
+                if stream.run is not run:
+                    continue
+                if older_than is None or now - sink.blocks[key].born >= older_than:
+                    self.submit(stream, sink, key)
