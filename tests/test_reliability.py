@@ -98,7 +98,9 @@ def test_storage_fault_reaches_the_run_engine_and_store_is_finalised(tmp_path, e
     (store,) = writer.stores
     tree = open_tree(store)
     assert tree.attrs["exit_status"] == "fail"
-    assert tree.attrs["bluesky_zarr"]["complete"] is True
+    # The stop was recorded, but the store lacks what failed to be written.
+    assert tree.attrs["bluesky_zarr"]["complete"] is False
+    assert "write(s) failed" in tree.attrs["bluesky_zarr"]["incomplete_reason"]
     assert tree.attrs["bluesky_zarr"]["write_failures"]
     written = assert_written_points_hold_their_frames(store)
     # The shard that failed (points 2-3 of the first row) is not claimed.
@@ -283,5 +285,10 @@ def test_a_run_whose_stop_raised_is_not_reopened_by_close(tmp_path):
     assert list(writer.open_runs) == []
     writer.close()
     tree = open_tree(writer.stores[0])
-    assert tree.attrs["bluesky_zarr"]["complete"] is True
-    assert "incomplete_reason" not in tree.attrs["bluesky_zarr"]
+    # close() did not reopen the run: the stop's record stands (the failed
+    # write of the last frame makes it incomplete, and says so).
+    assert "stop" in tree.attrs
+    assert tree.attrs["bluesky_zarr"]["complete"] is False
+    assert tree.attrs["bluesky_zarr"]["incomplete_reason"] == (
+        "stream 'primary' has 11 of its 12 events written; 1 write(s) failed"
+    )
