@@ -37,25 +37,28 @@ from conftest import open_stream, open_tree
 
 CHILD = Path(__file__).with_name("kill_random_child.py")
 
-#: Draws of this seed fall in every phase: five before the store is made
-#: (< 0.2 s), seven after the process has ended (> 3.5 s), the rest between.
+#: Draws of this seed fall in every phase: some before the store is made,
+#: some after the process has ended, the rest between.
 SEED = 2025
-#: Delays are drawn over [0, SPAN] seconds after ``ready`` (the forked writer
-#: process starts). From ``ready`` to ``done`` (its RunEngine returned) took
-#: 1.9-2.8 s, median 2.3 s, with two such processes on two cores, and up to
-#: 3.5 s on a loaded machine: SPAN leaves room for kills after the end.
-SPAN = 4.0
+#: Delays after ``ready`` (the forked writer process starts) are drawn as
+#: fractions of a span: SPAN times the life of an unkilled writer process,
+#: measured first in the same session (1.9-2.8 s with two such processes on
+#: two cores, longer on a loaded machine), so some kills land after its end.
+SPAN = 1.5
 #: Scans run at once (each in its own directory).
 PARALLEL = 3
 
 _rng = random.Random(SEED)
-KILLS: list[tuple[str, float]] = [("ready", _rng.uniform(0.0, SPAN)) for _ in range(50)] + [
-    # While the start document makes the store.
+KILLS: list[tuple[str, float]] = [("ready", _rng.uniform(0.0, 1.0)) for _ in range(50)] + [
+    # While the start document makes the store: seconds after ``start``.
     ("start", _rng.uniform(0.0, 0.005))
     for _ in range(10)
 ]
 IDS = [
-    f"seed{SEED}-{n:02d}-{marker}+{delay * 1e3:.1f}ms" for n, (marker, delay) in enumerate(KILLS)
+    f"seed{SEED}-{n:02d}-ready+{draw:.3f}span"
+    if marker == "ready"
+    else f"seed{SEED}-{n:02d}-{marker}+{draw * 1e3:.1f}ms"
+    for n, (marker, draw) in enumerate(KILLS)
 ]
 
 SCAN_SHAPE = (4, 5)
@@ -197,24 +200,39 @@ def kill_one(forker: Forker, kill: Kill, fifo: Path) -> None:
 def kills(tmp_path_factory: pytest.TempPathFactory) -> list[Kill]:
     """Every kill of KILLS, run PARALLEL at a time, each in its own directory."""
     base = tmp_path_factory.mktemp("random-kills")
-    done = [Kill(base / f"{n:02d}", marker, delay) for n, (marker, delay) in enumerate(KILLS)]
+    # The life of unkilled writer processes, PARALLEL at once as below, here
+    # and now, sets the span.
+    unkilled = [Kill(base / f"unkilled-{n}", "ready", 600.0) for n in range(PARALLEL)]
+    _run_in_parallel(unkilled, base)
+    lives = [t for kill in unkilled for label, t in kill.said if label == "done"]
+    assert len(lives) == PARALLEL, f"unkilled scans did not finish: {unkilled}"
+    lifetime = max(lives)
+    done = [
+        Kill(base / f"{n:02d}", marker, draw * SPAN * lifetime if marker == "ready" else draw)
+        for n, (marker, draw) in enumerate(KILLS)
+    ]
+    # Interleave so that each worker gets random and start-document kills.
+    _run_in_parallel(done, base)
+    return done
+
+
+def _run_in_parallel(kills: list[Kill], base: Path) -> None:
+    """Run ``kills``, PARALLEL at a time."""
     errors: list[BaseException] = []
 
-    def worker(share: list[int]) -> None:
+    def worker(share: list[Kill]) -> None:
         try:
             forker = Forker()
             try:
-                for n in share:
-                    kill_one(forker, done[n], base / f"{n:02d}.fifo")
+                for kill in share:
+                    kill_one(forker, kill, kill.root.with_suffix(".fifo"))
             finally:
                 forker.close()
         except BaseException as err:  # noqa: BLE001 - raised in the test below
             errors.append(err)
 
-    # Interleave so that each worker gets random and start-document kills.
     threads = [
-        threading.Thread(target=worker, args=(list(range(i, len(KILLS), PARALLEL)),))
-        for i in range(PARALLEL)
+        threading.Thread(target=worker, args=(kills[i::PARALLEL],)) for i in range(PARALLEL)
     ]
     for thread in threads:
         thread.start()
@@ -222,7 +240,6 @@ def kills(tmp_path_factory: pytest.TempPathFactory) -> list[Kill]:
         thread.join()
     if errors:
         raise errors[0]
-    return done
 
 
 def read_with_tensorstore(array: Path) -> np.ndarray:

@@ -48,6 +48,13 @@ def describe_store(
         "reason": stop.get("reason") if isinstance(stop, Mapping) else None,
         "complete": bool(info.get("complete", False)),
         "incomplete_reason": info.get("incomplete_reason"),
+        "missing": info.get("missing") or {},
+        "refused_documents": int(info.get("refused_documents") or 0),
+        "refused_file": (
+            f"{str(location).rstrip('/')}/{info['refused_file']}"
+            if info.get("refused_file")
+            else None
+        ),
         "writer_version": info.get("version"),
         "scan_dims": info.get("scan_dims"),
         "scan_shape": info.get("scan_shape"),
@@ -121,13 +128,23 @@ def format_description(description: Mapping[str, Any]) -> str:
             f"  ({', '.join(run['scan_dims'])})"
         )
     lines.append(f"started   {run['started'] or '?'}")
-    if run["complete"]:
+    if run["exit_status"] is not None:
         status = f"{run['exit_status']}" + (f" ({run['reason']})" if run["reason"] else "")
         lines.append(f"stopped   {run['stopped'] or '?'}  exit status: {status}")
+    if run["complete"]:
         lines.append("complete  yes")
     else:
         reason = run["incomplete_reason"] or "the run has not stopped (still being written?)"
         lines.append(f"complete  NO: {reason}")
+    for stream, counts in run["missing"].items():
+        lines.append(
+            f"missing   {stream}: {counts['expected'] - counts['written']} of "
+            f"{counts['expected']} events not written"
+        )
+    if run["refused_file"]:
+        lines.append(
+            f"refused   {run['refused_documents']} document(s) kept in {run['refused_file']}"
+        )
     lines.append(f"writer    bluesky-zarr {run['writer_version']}")
     for name, stream in description["streams"].items():
         points, written = stream["points"], stream["written_points"]

@@ -81,7 +81,9 @@ def _root_metadata(attributes: dict[str, Any]) -> bytes:
 class RunWriter(DocumentRouter):
     """Writes the documents of one run into ``<root>/<name>.zarr``."""
 
-    def __init__(self, storage: Root, options: WriterOptions, buffer: BlockBuffer) -> None:
+    def __init__(
+        self, storage: Root, options: WriterOptions, buffer: BlockBuffer, open_runs: int = 0
+    ) -> None:
         super().__init__()
         self.storage = storage
         self.options = options
@@ -92,9 +94,11 @@ class RunWriter(DocumentRouter):
         self.path: Path | str | None = None
         self.root: zarr.Group
         # Default shards small enough that the buffer holds a few of them
-        # while the workers write others (see MemoryBudget).
+        # while the workers write others (see MemoryBudget), for this run and
+        # the ``open_runs`` others that share the buffer.
         self.shard_bytes = min(
-            options.shard_bytes, options.max_buffer_bytes // (4 + 2 * options.workers)
+            options.shard_bytes,
+            options.max_buffer_bytes // ((4 + 2 * options.workers) * (1 + open_runs)),
         )
         self.background: BackgroundWriter | None = None
         self._lock: StoreLock | None = None

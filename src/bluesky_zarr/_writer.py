@@ -209,7 +209,7 @@ class ZarrWriter:
             raise DocumentError(f"a {name} document must be a mapping, got {type(doc).__name__}")
         self._check_order(name, doc)
         if name == "start":
-            run = RunWriter(self.storage, self.options, self.buffer)
+            run = RunWriter(self.storage, self.options, self.buffer, len(self._runs))
             run.open(doc)  # type: ignore[arg-type]
             self._seen_starts.add(doc["uid"])
             self._runs[doc["uid"]] = run
