@@ -274,3 +274,38 @@ def test_an_ordinary_monitored_scan_is_complete_with_nothing_refused(tmp_path):
         assert int(open_stream(store, stream)["_written"].sum()) == n
     text = inspect_text(store)
     assert "complete  yes" in text and REFUSED_FILE not in text
+
+
+def test_events_of_a_refused_descriptor_are_kept_and_name_its_refusal(tmp_path):
+    from event_model import compose_run
+
+    bundle = compose_run(metadata={"scan_id": 7})
+    good = bundle.compose_descriptor(
+        name="primary", data_keys={"x": {"dtype": "number", "shape": [], "source": "s"}}
+    )
+    bad = bundle.compose_descriptor(
+        name="other",
+        data_keys={"y": {"dtype": "number", "shape": [], "source": "s"}},
+    )
+    bad_doc = dict(bad.descriptor_doc)
+    bad_doc["data_keys"] = {"y": {"dtype": "no-such-type", "shape": [], "source": "s"}}
+    writer = ZarrWriter(tmp_path)
+    writer("start", bundle.start_doc)
+    writer("descriptor", good.descriptor_doc)
+    writer("event", good.compose_event(data={"x": 1.5}, timestamps={"x": 0.0}, seq_num=1))
+    with pytest.raises(bluesky_zarr.DocumentError, match="no-such-type"):
+        writer("descriptor", bad_doc)
+    lost = bad.compose_event(data={"y": 2.5}, timestamps={"y": 0.0}, seq_num=1)
+    with pytest.raises(bluesky_zarr.DocumentOrderError, match="which was refused: .*no-such-type"):
+        writer("event", lost)
+    writer("stop", bundle.compose_stop())
+
+    (store,) = writer.stores
+    lines = [json.loads(line) for line in (Path(store) / REFUSED_FILE).read_text().splitlines()]
+    assert [line["name"] for line in lines] == ["descriptor", "event"]
+    assert lines[1]["doc"]["uid"] == lost["uid"] and lines[1]["doc"]["data"] == {"y": 2.5}
+    info = open_tree(store).attrs["bluesky_zarr"]
+    assert info["refused_documents"] == 2
+    assert info["complete"] is False
+    assert info["missing"] == {"other": {"expected": 1, "written": 0}}
+    assert open_stream(store)["x"].values.tolist() == [1.5]

@@ -162,6 +162,8 @@ class ZarrWriter:
         self._runs: dict[str, RunWriter] = {}
         self._seen_starts: set[str] = set()
         self._descriptors: dict[str, str] = {}
+        #: Run start uid and refusal of each descriptor this writer refused.
+        self._refused_descriptors: dict[str, tuple[str, str]] = {}
         #: Run start uid of each resource and stream_resource seen (None: not said).
         self._resources: dict[str, str | None] = {}
         #: Stores written so far, in order: paths, or URLs for object storage.
@@ -215,9 +217,12 @@ class ZarrWriter:
             self._runs[doc["uid"]] = run
         try:
             result = self._router(name, doc)
-        except BaseException:
+        except BaseException as err:
             if name == "start":
                 self._runs.pop(doc["uid"]).close_incomplete("the start document was refused")
+            if name == "descriptor" and isinstance(err, Exception):
+                # Its events cannot be placed: they are refused (and kept) too.
+                self._refused_descriptors[doc["uid"]] = (doc["run_start"], repr(err))
             if name == "stop":
                 # The run was finalised even though its stop raised (a write
                 # failure reported late): it is no longer open.
@@ -243,7 +248,10 @@ class ZarrWriter:
             if name in ("descriptor", "stop", "resource", "stream_resource"):
                 run_start = doc.get("run_start")
             elif name in ("event", "event_page", "stream_datum"):
-                run_start = self._descriptors.get(doc.get("descriptor"))  # type: ignore[arg-type]
+                descriptor = doc.get("descriptor")
+                run_start = self._descriptors.get(descriptor)  # type: ignore[arg-type]
+                if run_start is None and descriptor in self._refused_descriptors:
+                    run_start = self._refused_descriptors[descriptor][0]
             elif name in ("datum", "datum_page"):
                 run_start = self._resources.get(doc.get("resource"))  # type: ignore[arg-type]
             else:
@@ -262,6 +270,8 @@ class ZarrWriter:
         self._runs.pop(run_start, None)
         for uid in [u for u, s in self._descriptors.items() if s == run_start]:
             del self._descriptors[uid]
+        for uid in [u for u, (s, _) in self._refused_descriptors.items() if s == run_start]:
+            del self._refused_descriptors[uid]
         for uid in [u for u, s in self._resources.items() if s == run_start]:
             del self._resources[uid]
 
@@ -281,6 +291,12 @@ class ZarrWriter:
                         f"started (or has stopped) in this writer"
                     )
             elif name in ("event", "event_page", "stream_datum"):
+                refused = self._refused_descriptors.get(doc["descriptor"])
+                if refused is not None:
+                    raise DocumentOrderError(
+                        f"{name} refers to descriptor {doc['descriptor']!r}, which was "
+                        f"refused: {refused[1]}"
+                    )
                 if doc["descriptor"] not in self._descriptors:
                     raise DocumentOrderError(
                         f"{name} refers to descriptor {doc['descriptor']!r}, which this "
