@@ -16,6 +16,7 @@ store back, and, with none given, the standard AWS environment variables
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import errno
 import fcntl
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from zarr.abc.store import Store
+from zarr.core.buffer import Buffer
 from zarr.storage import LocalStore
 
 from ._errors import (
@@ -103,26 +105,55 @@ class GuardedLocalStore(LocalStore):
     zarr's :class:`~zarr.storage.LocalStore` makes every missing parent
     directory of a key it writes: a store (or root directory) deleted during a
     run would come back as a few loose chunk files that no reader opens. Here
-    a write needs the node it belongs to: a chunk needs its array's directory,
-    a node's ``zarr.json`` its parent group's directory.
+    a write needs the node it belongs to (a chunk its array's directory, a
+    node's ``zarr.json`` its parent group's directory) and makes only the
+    directories below it, one at a time, so a node deleted meanwhile is not
+    made again. Each file is written to a temporary name and renamed.
     """
 
-    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+    async def _set(self, key: str, value: Buffer, exclusive: bool = False) -> None:
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        await asyncio.to_thread(self._put, key, value, exclusive)
+
+    def _put(self, key: str, value: Buffer, exclusive: bool) -> None:
         parts = key.split("/")
         if "c" in parts:
-            node = parts[: parts.index("c")]
+            depth = parts.index("c")
         elif parts[-1] == "zarr.json":
-            node = parts[:-2]
+            depth = len(parts) - 2
         else:
-            node = parts[:-1]
-        if not self.root.joinpath(*node).is_dir():
-            missing = self.root if not self.root.is_dir() else self.root.joinpath(*node)
+            depth = len(parts) - 1
+        directory = self.root.joinpath(*parts[:depth])
+        try:
+            if not directory.is_dir():
+                raise FileNotFoundError(errno.ENOENT, "no such directory", str(directory))
+            for part in parts[depth:-1]:
+                directory = directory / part
+                try:
+                    directory.mkdir()
+                except FileExistsError:
+                    pass
+            path = directory / parts[-1]
+            partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
+            try:
+                with partial.open("wb") as file:
+                    file.write(value.as_buffer_like())
+                if exclusive:
+                    os.link(partial, path)  # FileExistsError if it exists
+                    partial.unlink()
+                else:
+                    partial.replace(path)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+        except FileNotFoundError as err:
             raise StorageError(
                 errno.ENOENT,
                 f"the store {self.root} has been deleted or damaged during the run "
-                f"({missing} is missing); not recreating it",
-            )
-        await super()._set(key, value, exclusive=exclusive)
+                f"({err.filename} is missing); not recreating it",
+            ) from err
 
 
 def is_url(root: str | os.PathLike[str]) -> bool:
