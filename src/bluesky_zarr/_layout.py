@@ -24,7 +24,14 @@ DEFAULT_GROWING_CHUNK = 1024
 
 
 def numpy_dtype(key: str, data_key: Mapping[str, Any]) -> np.dtype | None:
-    """The numpy dtype of a data key; ``None`` when only the data can tell."""
+    """The numpy dtype of a data key; ``None`` when only the data can tell.
+
+    An explicit ``dtype_numpy`` is exact. A bare JSON ``dtype`` is only what
+    the device guessed from its value when it was described (ophyd says
+    ``integer`` for a motor sitting at ``0``, which reads ``2.5`` later), so
+    ``integer`` and ``number`` are both stored as float64: every value such a
+    key sends fits (integers exactly up to 2**53).
+    """
     declared = data_key.get("dtype_numpy")
     if declared:
         try:
@@ -36,10 +43,8 @@ def numpy_dtype(key: str, data_key: Mapping[str, Any]) -> np.dtype | None:
                 f"data key {key!r}: dtype_numpy {declared!r} is not a numpy dtype"
             ) from None
     kind = data_key.get("dtype")
-    if kind == "number":
+    if kind in ("number", "integer"):
         return np.dtype("float64")
-    if kind == "integer":
-        return np.dtype("int64")
     if kind == "boolean":
         return np.dtype("bool")
     if kind == "string":
