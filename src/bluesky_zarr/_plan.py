@@ -200,7 +200,11 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
     else:
         # count, list_scan, scan, adaptive and fly scans: one growing dimension.
         if len(motors_per_dim) > 1:
-            motors_per_dim = [[m for ms in motors_per_dim for m in ms]]
+            # Several motors stepped together, listed as separate entries:
+            # bluesky builds those lists from a set (scan_nd's cycler keys), so
+            # their order changes from one process to the next. Sorted, the
+            # dimension is named after the same motor every time.
+            motors_per_dim = [sorted({m for ms in motors_per_dim for m in ms})]
         if not motors_per_dim:
             motors_per_dim = [[]]
         snaking = (False,)
