@@ -11,6 +11,7 @@ import numpy as np
 
 from ._errors import DocumentError, OptionError
 from ._plan import TIME_DIM, ScanPlan, sanitize_name
+from ._validate import MAX_FRAME_ELEMENTS, check_descriptor, check_dtype, checked_shape
 
 #: Names of the arrays every stream group carries besides its data keys.
 RESERVED = ("time", "seq_num", "_written")
@@ -24,22 +25,31 @@ DEFAULT_GROWING_CHUNK = 1024
 
 
 def numpy_dtype(key: str, data_key: Mapping[str, Any]) -> np.dtype | None:
-    """The numpy dtype of a data key; ``None`` when only the data can tell."""
+    """The numpy dtype of a data key; ``None`` when only the data can tell.
+
+    An explicit ``dtype_numpy`` is exact (and refused with
+    :class:`DataTypeError` when no Zarr V3 array can hold it). A bare JSON
+    ``dtype`` is only what the device guessed from its value when it was
+    described (ophyd says ``integer`` for a motor sitting at ``0``, which
+    reads ``2.5`` later), so ``integer`` and ``number`` are both stored as
+    float64: every value such a key sends fits (integers exactly up to 2**53).
+    """
     declared = data_key.get("dtype_numpy")
-    if declared:
+    if declared:  # a string or a list of pairs (see check_descriptor); "" is none
         try:
             if isinstance(declared, str):
-                return np.dtype(declared)
-            return np.dtype([tuple(f) for f in declared])
+                dtype = np.dtype(declared)
+            else:
+                dtype = np.dtype([tuple(f) for f in declared])
         except (TypeError, ValueError):
             raise DocumentError(
                 f"data key {key!r}: dtype_numpy {declared!r} is not a numpy dtype"
             ) from None
+        check_dtype(key, dtype, fill_value_for(dtype))
+        return dtype
     kind = data_key.get("dtype")
-    if kind == "number":
+    if kind in ("number", "integer"):
         return np.dtype("float64")
-    if kind == "integer":
-        return np.dtype("int64")
     if kind == "boolean":
         return np.dtype("bool")
     if kind == "string":
@@ -61,26 +71,25 @@ def fill_value_for(dtype: np.dtype) -> Any:
     if dtype.kind in "OUS":
         return ""
     if dtype.kind == "V":
-        return None
+        # Raw bytes and structured values: all bytes zero.
+        return np.zeros((), dtype)[()]
     return 0
 
 
 def frame_shape(key: str, data_key: Mapping[str, Any]) -> tuple[int, ...] | None:
-    """The per-point shape of a data key; ``None`` when only the data can tell."""
+    """The per-point shape of a data key; ``None`` when only the data can tell.
+
+    A frame of more than :data:`MAX_FRAME_ELEMENTS` elements is refused here,
+    before anything is allocated for it.
+    """
     shape = data_key.get("shape", [])
     if shape is None:
         return None
-    try:
-        if any(s is None for s in shape):
-            return None
-        result = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise DocumentError(
-            f"data key {key!r}: shape must be a list of integers, got {shape!r}"
-        ) from None
-    if any(s < 0 for s in result):
-        raise DocumentError(f"data key {key!r}: negative size in shape {shape!r}")
-    return result
+    if isinstance(shape, (list, tuple)) and any(s is None for s in shape):
+        return None
+    return checked_shape(
+        f"data key {key!r}: shape", shape, limit=MAX_FRAME_ELEMENTS, total="elements per frame"
+    )
 
 
 def frame_dim_names(key: str, data_key: Mapping[str, Any], ndim: int) -> list[str]:
@@ -158,12 +167,9 @@ def plan_stream(
     dims: Sequence[str] | None = None,
 ) -> StreamLayout:
     """Lay out the group of one stream from its descriptor."""
+    check_descriptor(descriptor)
     stream = str(descriptor.get("name", "primary"))
-    data_keys = descriptor.get("data_keys")
-    if not isinstance(data_keys, Mapping):
-        raise DocumentError(
-            f"descriptor of stream {stream!r} has no data_keys mapping"
-        )
+    data_keys = descriptor["data_keys"]
     if stream == plan.stream:
         scan_dims = [d.name for d in plan.dims]
         scan_sizes = [d.size for d in plan.dims]
@@ -200,8 +206,6 @@ def plan_stream(
                 setpoint_keys.add(source)
     taken = set(layout.coords) | set(RESERVED) | set(scan_dims)
     for key, data_key in data_keys.items():
-        if not isinstance(data_key, Mapping):
-            raise DocumentError(f"data key {key!r} of stream {stream!r} is not a mapping")
         name = sanitize_name(key) or "data"
         if name in taken:
             # xarray needs a variable named like a dimension to be its index:
@@ -260,7 +264,9 @@ def default_chunking(
         per_row = min(per_row, inner) if inner is not None else min(per_row, 1000)
         chunks = (1,) * n_scan + spec.frame_shape
         block = (1,) * (n_scan - 1) + (per_row,)
-        if per_row > 1 and frame_bytes < SHARD_FRAMES_BELOW:
+        # zarr-python's sharding codec cannot hold structured values (it
+        # hashes the fill value, an unhashable numpy void): plain chunks.
+        if per_row > 1 and frame_bytes < SHARD_FRAMES_BELOW and spec.dtype.fields is None:
             return chunks, block + spec.frame_shape, block
         return chunks, None, block
     # Scalars: one chunk per run of points as long as the frames' blocks, so

@@ -10,7 +10,7 @@ from zarr.codecs import BloscCodec
 
 from ._errors import OptionError
 from ._layout import DEFAULT_SHARD_BYTES
-from ._plan import DEFAULT_NAME_TEMPLATE
+from ._plan import DEFAULT_NAME_TEMPLATE, check_name_template
 
 #: The default codec: Blosc LZ4 with bit-shuffle, the fastest of the
 #: compressors measured on detector-like frames (see the README's
@@ -118,6 +118,7 @@ def make_options(
         raise OptionError(f"workers= must be a positive integer, got {workers!r}")
     if not isinstance(name_template, str) or not name_template:
         raise OptionError(f"name_template= must be a non-empty string, got {name_template!r}")
+    check_name_template(name_template)
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error= must be one of {ON_ERROR}, got {on_error!r}")
     if store_wrapper is not None and not callable(store_wrapper):

@@ -7,6 +7,7 @@ of the point in the N-D scan, undoing snaking.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import string
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import DocumentError, OptionError, ScanIndexError, UnsafeNameError
+from ._validate import MAX_SCAN_POINTS, check_start, checked_shape
 
 #: The dimension name of scans and streams that grow as events arrive.
 TIME_DIM = "time"
@@ -119,43 +121,29 @@ def _snake_axes(start: Mapping[str, Any], ndim: int) -> list[bool]:
     return [False] * ndim
 
 
+def _hinted_dimensions(start: Mapping[str, Any]) -> list[Any]:
+    """``hints.dimensions`` (checked by :func:`check_start`), else ``[]``."""
+    hints = start.get("hints")
+    dimensions = hints.get("dimensions") if isinstance(hints, Mapping) else None
+    return list(dimensions) if dimensions is not None else []
+
+
 def _dimension_motors(start: Mapping[str, Any], stream: str) -> list[list[str]]:
     """Motor names per dimension, from ``hints.dimensions`` or ``motors``."""
-    hints = start.get("hints") or {}
-    dimensions = hints.get("dimensions") if isinstance(hints, Mapping) else None
-    if dimensions:
-        result = []
-        for entry in dimensions:
-            try:
-                fields, entry_stream = entry
-            except (TypeError, ValueError):
-                raise DocumentError(
-                    "start['hints']['dimensions'] entries must be "
-                    f"(fields, stream) pairs, got {entry!r}"
-                ) from None
-            if entry_stream == stream:
-                result.append([str(f) for f in fields])
-        if result:
-            return result
+    hinted = _hinted_dimensions(start)
+    result = [list(fields) for fields, entry_stream in hinted if entry_stream == stream]
+    if result:
+        return result
     motors = start.get("motors")
     if motors:
-        return [[str(m)] for m in motors]
+        return [[m] for m in motors]
     return []
 
 
 def primary_stream(start: Mapping[str, Any]) -> str:
     """The stream the scan dimensions apply to (``primary`` unless hinted)."""
-    hints = start.get("hints") or {}
-    dimensions = hints.get("dimensions") if isinstance(hints, Mapping) else None
-    if dimensions:
-        try:
-            return str(dimensions[0][1])
-        except (TypeError, IndexError):
-            raise DocumentError(
-                "start['hints']['dimensions'] entries must be (fields, stream) "
-                f"pairs, got {dimensions!r}"
-            ) from None
-    return "primary"
+    dimensions = _hinted_dimensions(start)
+    return str(dimensions[0][1]) if dimensions else "primary"
 
 
 def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> ScanPlan:
@@ -168,6 +156,7 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
     dims
         Optional user names for the scan dimensions, overriding the motors'.
     """
+    check_start(start)
     stream = primary_stream(start)
     motors_per_dim = _dimension_motors(start, stream)
     shape_doc = start.get("shape")
@@ -177,18 +166,17 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
         # seq_num does not say where a point lies. Points append instead.
         shape_doc = None
     if shape_doc is not None:
-        try:
-            shape = tuple(int(s) for s in shape_doc)
-        except (TypeError, ValueError):
-            raise DocumentError(
-                f"start['shape'] must be a sequence of integers, got {shape_doc!r}"
-            ) from None
+        # Refused before anything is allocated for it (setpoints, masks).
+        shape = checked_shape(
+            "start['shape']", shape_doc, limit=MAX_SCAN_POINTS, total="scan points"
+        )
         if not shape or any(s < 1 for s in shape):
             raise DocumentError(
                 f"start['shape'] must hold positive integers, got {shape_doc!r}"
             )
         if len(motors_per_dim) != len(shape):
             motors_per_dim = [[] for _ in shape]
+        _check_one_dimension_per_motor(motors_per_dim)
         snaking_doc = start.get("snaking") or _snake_axes(start, len(shape))
         if len(snaking_doc) != len(shape):
             raise DocumentError(
@@ -200,7 +188,11 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
     else:
         # count, list_scan, scan, adaptive and fly scans: one growing dimension.
         if len(motors_per_dim) > 1:
-            motors_per_dim = [[m for ms in motors_per_dim for m in ms]]
+            # Several motors stepped together, listed as separate entries:
+            # bluesky builds those lists from a set (scan_nd's cycler keys), so
+            # their order changes from one process to the next. Sorted, the
+            # dimension is named after the same motor every time.
+            motors_per_dim = [sorted({m for ms in motors_per_dim for m in ms})]
         if not motors_per_dim:
             motors_per_dim = [[]]
         snaking = (False,)
@@ -257,12 +249,40 @@ def _dimension_names(
                 names.append(TIME_DIM)
             else:
                 names.append(f"dim_{axis}")
+        # Distinct motors whose names sanitise alike (``m:1``, ``m_1``) or
+        # that look like a numbered dimension: later ones get a suffix.
+        for axis, name in enumerate(names):
+            while name in names[:axis]:
+                name += "_"
+            names[axis] = name
     if len(set(names)) != len(names):
         raise OptionError(f"scan dimension names must be distinct, got {names!r}")
     return names
 
 
+def _check_one_dimension_per_motor(motors_per_dim: Sequence[Sequence[str]]) -> None:
+    """Refuse a start document that has one motor step two scan dimensions."""
+    axis_of: dict[str, int] = {}
+    for axis, motors in enumerate(motors_per_dim):
+        for motor in motors:
+            if axis_of.setdefault(motor, axis) != axis:
+                raise DocumentError(
+                    f"the start document's hints.dimensions (or motors) name the motor "
+                    f"{motor!r} for scan dimensions {axis_of[motor]} and {axis}; each "
+                    f"motor steps one dimension, got {[list(m) for m in motors_per_dim]!r}"
+                )
+
+
 DEFAULT_NAME_TEMPLATE = "{scan_id:05d}-{uid:.8}"
+
+
+#: Longest store name component, in bytes (UTF-8). File names may have 255
+#: bytes; the writer adds a hidden lock file ``.<name>.lock`` and may add a
+#: hidden temporary directory ``.<name>.tmp-XXXXXXXX`` beside each store.
+MAX_NAME_BYTES = 200
+
+# A template field: a start document key, then any number of [index] parts.
+_TEMPLATE_FIELD = re.compile(r"[^.\[\]]+(?:\[[^\]]+\])*")
 
 
 class _SafeFormatter(string.Formatter):
@@ -272,20 +292,75 @@ class _SafeFormatter(string.Formatter):
         return sanitize_name(super().format_field(value, format_spec))
 
 
-def store_name(template: str, start: Mapping[str, Any]) -> list[str]:
-    """The parts of a run's store name: ``template`` formatted over ``start``.
-
-    Values from the start document are sanitised; literal ``/`` in the
-    template separates the parts (subdirectories). The last part ends in
-    ``.zarr``; no part is empty, ``.`` or ``..``.
+def check_name_template(template: str) -> None:
+    """Raise :class:`OptionError` for a name template that no start document
+    can fill: a path leaving the root, bad syntax (``"{scan_id"``), a
+    positional field (``{}``) or a field taking an attribute (``{sample.real}``).
+    Fields may index into the start document (``{plan_args[num]}``).
     """
     if Path(template).is_absolute() or ".." in Path(template).parts:
         raise OptionError(
             f"name_template must be a relative path inside the root, got {template!r}"
         )
+    _check_template_fields(template, template)
+
+
+def _check_template_fields(text: str, template: str) -> None:
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as err:
+        raise OptionError(
+            f"name_template {template!r} is not a valid format string: {err}"
+        ) from None
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not field or field.split("[")[0].isdigit():
+            raise OptionError(
+                f"name_template fields must name start document fields, like "
+                f"{{scan_id}}, got {{{field}}} in {template!r}"
+            )
+        if not _TEMPLATE_FIELD.fullmatch(field):
+            if "." in re.sub(r"\[[^\]]*\]", "", field):
+                raise OptionError(
+                    f"name_template fields may index into the start document "
+                    f"({{plan_args[num]}}) but not take attributes, got {{{field}}} "
+                    f"in {template!r}"
+                )
+            raise OptionError(f"name_template {template!r} has a malformed field {{{field}}}")
+        if conversion not in (None, "r", "s", "a"):
+            raise OptionError(
+                f"name_template {template!r}: unknown conversion !{conversion} in "
+                f"{{{field}}} (expected !r, !s or !a)"
+            )
+        if spec:
+            _check_template_fields(spec, template)
+
+
+def shorten_name(part: str, limit: int = MAX_NAME_BYTES) -> str:
+    """``part``, or if it is longer than ``limit`` bytes (UTF-8), its start
+    followed by ``-`` and 8 hex digits of the SHA-256 of the whole of it: as
+    long as ``limit``, recognisable, and distinct for distinct parts."""
+    raw = part.encode()
+    if len(raw) <= limit:
+        return part
+    digest = hashlib.sha256(raw).hexdigest()[:8]
+    head = raw[: limit - len(digest) - 1].decode("utf-8", errors="ignore")
+    return f"{head}-{digest}"
+
+
+def store_name(template: str, start: Mapping[str, Any]) -> list[str]:
+    """The parts of a run's store name: ``template`` formatted over ``start``.
+
+    Values from the start document are sanitised; literal ``/`` in the
+    template separates the parts (subdirectories). The last part ends in
+    ``.zarr``; no part is empty, ``.`` or ``..``, and no part is longer than
+    :data:`MAX_NAME_BYTES` (longer ones are shortened by :func:`shorten_name`).
+    """
+    check_name_template(template)
     try:
         name = _SafeFormatter().vformat(template, (), _Defaulting(start))
-    except (KeyError, IndexError, ValueError, TypeError) as err:
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
         raise DocumentError(
             f"cannot build the store name from name_template {template!r} and the "
             f"start document: {err!r}"
@@ -295,7 +370,10 @@ def store_name(template: str, start: Mapping[str, Any]) -> list[str]:
         raise UnsafeNameError(
             f"name_template {template!r} gives an empty or unsafe store name {name!r}"
         )
-    parts[-1] += ".zarr"
+    suffix = ".zarr"
+    parts = [shorten_name(p) for p in parts[:-1]] + [
+        shorten_name(parts[-1], MAX_NAME_BYTES - len(suffix)) + suffix
+    ]
     return parts
 
 

@@ -27,6 +27,7 @@ from ._options import WriterOptions
 from ._plan import plan_scan
 from ._storage import LocalRoot, Root, StoreLock
 from ._stream import REFUSED_FILE, StreamWriter, consolidate
+from ._validate import check_event, check_event_page
 from ._version import __version__
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,9 @@ def json_safe(value: Any) -> Any:
             return f"<array shape={value.shape} dtype={value.dtype} not stored in metadata>"
         return json_safe(value.tolist())
     if isinstance(value, np.generic):
-        return json_safe(value.item())
+        item = value.item()
+        # float128 and the like have no Python equivalent: item() returns them as is.
+        return repr(value) if isinstance(item, np.generic) else json_safe(item)
     if isinstance(value, float):
         if math.isfinite(value):
             return value
@@ -195,10 +198,12 @@ class RunWriter(DocumentRouter):
         return doc
 
     def event(self, doc: Event) -> Event:
+        check_event(doc)
         self.event_page(pack_event_page(doc))
         return doc
 
     def event_page(self, doc: EventPage) -> EventPage:
+        check_event_page(doc)
         self.check_health()
         stream = self.descriptors[doc["descriptor"]]
         seq_nums = np.asarray(doc.get("seq_num", []))
@@ -392,7 +397,7 @@ class RunWriter(DocumentRouter):
                 reasons.append(incomplete_reason or "no stop document came")
             else:
                 attributes["stop"] = json_safe(doc)
-                attributes["exit_status"] = doc.get("exit_status", "unknown")
+                attributes["exit_status"] = json_safe(doc.get("exit_status", "unknown"))
                 missing = self._missing_points(doc, info["streams"])
                 if missing:
                     info["missing"] = missing

@@ -16,6 +16,7 @@ from ._options import DEFAULT_MAX_BUFFER_BYTES, WriterOptions, make_options
 from ._plan import DEFAULT_NAME_TEMPLATE
 from ._run import RunWriter
 from ._storage import resolve_root
+from ._validate import check_bulk_events, check_document
 
 _KINDS = {
     "start",
@@ -185,6 +186,7 @@ class ZarrWriter:
         """
         if name == "bulk_events" and isinstance(doc, Mapping):
             # The legacy batch of events: the same events as event pages.
+            check_bulk_events(doc)
             for page in bulk_events_to_event_pages(dict(doc)):
                 self("event_page", page)
             return name, doc
@@ -209,6 +211,7 @@ class ZarrWriter:
             raise DocumentError(f"unknown document kind {name!r}")
         if not isinstance(doc, Mapping):
             raise DocumentError(f"a {name} document must be a mapping, got {type(doc).__name__}")
+        check_document(name, doc)
         self._check_order(name, doc)
         if name == "start":
             run = RunWriter(self.storage, self.options, self.buffer, len(self._runs))
