@@ -220,12 +220,9 @@ class ZarrWriter:
             self._runs[doc["uid"]] = run
         try:
             result = self._router(name, doc)
-        except BaseException as err:
+        except BaseException:
             if name == "start":
                 self._runs.pop(doc["uid"]).close_incomplete("the start document was refused")
-            if name == "descriptor" and isinstance(err, Exception):
-                # Its events cannot be placed: they are refused (and kept) too.
-                self._refused_descriptors[doc["uid"]] = (doc["run_start"], repr(err))
             if name == "stop":
                 # The run was finalised even though its stop raised (a write
                 # failure reported late): it is no longer open.
@@ -265,8 +262,13 @@ class ZarrWriter:
 
     def _keep_refused(self, name: str, doc: Any, error: BaseException) -> None:
         run = self._run_of(name, doc)
-        if run is not None and not run.finished:
-            run.refuse(name, doc, error)
+        if run is None or run.finished:
+            return
+        run.refuse(name, doc, error)
+        uid = doc.get("uid")
+        if name == "descriptor" and isinstance(uid, str) and uid not in self._descriptors:
+            # Its events cannot be placed: they are refused (and kept) too.
+            self._refused_descriptors[uid] = (doc["run_start"], repr(error))
 
     def _forget(self, run_start: str) -> None:
         """Drop what this writer keeps of a run that has stopped."""
