@@ -25,7 +25,7 @@ import os
 import secrets
 import shutil
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,28 +118,36 @@ class GuardedLocalStore(LocalStore):
         await asyncio.to_thread(self._put, key, value, exclusive)
 
     def _put(self, key: str, value: Buffer, exclusive: bool) -> None:
-        parts = key.split("/")
-        if "c" in parts:
-            depth = parts.index("c")
-        elif parts[-1] == "zarr.json":
-            depth = len(parts) - 2
+        self.write_parts(key, [value.as_buffer_like()], exclusive=exclusive)
+
+    def write_parts(self, key: str, parts: Sequence[Any], *, exclusive: bool = False) -> None:
+        """Write the concatenation of ``parts`` (buffers) as the value of ``key``,
+        in one call, to a temporary file renamed into place."""
+        names = key.split("/")
+        if "c" in names:
+            depth = names.index("c")
+        elif names[-1] == "zarr.json":
+            depth = len(names) - 2
         else:
-            depth = len(parts) - 1
-        directory = self.root.joinpath(*parts[:depth])
+            depth = len(names) - 1
+        directory = self.root.joinpath(*names[:depth])
         try:
             if not directory.is_dir():
                 raise FileNotFoundError(errno.ENOENT, "no such directory", str(directory))
-            for part in parts[depth:-1]:
-                directory = directory / part
+            for name in names[depth:-1]:
+                directory = directory / name
                 try:
                     directory.mkdir()
                 except FileExistsError:
                     pass
-            path = directory / parts[-1]
+            path = directory / names[-1]
             partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
             try:
-                with partial.open("wb") as file:
-                    file.write(value.as_buffer_like())
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    _write_all(fd, parts)
+                finally:
+                    os.close(fd)
                 if exclusive:
                     os.link(partial, path)  # FileExistsError if it exists
                     partial.unlink()
@@ -154,6 +162,21 @@ class GuardedLocalStore(LocalStore):
                 f"the store {self.root} has been deleted or damaged during the run "
                 f"({err.filename} is missing); not recreating it",
             ) from err
+
+
+def _write_all(fd: int, parts: Sequence[Any]) -> None:
+    """Write every byte of ``parts`` to ``fd`` (``writev`` writes may be short)."""
+    views = [memoryview(p).cast("B") for p in parts]
+    views = [v for v in views if v.nbytes]
+    while views:
+        written = os.writev(fd, views[:1024])
+        while written:
+            if written >= views[0].nbytes:
+                written -= views[0].nbytes
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0
 
 
 def is_url(root: str | os.PathLike[str]) -> bool:

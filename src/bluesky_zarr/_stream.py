@@ -28,6 +28,7 @@ import zarr
 from zarr.core.sync import sync
 
 from ._errors import DataShapeError, DataTypeError, DocumentError
+from ._io import DirectWriter
 from ._layout import (
     ArraySpec,
     StreamLayout,
@@ -159,6 +160,9 @@ class ArraySink:
         #: Blocks handed to the writer at least once: later writes merge.
         self.submitted: set[tuple[int, ...]] = set()
         self.accepted = _ACCEPTED_KINDS.get(spec.dtype.kind, spec.dtype.kind)
+        #: Writes whole blocks without zarr-python's per-write path, where the
+        #: array's codecs allow (see ``_io``).
+        self.direct = DirectWriter.of(array)
 
     def check(self, value: Any) -> np.ndarray:
         """The value as an array of this sink's frame shape, or a clear error."""
@@ -508,6 +512,8 @@ class StreamWriter:
             current = np.asarray(sink.array[region])
             current[filled] = data[filled]
             sink.array[region] = current
+        elif sink.direct is not None:
+            sink.direct.write(block.origin, data, sink.array.shape)
         else:
             sink.array[region] = data
         self.mark_on_disk(sink, region, filled)
