@@ -17,7 +17,9 @@ reproduce keep zarr-python's path (:meth:`DirectWriter.of` returns ``None``).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import google_crc32c
@@ -52,10 +54,13 @@ class _Encoder:
         if not codecs or not isinstance(codecs[0], BytesCodec):
             raise NotImplementedError("the first codec is not 'bytes'")
         endian = codecs[0].endian
-        self.swap = dtype.itemsize > 1 and endian is not None and (
-            (endian.value == "little") != (dtype.byteorder in "<" or (
-                dtype.byteorder in "=|" and np.little_endian
-            ))
+        self.swap = (
+            dtype.itemsize > 1
+            and endian is not None
+            and (
+                (endian.value == "little")
+                != (dtype.byteorder in "<" or (dtype.byteorder in "=|" and np.little_endian))
+            )
         )
         for codec in codecs[1:]:
             if isinstance(codec, BloscCodec) and self.blosc is None:
@@ -73,6 +78,19 @@ class _Encoder:
                 )
             else:
                 raise NotImplementedError(f"codec {codec!r}")
+
+    def decode(self, encoded: Any, out: np.ndarray) -> None:
+        """Decode into ``out`` the chunk that :meth:`__call__` encoded."""
+        target = out if out.flags.c_contiguous else np.empty_like(out)
+        raw = target.reshape(-1).view(np.uint8)
+        if self.blosc is None:
+            raw[:] = np.frombuffer(encoded, dtype=np.uint8)
+        else:
+            self.blosc.decode(encoded, out=raw)
+        if self.swap:
+            target.byteswap(inplace=True)
+        if target is not out:
+            out[...] = target
 
     def __call__(self, chunk: np.ndarray) -> Any:
         data = np.ascontiguousarray(chunk)
@@ -155,6 +173,59 @@ class DirectWriter:
         for key in itertools.product(*ranges):
             self._write_unit(key, self._unit_data(key, origin, data), shape)
 
+    def read(
+        self, origin: tuple[int, ...], size: tuple[int, ...], shape: tuple[int, ...]
+    ) -> np.ndarray:
+        """What the files hold for the region of ``size`` at ``origin``, which
+        spans whole write units (or ends at the array's edge): the inverse of
+        :meth:`write`, for merging a block with what an earlier write left."""
+        origin = tuple(origin) + (0,) * (len(size) - len(origin))
+        ranges = [range(o // u, -(-(o + n) // u)) for o, n, u in zip(origin, size, self.unit)]
+        keys = list(itertools.product(*ranges))
+        if len(keys) == 1 and tuple(size) == self.unit:
+            return self._read_unit(keys[0])
+        out = np.empty(size, dtype=self.encode.dtype)
+        for key in keys:
+            start = tuple(k * u for k, u in zip(key, self.unit))
+            unit = self._read_unit(key)
+            target = tuple(
+                slice(max(s, o) - o, min(s + u, o + n) - o)
+                for s, u, o, n in zip(start, self.unit, origin, size)
+            )
+            source = tuple(
+                slice(t.start + o - s, t.stop + o - s) for t, o, s in zip(target, origin, start)
+            )
+            out[target] = unit[source]
+        return out
+
+    def _read_unit(self, key: tuple[int, ...]) -> np.ndarray:
+        """The full image of one unit as its file holds it (the fill value
+        where the file or a chunk of it is absent)."""
+        path = self.store.root / self.path / "c" / Path(*(str(k) for k in key))
+        unit = np.empty(self.unit, dtype=self.encode.dtype)
+        try:
+            encoded = memoryview(path.read_bytes())
+        except FileNotFoundError:
+            unit[...] = self.fill
+            return unit
+        if self.sharding is None:
+            self.encode.decode(encoded, unit)
+            return unit
+        count = math.prod(self.per_shard) * 16
+        raw_index = bytes(encoded[:count] if self.index_at_start else encoded[-count - 4 : -4])
+        checksum = bytes(encoded[count : count + 4] if self.index_at_start else encoded[-4:])
+        if np.uint32(google_crc32c.value(raw_index)).astype("<u4").tobytes() != checksum:
+            raise OSError(f"{path}: the shard index does not match its checksum")
+        index = np.frombuffer(raw_index, dtype="<u8").reshape(self.per_shard + (2,))
+        for position in itertools.product(*(range(n) for n in self.per_shard)):
+            offset, length = (int(v) for v in index[position])
+            place = tuple(slice(p * c, (p + 1) * c) for p, c in zip(position, self.chunk))
+            if offset == _ABSENT:
+                unit[place] = self.fill
+            else:
+                self.encode.decode(encoded[offset : offset + length], unit[place])
+        return unit
+
     def _unit_data(
         self, key: tuple[int, ...], origin: tuple[int, ...], data: np.ndarray
     ) -> np.ndarray:
@@ -195,9 +266,7 @@ class DirectWriter:
             corner = tuple(s + p * c for s, p, c in zip(start, position, self.chunk))
             if any(x >= n for x, n in zip(corner, shape)):
                 continue
-            chunk = unit[
-                tuple(slice(p * c, (p + 1) * c) for p, c in zip(position, self.chunk))
-            ]
+            chunk = unit[tuple(slice(p * c, (p + 1) * c) for p, c in zip(position, self.chunk))]
             encoded = self.encode(chunk)
             length = memoryview(encoded).nbytes
             index[position] = (offset, length)

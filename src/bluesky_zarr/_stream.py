@@ -509,10 +509,15 @@ class StreamWriter:
         if self.growing:
             self.ensure_length(region[0].stop)
         if merge:
-            current = np.asarray(sink.array[region])
+            # What an earlier write of this block left on disk, with the new
+            # points placed over it.
+            if sink.direct is not None:
+                current = sink.direct.read(block.origin, data.shape, sink.array.shape)
+            else:
+                current = np.asarray(sink.array[region])
             current[filled] = data[filled]
-            sink.array[region] = current
-        elif sink.direct is not None:
+            data = current
+        if sink.direct is not None:
             sink.direct.write(block.origin, data, sink.array.shape)
         else:
             sink.array[region] = data
