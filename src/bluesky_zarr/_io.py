@@ -174,17 +174,19 @@ class DirectWriter:
             self._write_unit(key, self._unit_data(key, origin, data), shape)
 
     def read(
-        self, origin: tuple[int, ...], size: tuple[int, ...], shape: tuple[int, ...]
+        self, origin: tuple[int, ...], size: tuple[int, ...], out: np.ndarray | None = None
     ) -> np.ndarray:
         """What the files hold for the region of ``size`` at ``origin``, which
         spans whole write units (or ends at the array's edge): the inverse of
-        :meth:`write`, for merging a block with what an earlier write left."""
+        :meth:`write`, for merging a block with what an earlier write left.
+        Read into ``out`` when given (of ``size`` and the array's dtype)."""
         origin = tuple(origin) + (0,) * (len(size) - len(origin))
         ranges = [range(o // u, -(-(o + n) // u)) for o, n, u in zip(origin, size, self.unit)]
         keys = list(itertools.product(*ranges))
         if len(keys) == 1 and tuple(size) == self.unit:
-            return self._read_unit(keys[0])
-        out = np.empty(size, dtype=self.encode.dtype)
+            return self._read_unit(keys[0], out)
+        if out is None:
+            out = np.empty(size, dtype=self.encode.dtype)
         for key in keys:
             start = tuple(k * u for k, u in zip(key, self.unit))
             unit = self._read_unit(key)
@@ -198,11 +200,12 @@ class DirectWriter:
             out[target] = unit[source]
         return out
 
-    def _read_unit(self, key: tuple[int, ...]) -> np.ndarray:
+    def _read_unit(self, key: tuple[int, ...], unit: np.ndarray | None = None) -> np.ndarray:
         """The full image of one unit as its file holds it (the fill value
-        where the file or a chunk of it is absent)."""
+        where the file or a chunk of it is absent), in ``unit`` if given."""
         path = self.store.root / self.path / "c" / Path(*(str(k) for k in key))
-        unit = np.empty(self.unit, dtype=self.encode.dtype)
+        if unit is None:
+            unit = np.empty(self.unit, dtype=self.encode.dtype)
         try:
             encoded = memoryview(path.read_bytes())
         except FileNotFoundError:

@@ -108,8 +108,13 @@ class GuardedLocalStore(LocalStore):
     a write needs the node it belongs to (a chunk its array's directory, a
     node's ``zarr.json`` its parent group's directory) and makes only the
     directories below it, one at a time, so a node deleted meanwhile is not
-    made again. Each file is written to a temporary name and renamed.
+    made again. Each file is written to a temporary name and renamed; with
+    ``durable`` set, it is also flushed to the device (``fsync``), and so is
+    its directory, before the write returns.
     """
+
+    #: fsync each file and its directory before a write returns.
+    durable = False
 
     async def _set(self, key: str, value: Buffer, exclusive: bool = False) -> None:
         if not self._is_open:
@@ -146,6 +151,8 @@ class GuardedLocalStore(LocalStore):
                 fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
                     _write_all(fd, parts)
+                    if self.durable:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
                 if exclusive:
@@ -153,6 +160,8 @@ class GuardedLocalStore(LocalStore):
                     partial.unlink()
                 else:
                     partial.replace(path)
+                if self.durable:
+                    _fsync_directory(directory)
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
@@ -162,6 +171,15 @@ class GuardedLocalStore(LocalStore):
                 f"the store {self.root} has been deleted or damaged during the run "
                 f"({err.filename} is missing); not recreating it",
             ) from err
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, parts: Sequence[Any]) -> None:
@@ -187,8 +205,9 @@ def is_url(root: str | os.PathLike[str]) -> bool:
 class LocalRoot:
     """Stores as directories below a local root directory."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], durable: bool = False) -> None:
         self.directory = Path(directory)
+        self.durable = durable
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
@@ -239,6 +258,8 @@ class LocalRoot:
         try:
             aside.mkdir()
             (aside / "zarr.json").write_bytes(metadata)
+            if self.durable:
+                _fsync_directory(aside)
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
                 path.rename(old)
@@ -246,10 +267,14 @@ class LocalRoot:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 aside.rename(path)
+            if self.durable:
+                _fsync_directory(path.parent)
         except OSError as err:
             shutil.rmtree(aside, ignore_errors=True)
             raise StorageError(f"cannot create the store {path}: {err}") from err
-        return path, GuardedLocalStore(path)
+        store = GuardedLocalStore(path)
+        store.durable = self.durable
+        return path, store
 
     @staticmethod
     def _remove_leftovers(path: Path) -> None:
@@ -307,17 +332,20 @@ Root = LocalRoot | FsspecRoot
 
 
 def resolve_root(
-    root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+    root: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    durable: bool = False,
 ) -> Root:
     """The storage root named by a directory or an ``s3://bucket/prefix`` URL."""
     if is_url(root):
+        # An object is durable once its write returns.
         return FsspecRoot(str(root), storage_options)
     if storage_options:
         raise OptionError(
             f"storage_options= apply to object storage URLs (s3://...), not to the "
             f"local directory {str(root)!r}"
         )
-    return LocalRoot(root)
+    return LocalRoot(root, durable=durable)
 
 
 def open_store(

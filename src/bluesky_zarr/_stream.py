@@ -512,15 +512,22 @@ class StreamWriter:
             # What an earlier write of this block left on disk, with the new
             # points placed over it.
             if sink.direct is not None:
-                current = sink.direct.read(block.origin, data.shape, sink.array.shape)
+                # A buffer kept for reuse, where there is one: no fresh memory.
+                reused = self.run.buffer.pool.take(data.shape, data.dtype)
+                current = sink.direct.read(block.origin, data.shape, reused)
             else:
+                reused = None
                 current = np.asarray(sink.array[region])
             current[filled] = data[filled]
             data = current
+        else:
+            reused = None
         if sink.direct is not None:
             sink.direct.write(block.origin, data, sink.array.shape)
         else:
             sink.array[region] = data
+        if reused is not None:
+            self.run.buffer.pool.give(reused)
         self.mark_on_disk(sink, region, filled)
 
     def ensure_length(self, length: int) -> None:

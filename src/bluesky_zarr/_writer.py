@@ -10,7 +10,13 @@ from typing import Any
 from event_model import RunRouter, bulk_events_to_event_pages
 
 from ._buffer import BlockBuffer
-from ._errors import BlueskyZarrError, DocumentError, DocumentOrderError, WriteError
+from ._errors import (
+    BlueskyZarrError,
+    DocumentError,
+    DocumentOrderError,
+    OptionError,
+    WriteError,
+)
 from ._layout import DEFAULT_SHARD_BYTES
 from ._options import DEFAULT_MAX_BUFFER_BYTES, WriterOptions, make_options
 from ._plan import DEFAULT_NAME_TEMPLATE
@@ -114,6 +120,11 @@ class ZarrWriter:
         Directories by the ``root`` that resources name, for files mounted
         elsewhere here than where the detector wrote them; also applied to the
         leading directories of stream resources' ``file://`` URIs.
+    durable
+        Flush every file (and its directory) to the device before a point is
+        marked written, so that what ``_written`` claims survives a power
+        loss, at the cost of an ``fsync`` per file. Off by default: the
+        operating system writes the files back within seconds.
     """
 
     def __init__(
@@ -136,8 +147,11 @@ class ZarrWriter:
         external: str = "fill",
         handler_registry: Mapping[str, Any] | None = None,
         root_map: Mapping[str, str] | None = None,
+        durable: bool = False,
     ) -> None:
-        self.storage = resolve_root(directory, storage_options)
+        if not isinstance(durable, bool):
+            raise OptionError(f"durable= must be True or False, got {durable!r}")
+        self.storage = resolve_root(directory, storage_options, durable)
         self.directory: Path | str = self.storage.display
         self.options: WriterOptions = make_options(
             dims=dims,
