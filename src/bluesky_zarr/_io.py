@@ -167,6 +167,8 @@ class DirectWriter:
         (or ending at the edge of the array, whose shape is ``shape``), one
         file per unit."""
         origin = tuple(origin) + (0,) * (data.ndim - len(origin))
+        # The array's own dtype, byte order included: its bytes are what is encoded.
+        data = data.astype(self.encode.dtype, copy=False)
         ranges = [
             range(o // u, -(-(o + n) // u)) for o, n, u in zip(origin, data.shape, self.unit)
         ]

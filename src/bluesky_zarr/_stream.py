@@ -499,8 +499,12 @@ class StreamWriter:
         data = block.data
         if self.growing and block.count < block.expected:
             # Write only up to the last point received: the array's length
-            # never claims points that have not been measured.
+            # never claims points that have not been measured. A merge keeps
+            # the extent an earlier write of the block reached (its points
+            # past this write's last are on disk, and must stay).
             last = int(np.flatnonzero(filled)[-1]) + 1
+            if merge:
+                last = max(last, min(filled.shape[0], sink.array.shape[0] - block.origin[0]))
             filled = filled[:last]
             data = data[:last]
         if block.count < block.expected:
