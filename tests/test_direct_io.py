@@ -452,7 +452,7 @@ class Scan:
 
 
 SMALL = (16, 24)
-#: 256 KiB of uint16: frames this large get one chunk (file) each.
+#: 256 KiB of uint16: row shards too, of fewer frames each.
 LARGE = (256, 512)
 SMALL_BYTES = SMALL[0] * SMALL[1] * 2
 
@@ -460,7 +460,9 @@ SCANS = {
     "default-row-shards": Scan(
         SMALL, {}, ("cam_image", "det", "seq_num", "time"), (1, 1) + SMALL, (1, N_INNER) + SMALL
     ),
-    "large-frames": Scan(LARGE, {}, ("cam_image", "det"), (1, 1) + LARGE, None),
+    "large-frames": Scan(
+        LARGE, {}, ("cam_image", "det"), (1, 1) + LARGE, (1, N_INNER) + LARGE
+    ),
     # Chunks of all wavelengths at a position complete only in the last row;
     # a small buffer spills them early, and later blocks merge.
     "outer-chunks-merging": Scan(

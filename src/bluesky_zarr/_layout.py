@@ -237,12 +237,6 @@ def plan_stream(
     return layout
 
 
-#: Frames smaller than this are grouped into shards by default: many small
-#: files cost more than sharding. Larger frames are one chunk file each,
-#: which zarr-python writes faster than shards (see the benchmark).
-SHARD_FRAMES_BELOW = 256 * 2**10
-
-
 def default_chunking(
     layout: StreamLayout,
     spec: ArraySpec,
@@ -251,9 +245,9 @@ def default_chunking(
     """Default chunks, shards and write blocks (over the scan dimensions).
 
     A chunk is one frame. The frames that arrive in a row along the innermost
-    scan dimension (up to ``shard_bytes``) form one write block: written in
-    one go when the row is complete, as one shard file for small frames or as
-    one file per frame otherwise.
+    scan dimension (up to ``shard_bytes``) form one write block and one
+    shard: written in one go, as one file, when the row is complete. A frame
+    of ``shard_bytes`` or more is a file of its own.
     """
     assert spec.frame_shape is not None and spec.dtype is not None
     n_scan = len(layout.scan_dims)
@@ -266,7 +260,7 @@ def default_chunking(
         block = (1,) * (n_scan - 1) + (per_row,)
         # zarr-python's sharding codec cannot hold structured values (it
         # hashes the fill value, an unhashable numpy void): plain chunks.
-        if per_row > 1 and frame_bytes < SHARD_FRAMES_BELOW and spec.dtype.fields is None:
+        if per_row > 1 and spec.dtype.fields is None:
             return chunks, block + spec.frame_shape, block
         return chunks, None, block
     # Scalars: one chunk per run of points as long as the frames' blocks, so
