@@ -342,20 +342,25 @@ def zarr_writer_store_check(store: Path, scan: Scan) -> Callable[[], None]:
     return check
 
 
+def zarr_writer_written(writer: ZarrWriter, scan: Scan, callback: list[float]) -> Written:
+    """What a ZarrWriter case wrote: its store's frames, checked afterwards."""
+    store = Path(writer.stores[0])
+    return Written(
+        callback,
+        writer.options.max_buffer_bytes,
+        ("zarr", store / "primary" / "cam_image"),
+        scan,
+        check=zarr_writer_store_check(store, scan),
+    )
+
+
 def zarr_writer_case(**options: Any) -> Callable[[Scan, Path], Go]:
     def prepare(scan: Scan, directory: Path) -> Go:
         writer = ZarrWriter(directory, **options)
 
         def go() -> Written:
             callback = feed(scan, writer)
-            store = Path(writer.stores[0])
-            return Written(
-                callback,
-                writer.options.max_buffer_bytes,
-                ("zarr", store / "primary" / "cam_image"),
-                scan,
-                check=zarr_writer_store_check(store, scan),
-            )
+            return zarr_writer_written(writer, scan, callback)
 
         return go
 
@@ -418,14 +423,7 @@ def run_engine_case(**options: Any) -> Callable[[Scan, Path], Go]:
                     snake_axes=True,
                 )
             )
-            store = Path(writer.stores[0])
-            return Written(
-                callback,
-                writer.options.max_buffer_bytes,
-                ("zarr", store / "primary" / "cam_image"),
-                scan,
-                check=zarr_writer_store_check(store, scan),
-            )
+            return zarr_writer_written(writer, scan, callback)
 
         return go
 

@@ -212,6 +212,9 @@ class StreamWriter:
         self.on_disk: dict[str, np.ndarray] = {}
         self.coord_values: dict[str, np.ndarray] = {}
         self.coord_arrays: dict[str, zarr.Array] = {}
+        #: Direct writers of the mask and coordinates, by array path (None:
+        #: zarr-python writes that array).
+        self._direct: dict[str, DirectWriter | None] = {}
         #: Coordinates that event data update (setpoint data, or any for
         #: dimensions whose setpoints the start document does not give).
         self.coord_from_data: dict[str, str] = {}
@@ -248,6 +251,7 @@ class StreamWriter:
                     "long_name": f"{motor} setpoint",
                     "motor": motor,
                 },
+                compressors=self.run.options.compressors,
                 config={"write_empty_chunks": True},
             )
             if values.size:
@@ -562,7 +566,7 @@ class StreamWriter:
             # Write the mask only when points became complete: most blocks
             # (scalars arriving before their frames) change nothing.
             if (written & filled).any():
-                self.written[region] = written
+                self._update(self.written, region, written)
             for name in self.coord_from_data:
                 array = self.coord_arrays[name]
                 axis = self.layout.scan_dims.index(self.layout.coords[name])
@@ -570,7 +574,26 @@ class StreamWriter:
                 values = self.coord_values[name]
                 stop = min(part.stop, values.shape[0], array.shape[0])
                 if part.start < stop:
-                    array[part.start : stop] = values[part.start : stop]
+                    self._update(array, (slice(part.start, stop),), values[part.start : stop])
+
+    def _update(self, array: zarr.Array, region: tuple[slice, ...], values: np.ndarray) -> None:
+        """Write ``values`` over ``region`` of a small array (the mask, a
+        coordinate), keeping the rest of the write units it touches; under
+        ``self.lock``, the only writer of these arrays."""
+        if array.path not in self._direct:
+            self._direct[array.path] = DirectWriter.of(array)
+        direct = self._direct[array.path]
+        if direct is None:
+            array[region] = values
+            return
+        unit = array.shards or array.chunks
+        start = tuple(r.start // u * u for r, u in zip(region, unit))
+        size = tuple(
+            min(-(-r.stop // u) * u, n) - s for r, u, n, s in zip(region, unit, array.shape, start)
+        )
+        hull = direct.read(start, size)
+        hull[tuple(slice(r.start - s, r.stop - s) for r, s in zip(region, start))] = values
+        direct.write(start, hull, array.shape)
 
     def summary(self) -> dict[str, Any]:
         """Counts for the stop record: points on disk in every array
