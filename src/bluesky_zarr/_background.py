@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._buffer import MemoryBudget
+from ._buffer import MemoryBudget, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,11 @@ class BackgroundWriter:
                 with self._cond:
                     self.failures.append(Failure(err, what))
             finally:
-                self.budget.finish(nbytes, copies)
                 done()
+                # What the job freed leaves the process before the budget
+                # counts it free (see release_free_memory).
+                release_free_memory()
+                self.budget.finish(nbytes, copies)
                 with self._cond:
                     self._pending -= 1
                     self._cond.notify_all()

@@ -536,6 +536,7 @@ class StreamWriter:
             sink.array[region] = data
         if reused is not None:
             self.run.buffer.pool.give(reused)
+
         self.mark_on_disk(sink, region, filled)
 
     def ensure_length(self, length: int) -> None:
