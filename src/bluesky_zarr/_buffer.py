@@ -139,27 +139,38 @@ class BufferPool:
 
     Fresh memory costs the RunEngine's thread a page fault (and the kernel a
     page of zeros) for every 4 KiB it first writes: about as much as copying
-    the frame itself. A reused buffer is already mapped.
+    the frame itself. A reused buffer is already mapped. The pool keeps at
+    most ``per_shape`` buffers of a shape and a quarter of the budget in all
+    (interleaved runs have blocks of several shapes).
     """
 
     def __init__(self, budget: MemoryBudget, per_shape: int = 4) -> None:
         self.budget = budget
         self.per_shape = per_shape
         self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        self._kept = 0
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
         with self._lock:
             free = self._free.get((shape, dtype.str))
-            return free.pop() if free else None
+            if not free:
+                return None
+            array = free.pop()
+            self._kept -= array.nbytes
+            return array
 
     def give(self, array: np.ndarray) -> None:
         """Keep ``array`` for a later block, or give its memory up."""
         if array.dtype.kind != "O":
             with self._lock:
                 free = self._free.setdefault((array.shape, array.dtype.str), [])
-                if len(free) < self.per_shape:
+                if (
+                    len(free) < self.per_shape
+                    and self._kept + array.nbytes <= self.budget.limit // 4
+                ):
                     free.append(array)
+                    self._kept += array.nbytes
                     return
         self.budget.free(array.nbytes)
 
@@ -168,6 +179,7 @@ class BufferPool:
         with self._lock:
             arrays = [a for free in self._free.values() for a in free]
             self._free.clear()
+            self._kept = 0
         for array in arrays:
             self.budget.free(array.nbytes)
         return bool(arrays)
