@@ -42,5 +42,5 @@ def test_interleaved_runs_share_one_bound():
     # Four runs at once hold what one writer's bound allows, not four times it.
     result = measure("interleaved")
     assert result["runs"] == 4 and result["data_MiB"] > 4 * result["bound_MiB"]
-    assert result["accounted_peak_MiB"] <= 1.1 * result["bound_MiB"], result
-    assert result["ratio_to_bound"] <= 1.3, result
+    assert result["accounted_peak_MiB"] <= result["bound_MiB"], result
+    assert result["ratio_to_bound"] <= 1.15, result

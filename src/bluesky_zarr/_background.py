@@ -6,15 +6,40 @@ frame into memory (see ``_buffer``); the worker threads here do the I/O.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from ._buffer import MemoryBudget, release_free_memory
+if TYPE_CHECKING:
+    from ._buffer import MemoryBudget
 
 logger = logging.getLogger(__name__)
+
+
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's ``malloc_trim(0)``, or a no-op where there is none."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
+
+
+#: Gives the C allocator's free memory back to the system. glibc keeps what a
+#: thread freed in that thread's arena, and after the first large blocks are
+#: freed it stops handing large blocks back: the buffers a worker encodes
+#: (and, merging, reads) would stay resident after its write, past the
+#: memory bound.
+release_free_memory = _malloc_trim()
 
 
 @dataclass
@@ -25,29 +50,61 @@ class Failure:
     what: str
 
 
-class BackgroundWriter:
-    """Worker threads, each with its own FIFO queue.
+class Workers:
+    """The worker threads of one writer, shared by all its runs, each with its
+    own FIFO queue (started with the first job).
 
     Jobs with the same ``lane`` run on the same worker, in order: a partial
     block written early and the same block completed later are never
-    reordered.
+    reordered. Sharing the threads keeps what interleaved runs write, and the
+    memory they write it with, to one set of workers.
     """
 
-    def __init__(self, budget: MemoryBudget, workers: int = 2, name: str = "") -> None:
+    def __init__(self, budget: MemoryBudget, count: int = 2) -> None:
         self.budget = budget
-        self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(workers)]
+        self.count = count
+        self._queues: list[queue.SimpleQueue] = []
+        self._lock = threading.Lock()
+
+    def put(self, lane: int, item: tuple[Any, ...]) -> None:
+        with self._lock:
+            if not self._queues:
+                self._queues = [queue.SimpleQueue() for _ in range(self.count)]
+                for n, jobs in enumerate(self._queues):
+                    threading.Thread(
+                        target=self._work, args=(jobs,), name=f"bluesky-zarr-{n}", daemon=True
+                    ).start()
+        self._queues[lane % self.count].put(item)
+
+    def _work(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            owner, job, nbytes, copies, what, done = jobs.get()
+            self.budget.activate(copies * nbytes)
+            failure = None
+            try:
+                job()
+            except BaseException as err:  # noqa: BLE001 - recorded, re-raised to the caller
+                logger.error("bluesky-zarr: writing %s failed: %r", what, err)
+                failure = Failure(err, what)
+            finally:
+                done()
+                # What the job freed leaves the process before the budget
+                # counts it free (see release_free_memory).
+                release_free_memory()
+                self.budget.finish(nbytes, copies)
+                owner.finished(failure)
+
+
+class BackgroundWriter:
+    """One run's jobs on the writer's :class:`Workers`: what is pending, and
+    what failed."""
+
+    def __init__(self, workers: Workers) -> None:
+        self.workers = workers
         self._pending = 0
         self._cond = threading.Condition()
         self.failures: list[Failure] = []
         self._reported = 0
-        self._threads = [
-            threading.Thread(
-                target=self._work, args=(q,), name=f"bluesky-zarr-{name}-{n}", daemon=True
-            )
-            for n, q in enumerate(self._queues)
-        ]
-        for thread in self._threads:
-            thread.start()
 
     def submit(
         self,
@@ -63,31 +120,16 @@ class BackgroundWriter:
         fails) to hand back the block's memory."""
         with self._cond:
             self._pending += 1
-        self.budget.hand_over(nbytes)
-        self._queues[lane % len(self._queues)].put((job, nbytes, copies, what, done))
+        self.workers.budget.hand_over(nbytes)
+        self.workers.put(lane, (self, job, nbytes, copies, what, done))
 
-    def _work(self, jobs: queue.SimpleQueue) -> None:
-        while True:
-            item = jobs.get()
-            if item is None:
-                return
-            job, nbytes, copies, what, done = item
-            self.budget.activate(copies * nbytes)
-            try:
-                job()
-            except BaseException as err:  # noqa: BLE001 - recorded, re-raised to the caller
-                logger.error("bluesky-zarr: writing %s failed: %r", what, err)
-                with self._cond:
-                    self.failures.append(Failure(err, what))
-            finally:
-                done()
-                # What the job freed leaves the process before the budget
-                # counts it free (see release_free_memory).
-                release_free_memory()
-                self.budget.finish(nbytes, copies)
-                with self._cond:
-                    self._pending -= 1
-                    self._cond.notify_all()
+    def finished(self, failure: Failure | None) -> None:
+        """A job of this run is done (``failure`` if it failed)."""
+        with self._cond:
+            if failure is not None:
+                self.failures.append(failure)
+            self._pending -= 1
+            self._cond.notify_all()
 
     def drain(self) -> None:
         """Wait until every submitted job has finished."""
@@ -101,10 +143,3 @@ class BackgroundWriter:
             new = self.failures[self._reported :]
             self._reported = len(self.failures)
             return new
-
-    def close(self) -> None:
-        self.drain()
-        for q in self._queues:
-            q.put(None)
-        for thread in self._threads:
-            thread.join()

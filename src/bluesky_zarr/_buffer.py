@@ -17,38 +17,17 @@ until a write finishes (backpressure).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._background import Workers
+
 if TYPE_CHECKING:
     from ._stream import ArraySink, Block, StreamWriter
-
-def _malloc_trim() -> Callable[[], object]:
-    """glibc's ``malloc_trim(0)``, or a no-op where there is none."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
-    if trim is None:
-        return lambda: None
-    trim.argtypes = [ctypes.c_size_t]
-    return lambda: trim(0)
-
-
-#: Gives the C allocator's free memory back to the system. glibc keeps what a
-#: thread freed in that thread's arena, and after the first large blocks are
-#: freed it stops handing large blocks back: the buffers a merge reads and
-#: encodes would stay resident after it, past the memory bound.
-release_free_memory = _malloc_trim()
-
 
 #: Transient copies zarr makes of a block while it encodes and writes it
 #: (chunk buffers, then the assembled shard), measured with the benchmark.
@@ -191,6 +170,8 @@ class BlockBuffer:
     def __init__(self, limit: int, workers: int) -> None:
         self.budget = MemoryBudget(limit, workers)
         self.pool = BufferPool(self.budget)
+        #: The worker threads that write blocks, for every run.
+        self.workers = Workers(self.budget, workers)
         #: Held while blocks are placed, submitted or spilled (any run).
         self.lock = threading.RLock()
         #: Partially filled blocks, oldest first.

@@ -157,9 +157,7 @@ class RunWriter(DocumentRouter):
             if isinstance(err, OSError) and not isinstance(err, BlueskyZarrError):
                 raise StorageError(f"cannot create the run's store: {err!r}") from err
             raise
-        self.background = BackgroundWriter(
-            self.buffer.budget, self.options.workers, name=str(doc.get("scan_id", ""))
-        )
+        self.background = BackgroundWriter(self.buffer.workers)
         if self.options.flush_interval is not None:
             self._flusher = threading.Thread(
                 target=self._flush_periodically, name="bluesky-zarr-flusher", daemon=True
@@ -358,8 +356,6 @@ class RunWriter(DocumentRouter):
             if self._flusher is not None:
                 self._flusher.join()
             attempt(self.external.close)
-            if self.background is not None:
-                attempt(self.background.close)
             attempt(lambda: self._record_end(doc, incomplete_reason, errors))
         finally:
             self._release_lock()
