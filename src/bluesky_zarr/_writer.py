@@ -89,7 +89,8 @@ class ZarrWriter:
         Seconds after which a partially filled chunk is written anyway, so a
         slow scan becomes visible on disk; ``None`` to only write full chunks.
     workers
-        Background writer threads.
+        Background threads that encode and write, shared by all the runs
+        of this writer.
     name_template
         Store name, formatted over the start document (values are sanitised);
         ``/`` makes subdirectories.
