@@ -54,13 +54,10 @@ class _Encoder:
         if not codecs or not isinstance(codecs[0], BytesCodec):
             raise NotImplementedError("the first codec is not 'bytes'")
         endian = codecs[0].endian
+        held_little = dtype.byteorder == "<" or (dtype.byteorder in "=|" and np.little_endian)
+        # Bytes are swapped where the codec stores another order than memory holds.
         self.swap = (
-            dtype.itemsize > 1
-            and endian is not None
-            and (
-                (endian.value == "little")
-                != (dtype.byteorder in "<" or (dtype.byteorder in "=|" and np.little_endian))
-            )
+            dtype.itemsize > 1 and endian is not None and (endian.value == "little") != held_little
         )
         for codec in codecs[1:]:
             if isinstance(codec, BloscCodec) and self.blosc is None:
