@@ -13,6 +13,7 @@ import asyncio
 import copy
 import itertools
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePath
 from typing import Any
@@ -562,3 +563,27 @@ def test_stream_datum_before_its_stream_resource_is_refused(RE, tmp_path):
 def test_bad_external_options_are_refused(tmp_path, options):
     with pytest.raises(OptionError):
         ZarrWriter(tmp_path, **options)
+
+
+def test_stream_datum_frames_are_read_off_the_run_engines_thread(RE, tmp_path, monkeypatch):
+    from bluesky_zarr._stream import StreamWriter
+
+    placed_on: list[str] = []
+    put_frames = StreamWriter.put_frames
+
+    def recording(self: StreamWriter, key: str, index: Any, values: Any) -> None:
+        placed_on.append(threading.current_thread().name)
+        put_frames(self, key, index, values)
+
+    monkeypatch.setattr(StreamWriter, "put_frames", recording)
+    docs = step_scan_docs(RE, tmp_path, points=4)
+    writer = ZarrWriter(tmp_path / "data")
+    for name, doc in docs:
+        writer(name, doc)
+
+    # Every batch of rows was read and placed by the reader thread, not by the
+    # thread that handed the documents in (the RunEngine's, in a real scan).
+    assert placed_on and set(placed_on) == {"bluesky-zarr-reader"}
+    ds = open_stream(writer.stores[0])
+    assert bool(ds["_written"].all())
+    np.testing.assert_array_equal(ds["det"].values, hdf5_rows(docs, "det"))

@@ -16,9 +16,12 @@ Two conventions exist, and a run may use both:
   index is one event: with ``k`` frames per point it spans ``k`` rows of the
   dataset.
 
-With ``external="fill"`` (the default) the frames are read as the documents
-arrive and written into the cube at their points, like frames that travel
-inside events. With ``external="reference"`` nothing is read: the documents
+With ``external="fill"`` (the default) the frames are read and written into
+the cube at their points, like frames that travel inside events. What a
+stream_datum asks for is checked at the document (the file, the rows it
+names); its rows are then read on a reader thread, in batches, off the
+RunEngine's thread, and a read that fails is raised at the next document.
+Handlers of resource/datum documents run at the document. With ``external="reference"`` nothing is read: the documents
 are recorded in the stream group's ``external`` attribute, and the points stay
 unwritten (``_written`` False) for a later pass to fill.
 
@@ -34,8 +37,10 @@ named ``frame``: ``(time, frame, y, x)``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -60,6 +65,8 @@ from ._errors import (
 if TYPE_CHECKING:
     from ._run import RunWriter
     from ._stream import StreamWriter
+
+logger = logging.getLogger(__name__)
 
 #: The ``external`` prefix of data keys whose frames stream_datum documents give.
 STREAM_EXTERNAL = "STREAM:"
@@ -195,6 +202,14 @@ class ExternalData:
         self.references: dict[str, _References] = {}
         self._lock = threading.Lock()
         self._last_written = time.monotonic()
+        #: Frames of stream_datum documents are read here, off the
+        #: RunEngine's thread (started with the first), in order.
+        self._reads: queue.SimpleQueue | None = None
+        self._pending_reads = 0
+        self._reads_done = threading.Condition()
+        #: Reads that failed, and how many of them were raised already.
+        self.read_failures: list[BaseException] = []
+        self._reported = 0
 
     # ---------------------------------------------------------- descriptors
     def layout_descriptor(self, stream: str, doc: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -415,27 +430,87 @@ class ExternalData:
             record.stream_datum.append(doc)
             record.dirty = True
         else:
-            for offset, frames in self._read_rows(sres, info, start, stop, uid):
-                part = tuple(ix[offset : offset + len(frames)] for ix in index)
-                with self.run.buffer_lock:
-                    stream.put_frames(key, part, list(frames))
+            # What can be refused is checked here, at the document; the rows
+            # are read in the background, in batches.
+            batches = self._read_rows(sres, info, start, stop, uid)
+            self._read_later(doc, stream, key, index, batches)
         if stream.name in self.stream_only and seq_nums.size:
             # No event will say when these points were taken: time stays NaN.
             with self.run.buffer_lock:
                 stream.put_points(index, seq_nums, np.full(seq_nums.shape, np.nan))
         self.write_references(force=False)
 
+    def _read_later(
+        self,
+        doc: Mapping[str, Any],
+        stream: StreamWriter,
+        key: str,
+        index: tuple[np.ndarray, ...],
+        batches: Iterator[tuple[int, np.ndarray]],
+    ) -> None:
+        """Read ``batches`` on the reader thread and place their frames."""
+
+        def read() -> None:
+            for offset, frames in batches:
+                part = tuple(ix[offset : offset + len(frames)] for ix in index)
+                with self.run.buffer_lock:
+                    stream.put_frames(key, part, list(frames))
+
+        with self._reads_done:
+            self._pending_reads += 1
+            if self._reads is None:
+                self._reads = queue.SimpleQueue()
+                threading.Thread(
+                    target=self._read_in_order,
+                    args=(self._reads,),
+                    name="bluesky-zarr-reader",
+                    daemon=True,
+                ).start()
+        self._reads.put((doc, read))
+
+    def _read_in_order(self, reads: queue.SimpleQueue) -> None:
+        while (item := reads.get()) is not None:
+            doc, read = item
+            try:
+                read()
+            except Exception as err:  # noqa: BLE001 - kept, and raised at the next document
+                logger.error("bluesky-zarr: reading the frames of a stream_datum failed: %r", err)
+                self.run.refuse("stream_datum", doc, err)
+                with self._reads_done:
+                    self.read_failures.append(err)
+            finally:
+                with self._reads_done:
+                    self._pending_reads -= 1
+                    self._reads_done.notify_all()
+
+    def wait_for_reads(self) -> None:
+        """Wait until the frames of every stream_datum so far are placed."""
+        with self._reads_done:
+            while self._pending_reads:
+                self._reads_done.wait()
+
+    def new_read_failures(self) -> list[BaseException]:
+        """Reads that failed since the last call."""
+        with self._reads_done:
+            new = self.read_failures[self._reported :]
+            self._reported = len(self.read_failures)
+            return new
+
     def _read_rows(
         self, sres: Mapping[str, Any], info: StreamKey, start: int, stop: int, uid: str
     ) -> Iterator[tuple[int, np.ndarray]]:
         """The frames of events ``start..stop``, in batches of at most
         :data:`READ_BATCH_BYTES`: ``(offset of the batch, (events, *stored frame
-        shape))``. The whole range is checked before the first batch."""
+        shape))``. The whole range is checked now; the rows are read as the
+        batches are taken."""
         dataset, path = self._dataset(sres)
         row_shape = tuple(dataset.shape[1:])
         per_index = _rows_per_index(sres, info, row_shape)
         first, last = start * per_index, stop * per_index
         if last > dataset.shape[0] and getattr(dataset.file, "swmr_mode", False):
+            # The file grew since it was opened. Reads under way see the
+            # dataset as it was: they finish before it is refreshed.
+            self.wait_for_reads()
             dataset.refresh()
         if start < 0 or last > dataset.shape[0]:
             raise ExternalIndexError(
@@ -456,11 +531,15 @@ class ExternalData:
             )
         event_bytes = per_index * math.prod(row_shape) * dataset.dtype.itemsize
         batch = max(1, READ_BATCH_BYTES // max(1, event_bytes))
-        for lo in range(start, stop, batch):
-            hi = min(stop, lo + batch)
-            rows = np.asarray(dataset[lo * per_index : hi * per_index])
-            frames = rows.reshape((hi - lo, per_index) + row_shape)
-            yield lo - start, frames if keeps_frame_dim else frames[:, 0]
+
+        def batches() -> Iterator[tuple[int, np.ndarray]]:
+            for lo in range(start, stop, batch):
+                hi = min(stop, lo + batch)
+                rows = np.asarray(dataset[lo * per_index : hi * per_index])
+                frames = rows.reshape((hi - lo, per_index) + row_shape)
+                yield lo - start, frames if keeps_frame_dim else frames[:, 0]
+
+        return batches()
 
     def _dataset(self, sres: Mapping[str, Any]) -> tuple[Any, str]:
         try:
@@ -552,6 +631,10 @@ class ExternalData:
 
     def close(self) -> None:
         """Close the files opened for reading, and the handlers that can close."""
+        self.wait_for_reads()
+        if self._reads is not None:
+            self._reads.put(None)
+            self._reads = None
         files, self._files = self._files, {}
         handlers, self._handler_instances = self._handler_instances, {}
         for file in files.values():

@@ -299,6 +299,7 @@ class RunWriter(DocumentRouter):
 
     def flush(self) -> None:
         """Write every buffered point to disk and wait until it is there."""
+        self.external.wait_for_reads()
         self.external.write_references()
         self.buffer.spill(self)
         if self.background is not None:
@@ -315,6 +316,11 @@ class RunWriter(DocumentRouter):
         self.raise_failures()
 
     def raise_failures(self) -> None:
+        read_failures = self.external.new_read_failures()
+        if read_failures:
+            # Frames of a stream_datum that could not be read (it is kept
+            # with the refused documents).
+            raise read_failures[0]
         if self.background is None or self.options.on_error == "log":
             return
         failures = self.background.new_failures()
@@ -348,6 +354,7 @@ class RunWriter(DocumentRouter):
         try:
             # Each step is tried even if one before it failed: the frames in
             # memory are written if the storage still takes them.
+            attempt(self.external.wait_for_reads)
             attempt(self.external.write_references)
             attempt(lambda: self.buffer.spill(self))
             if self.background is not None:
