@@ -21,9 +21,11 @@ the cube at their points, like frames that travel inside events. What a
 stream_datum asks for is checked at the document (the file, the rows it
 names); its rows are then read on a reader thread, in batches, off the
 RunEngine's thread, and a read that fails is raised at the next document.
-Handlers of resource/datum documents run at the document. With ``external="reference"`` nothing is read: the documents
-are recorded in the stream group's ``external`` attribute, and the points stay
-unwritten (``_written`` False) for a later pass to fill.
+Handlers of resource/datum documents run at the document.
+
+With ``external="reference"`` nothing is read: the documents are recorded in
+the stream group's ``external`` attribute, and the points stay unwritten
+(``_written`` False) for a later pass to fill.
 
 **Frames per point.** ophyd-async declares a stream data key's shape as
 ``[frames per point, *frame shape]``, so a step scan of a 240×320 camera
