@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -48,7 +49,7 @@ from bluesky_zarr import (
 )
 from bluesky_zarr.sim import frame_at, motors
 
-from conftest import assert_frames_match, iter_points, open_stream
+from conftest import assert_frames_match, iter_points, open_stream, open_tree
 
 Docs = list[tuple[str, dict[str, Any]]]
 
@@ -583,7 +584,49 @@ def test_stream_datum_frames_are_read_off_the_run_engines_thread(RE, tmp_path, m
 
     # Every batch of rows was read and placed by the reader thread, not by the
     # thread that handed the documents in (the RunEngine's, in a real scan).
-    assert placed_on and set(placed_on) == {"bluesky-zarr-reader"}
+    assert placed_on and set(placed_on) == {"bluesky-zarr-reader-0"}
     ds = open_stream(writer.stores[0])
     assert bool(ds["_written"].all())
     np.testing.assert_array_equal(ds["det"].values, hdf5_rows(docs, "det"))
+
+
+def test_a_failed_background_read_is_kept_and_raised_at_the_next_document(
+    RE, tmp_path, monkeypatch
+):
+    from bluesky_zarr._external import ExternalData
+
+    docs = step_scan_docs(RE, tmp_path, points=4)
+    read_rows = ExternalData._read_rows
+    calls = [0]
+
+    def failing_second(self: ExternalData, *args: Any) -> Any:
+        batches = read_rows(self, *args)
+        calls[0] += 1
+        if calls[0] != 2:
+            return batches
+
+        def broken() -> Any:
+            raise OSError(5, "Input/output error")
+            yield  # pragma: no cover - a generator that fails when read
+
+        return broken()
+
+    monkeypatch.setattr(ExternalData, "_read_rows", failing_second)
+    writer = ZarrWriter(tmp_path / "data")
+    with pytest.raises(ExternalFileError, match="reading the frames of stream_datum") as info:
+        for name, doc in docs:
+            writer(name, doc)
+            if name == "stream_datum":
+                writer.flush()  # the read has happened (or failed) by now
+    assert isinstance(info.value.__cause__, OSError)
+    writer("stop", by_kind(docs, "stop")[0])
+    store = Path(writer.stores[0])
+    lines = (store / "refused_documents.jsonl").read_text().splitlines()
+    kept = [json.loads(line) for line in lines]
+    # The stream_datum whose frames could not be read is kept, verbatim.
+    failed = by_kind(docs, "stream_datum")[1]
+    assert [line["doc"] for line in kept if line["name"] == "stream_datum"] == [failed]
+    # Its point is not claimed; the store says it lacks something.
+    ds = open_stream(store)
+    assert not ds["_written"].values[failed["seq_nums"]["start"] - 1]
+    assert open_tree(store).attrs["bluesky_zarr"]["complete"] is False

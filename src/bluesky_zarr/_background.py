@@ -60,9 +60,10 @@ class Workers:
     memory they write it with, to one set of workers.
     """
 
-    def __init__(self, budget: MemoryBudget, count: int = 2) -> None:
+    def __init__(self, budget: MemoryBudget, count: int = 2, name: str = "bluesky-zarr") -> None:
         self.budget = budget
         self.count = count
+        self.name = name
         self._queues: list[queue.SimpleQueue] = []
         self._lock = threading.Lock()
 
@@ -72,7 +73,7 @@ class Workers:
                 self._queues = [queue.SimpleQueue() for _ in range(self.count)]
                 for n, jobs in enumerate(self._queues):
                     threading.Thread(
-                        target=self._work, args=(jobs,), name=f"bluesky-zarr-{n}", daemon=True
+                        target=self._work, args=(jobs,), name=f"{self.name}-{n}", daemon=True
                     ).start()
         self._queues[lane % self.count].put(item)
 
@@ -84,7 +85,7 @@ class Workers:
             try:
                 job()
             except BaseException as err:  # noqa: BLE001 - recorded, re-raised to the caller
-                logger.error("bluesky-zarr: writing %s failed: %r", what, err)
+                logger.error("bluesky-zarr: %s failed: %r", what, err)
                 failure = Failure(err, what)
             finally:
                 done()

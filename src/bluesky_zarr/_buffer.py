@@ -172,6 +172,9 @@ class BlockBuffer:
         self.pool = BufferPool(self.budget)
         #: The worker threads that write blocks, for every run.
         self.workers = Workers(self.budget, workers)
+        #: The thread that reads frames from detectors' files (stream_datum),
+        #: for every run, in the order the documents came.
+        self.reader = Workers(self.budget, 1, name="bluesky-zarr-reader")
         #: Held while blocks are placed, submitted or spilled (any run).
         self.lock = threading.RLock()
         #: Partially filled blocks, oldest first.
@@ -212,7 +215,7 @@ class BlockBuffer:
             hash((id(sink), key)),
             lambda: stream.write_block(sink, block, merge),
             block.nbytes,
-            f"{stream.name}/{sink.name} at {block.origin}",
+            f"writing {stream.name}/{sink.name} at {block.origin}",
             lambda: self.pool.give(block.data),
             copies=MERGE_COPIES if merge else ENCODE_COPIES,
         )

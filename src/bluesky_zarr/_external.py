@@ -39,10 +39,8 @@ named ``frame``: ``(time, frame, y, x)``.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -53,10 +51,12 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from event_model import unpack_datum_page
 
+from ._background import BackgroundWriter
 from ._errors import (
     DataShapeError,
     DocumentError,
     DocumentOrderError,
+    ExternalDataError,
     ExternalFileError,
     ExternalIndexError,
     HandlerError,
@@ -67,8 +67,6 @@ from ._errors import (
 if TYPE_CHECKING:
     from ._run import RunWriter
     from ._stream import StreamWriter
-
-logger = logging.getLogger(__name__)
 
 #: The ``external`` prefix of data keys whose frames stream_datum documents give.
 STREAM_EXTERNAL = "STREAM:"
@@ -204,14 +202,9 @@ class ExternalData:
         self.references: dict[str, _References] = {}
         self._lock = threading.Lock()
         self._last_written = time.monotonic()
-        #: Frames of stream_datum documents are read here, off the
-        #: RunEngine's thread (started with the first), in order.
-        self._reads: queue.SimpleQueue | None = None
-        self._pending_reads = 0
-        self._reads_done = threading.Condition()
-        #: Reads that failed, and how many of them were raised already.
-        self.read_failures: list[BaseException] = []
-        self._reported = 0
+        #: The frames of stream_datum documents, read on the writer's reader
+        #: thread, off the RunEngine's: what is pending, and what failed.
+        self._reads = BackgroundWriter(run.buffer.reader)
 
     # ---------------------------------------------------------- descriptors
     def layout_descriptor(self, stream: str, doc: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -450,53 +443,32 @@ class ExternalData:
         index: tuple[np.ndarray, ...],
         batches: Iterator[tuple[int, np.ndarray]],
     ) -> None:
-        """Read ``batches`` on the reader thread and place their frames."""
+        """Read ``batches`` on the writer's reader thread and place their frames."""
 
         def read() -> None:
-            for offset, frames in batches:
-                part = tuple(ix[offset : offset + len(frames)] for ix in index)
-                with self.run.buffer_lock:
-                    stream.put_frames(key, part, list(frames))
-
-        with self._reads_done:
-            self._pending_reads += 1
-            if self._reads is None:
-                self._reads = queue.SimpleQueue()
-                threading.Thread(
-                    target=self._read_in_order,
-                    args=(self._reads,),
-                    name="bluesky-zarr-reader",
-                    daemon=True,
-                ).start()
-        self._reads.put((doc, read))
-
-    def _read_in_order(self, reads: queue.SimpleQueue) -> None:
-        while (item := reads.get()) is not None:
-            doc, read = item
             try:
-                read()
-            except Exception as err:  # noqa: BLE001 - kept, and raised at the next document
-                logger.error("bluesky-zarr: reading the frames of a stream_datum failed: %r", err)
-                self.run.refuse("stream_datum", doc, err)
-                with self._reads_done:
-                    self.read_failures.append(err)
-            finally:
-                with self._reads_done:
-                    self._pending_reads -= 1
-                    self._reads_done.notify_all()
+                for offset, frames in batches:
+                    part = tuple(ix[offset : offset + len(frames)] for ix in index)
+                    with self.run.buffer_lock:
+                        stream.put_frames(key, part, list(frames))
+            except Exception as err:
+                failure = err
+                if not isinstance(err, ExternalDataError):
+                    failure = ExternalFileError(f"{what} failed: {err!r}")
+                    failure.__cause__ = err
+                self.run.refuse("stream_datum", doc, failure)
+                raise failure from err
+
+        what = f"reading the frames of stream_datum {doc.get('uid')!r}"
+        self._reads.submit(0, read, 0, what, lambda: None)
 
     def wait_for_reads(self) -> None:
         """Wait until the frames of every stream_datum so far are placed."""
-        with self._reads_done:
-            while self._pending_reads:
-                self._reads_done.wait()
+        self._reads.drain()
 
     def new_read_failures(self) -> list[BaseException]:
         """Reads that failed since the last call."""
-        with self._reads_done:
-            new = self.read_failures[self._reported :]
-            self._reported = len(self.read_failures)
-            return new
+        return [failure.error for failure in self._reads.new_failures()]
 
     def _read_rows(
         self, sres: Mapping[str, Any], info: StreamKey, start: int, stop: int, uid: str
@@ -634,9 +606,6 @@ class ExternalData:
     def close(self) -> None:
         """Close the files opened for reading, and the handlers that can close."""
         self.wait_for_reads()
-        if self._reads is not None:
-            self._reads.put(None)
-            self._reads = None
         files, self._files = self._files, {}
         handlers, self._handler_instances = self._handler_instances, {}
         for file in files.values():

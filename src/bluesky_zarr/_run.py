@@ -327,7 +327,7 @@ class RunWriter(DocumentRouter):
         if failures:
             first = failures[0]
             raise WriteError(
-                f"writing {first.what} to {self.path} failed"
+                f"{first.what} to {self.path} failed"
                 + (f" (and {len(failures) - 1} more writes)" if len(failures) > 1 else "")
                 + f": {first.error!r}"
             ) from first.error
