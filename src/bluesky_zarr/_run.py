@@ -27,7 +27,6 @@ from ._options import WriterOptions
 from ._plan import plan_scan
 from ._storage import LocalRoot, Root, StoreLock
 from ._stream import REFUSED_FILE, StreamWriter, consolidate
-from ._validate import check_event, check_event_page
 from ._version import __version__
 
 logger = logging.getLogger(__name__)
@@ -196,12 +195,11 @@ class RunWriter(DocumentRouter):
         return doc
 
     def event(self, doc: Event) -> Event:
-        check_event(doc)
         self.event_page(pack_event_page(doc))
         return doc
 
     def event_page(self, doc: EventPage) -> EventPage:
-        check_event_page(doc)
+        # Checked as a document by ZarrWriter (check_document) before it came.
         self.check_health()
         stream = self.descriptors[doc["descriptor"]]
         seq_nums = np.asarray(doc.get("seq_num", []))

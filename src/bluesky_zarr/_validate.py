@@ -253,8 +253,9 @@ _IDS: dict[str, tuple[tuple[str, bool], ...]] = {
 
 def check_document(name: str, doc: Mapping[str, Any]) -> None:
     """Refuse a document whose ids are missing or not strings; for a
-    descriptor or an event, also what :func:`check_descriptor` or
-    :func:`check_event` refuses (before any part of the writer reads them)."""
+    descriptor, an event or an event page, also what :func:`check_descriptor`,
+    :func:`check_event` or :func:`check_event_page` refuses (before any part
+    of the writer reads them)."""
     for field, required in _IDS.get(name, ()):
         if field not in doc:
             if required:
@@ -269,6 +270,8 @@ def check_document(name: str, doc: Mapping[str, Any]) -> None:
         check_descriptor(doc)
     elif name == "event":
         check_event(doc)
+    elif name == "event_page":
+        check_event_page(doc)
 
 
 def check_bulk_events(doc: Mapping[str, Any]) -> None:
@@ -287,7 +290,8 @@ def check_bulk_events(doc: Mapping[str, Any]) -> None:
 
 
 def check_event(doc: Mapping[str, Any]) -> None:
-    """Refuse an event whose fields are missing or of the wrong kind."""
+    """Refuse an event whose fields are missing or of the wrong kind, or
+    whose frames are ragged (what :func:`check_event_page` refuses of a page)."""
     for name, kind, label in (
         ("uid", str, "a string"),
         ("data", Mapping, "a mapping of data keys to values"),
@@ -302,6 +306,11 @@ def check_event(doc: Mapping[str, Any]) -> None:
             raise DocumentError(f"event lacks the field {name!r}")
     if not _is_integer(doc["seq_num"]):
         raise DocumentError(f"event 'seq_num' must be an integer, got {_preview(doc['seq_num'])}")
+    if doc["seq_num"] > MAX_SCAN_POINTS:
+        raise ScanIndexError(
+            f"seq_num {doc['seq_num']} is beyond the {MAX_SCAN_POINTS} points a scan may have "
+            f"in this writer"
+        )
     if isinstance(doc["time"], bool) or not isinstance(doc["time"], (numbers.Real, np.number)):
         raise DocumentError(f"event 'time' must be a number, got {_preview(doc['time'])}")
     if not isinstance(doc.get("filled", {}), Mapping):
@@ -309,6 +318,8 @@ def check_event(doc: Mapping[str, Any]) -> None:
             f"event 'filled' must be a mapping of data keys to booleans, got "
             f"{_preview(doc['filled'])}"
         )
+    for key, value in doc["data"].items():
+        _check_value(str(key), value)
 
 
 def check_event_page(doc: Mapping[str, Any]) -> int:
