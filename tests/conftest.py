@@ -68,3 +68,24 @@ def assert_frames_match(
         np.testing.assert_array_equal(actual, expected, err_msg=f"frame at {point}")
         checked += 1
     return checked
+
+
+def assert_written_points_hold_their_frames(
+    store: Path, shape: tuple[int, ...], key: str = "cam_image"
+) -> np.ndarray:
+    """Every point that ``_written`` marks on a wavelength × position grid holds
+    exactly the camera's frame there, with its seq_num; returns the mask."""
+    ds = open_stream(store)
+    written = ds["_written"].values
+    assert ds[key].dtype == np.uint16
+    for index in zip(*np.nonzero(written)):
+        positions = {
+            "wavelength": float(ds["wavelength"].values[index[0]]),
+            "position": float(ds["position"].values[index[1]]),
+        }
+        np.testing.assert_array_equal(
+            ds[key].values[index], frame_at(positions, shape),
+            err_msg=f"point {index} is marked written but does not hold its frame",
+        )
+        assert ds["seq_num"].values[index] > 0
+    return written

@@ -20,8 +20,9 @@ from zarr.storage import WrapperStore
 
 import bluesky_zarr
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr.sim import PointCamera, frame_at, motors
+from bluesky_zarr.sim import PointCamera, motors
 
+import conftest
 from conftest import assert_frames_match, open_stream, open_tree
 
 #: The scan: 4 wavelengths x 5 positions, one 64 x 64 uint16 frame per point.
@@ -95,20 +96,8 @@ def assert_absent_or_opens(store: Path) -> bool:
 
 
 def assert_written_points_hold_their_frames(store: Path) -> np.ndarray:
-    """Every point marked ``_written`` holds exactly the camera's frame there.
-    Returns the ``_written`` mask."""
-    ds = open_stream(store)
-    written = ds["_written"].values
-    for index in zip(*np.nonzero(written)):
-        positions = {
-            "wavelength": float(ds["wavelength"].values[index[0]]),
-            "position": float(ds["position"].values[index[1]]),
-        }
-        np.testing.assert_array_equal(
-            ds["cam_image"].values[index], frame_at(positions, SHAPE),
-            err_msg=f"point {index} is marked written but does not hold its frame",
-        )
-    return written
+    """conftest's check of the written points, for this module's camera scan."""
+    return conftest.assert_written_points_hold_their_frames(store, SHAPE)
 
 
 def assert_not_claimed_complete(store: Path) -> dict[str, Any]:

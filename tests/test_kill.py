@@ -10,13 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import xarray as xr
 
-from bluesky_zarr.sim import frame_at
-
-from conftest import open_stream, open_tree
+from conftest import assert_written_points_hold_their_frames, open_tree
 
 CHILD = Path(__file__).with_name("scan_child.py")
 
@@ -52,19 +49,7 @@ def check_store(store: Path) -> int:
     tree = open_tree(store)
     if "primary" not in tree.children:
         return 0
-    ds = open_stream(store)
-    written = ds["_written"].values
-    for index in zip(*np.nonzero(written)):
-        positions = {
-            "wavelength": float(ds["wavelength"].values[index[0]]),
-            "position": float(ds["position"].values[index[1]]),
-        }
-        np.testing.assert_array_equal(
-            ds["cam_image"].values[index], frame_at(positions, (32, 32)),
-            err_msg=f"point {index} is marked written but does not hold its frame",
-        )
-        assert ds["seq_num"].values[index] > 0
-    return int(written.sum())
+    return int(assert_written_points_hold_their_frames(store, (32, 32)).sum())
 
 
 @pytest.mark.parametrize("marker, delay", MOMENTS, ids=[f"{m}+{d:.3f}s" for m, d in MOMENTS])

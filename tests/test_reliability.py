@@ -20,7 +20,12 @@ import bluesky_zarr
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr.sim import PointCamera, motors
 
-from conftest import assert_frames_match, open_stream, open_tree
+from conftest import (
+    assert_frames_match,
+    assert_written_points_hold_their_frames,
+    open_stream,
+    open_tree,
+)
 
 MOTORS_AT = {"wavelength": "wavelength", "position": "position"}
 
@@ -57,25 +62,16 @@ def grid(cam, wavelength, position, n_wl=3, n_pos=4):
     return grid_scan([cam], wavelength, 1, 3, n_wl, position, 0, 1, n_pos)
 
 
+FRAME = (8, 8)
+
+
 def setup(tmp_path, **options):
     wavelength, position = motors("wavelength", "position")
-    cam = PointCamera([wavelength, position], shape=(8, 8), name="cam")
+    cam = PointCamera([wavelength, position], shape=FRAME, name="cam")
     writer = ZarrWriter(tmp_path, flush_interval=None, **options)
     RE = RunEngine({})
     RE.subscribe(writer)
     return RE, writer, cam, wavelength, position
-
-
-def assert_written_points_hold_their_frames(store):
-    ds = open_stream(store)
-    written = ds["_written"].values
-    good = ds.where(ds["_written"])
-    for index in zip(*np.nonzero(written)):
-        point = dict(zip(["wavelength", "position"], index))
-        assert assert_frames_match(ds.isel({k: [v] for k, v in point.items()}), "cam_image",
-                                   MOTORS_AT, (8, 8)) == 1
-    assert np.isnan(good["cam_image"].values[~written]).all()
-    return written
 
 
 @pytest.mark.parametrize(
@@ -102,7 +98,7 @@ def test_storage_fault_reaches_the_run_engine_and_store_is_finalised(tmp_path, e
     assert tree.attrs["bluesky_zarr"]["complete"] is False
     assert "write(s) failed" in tree.attrs["bluesky_zarr"]["incomplete_reason"]
     assert tree.attrs["bluesky_zarr"]["write_failures"]
-    written = assert_written_points_hold_their_frames(store)
+    written = assert_written_points_hold_their_frames(store, FRAME)
     # The shard that failed (points 2-3 of the first row) is not claimed.
     assert written[0, :2].all() and not written[0, 2:].any()
 
@@ -120,7 +116,7 @@ def test_every_nth_write_failing_with_on_error_log_keeps_the_scan_going(tmp_path
     assert tree.attrs["exit_status"] == "success"
     failures = tree.attrs["bluesky_zarr"]["write_failures"]
     assert len(failures) == 4  # writes 3, 6, 9, 12 of 12 frames
-    written = assert_written_points_hold_their_frames(store)
+    written = assert_written_points_hold_their_frames(store, FRAME)
     assert written.sum() == 8
     assert any("I/O error" in r.getMessage() for r in caplog.records)
 
@@ -132,7 +128,7 @@ def test_background_threads_survive_failures(tmp_path):
         on_error="log", workers=1, shards={"cam_image": (1, 1, 8, 8)},
     )
     RE(grid(cam, wavelength, position))
-    written = assert_written_points_hold_their_frames(writer.stores[0])
+    written = assert_written_points_hold_their_frames(writer.stores[0], FRAME)
     assert written.sum() == 9
 
 
@@ -168,7 +164,7 @@ def test_pause_and_resume_rewinds_without_duplicates(tmp_path):
     assert tree.attrs["bluesky_zarr"]["streams"]["primary"]["written_points"] == 12
     ds = open_stream(writer.stores[0])
     assert sorted(ds["seq_num"].values.ravel().tolist()) == list(range(1, 13))
-    assert assert_frames_match(ds, "cam_image", MOTORS_AT, (8, 8)) == 12
+    assert assert_frames_match(ds, "cam_image", MOTORS_AT, FRAME) == 12
 
 
 @pytest.mark.parametrize("how", ["abort", "halt"])
@@ -183,7 +179,7 @@ def test_aborted_and_halted_runs_are_finalised(tmp_path, how):
     tree = open_tree(writer.stores[0])
     assert tree.attrs["exit_status"] == "abort"
     assert tree.attrs["bluesky_zarr"]["complete"] is True
-    written = assert_written_points_hold_their_frames(writer.stores[0])
+    written = assert_written_points_hold_their_frames(writer.stores[0], FRAME)
     assert written.sum() == 5
 
 
@@ -203,7 +199,7 @@ def test_exception_in_the_plan_is_recorded(tmp_path):
     tree = open_tree(writer.stores[0])
     assert tree.attrs["exit_status"] == "fail"
     assert "motor controller fault" in tree.attrs["stop"]["reason"]
-    assert assert_written_points_hold_their_frames(writer.stores[0]).sum() == 5
+    assert assert_written_points_hold_their_frames(writer.stores[0], FRAME).sum() == 5
 
 
 def test_ctrl_c_twice_halts_and_the_store_is_finalised(tmp_path):
@@ -225,7 +221,7 @@ def test_ctrl_c_twice_halts_and_the_store_is_finalised(tmp_path):
         RE.halt()
     tree = open_tree(writer.stores[0])
     assert tree.attrs["exit_status"] == "abort"
-    assert assert_written_points_hold_their_frames(writer.stores[0]).sum() >= 4
+    assert assert_written_points_hold_their_frames(writer.stores[0], FRAME).sum() >= 4
 
 
 def test_a_store_being_written_cannot_be_taken_by_a_second_writer(tmp_path):
