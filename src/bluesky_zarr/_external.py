@@ -63,6 +63,7 @@ from ._errors import (
     MissingDependencyError,
     UnknownSpecError,
 )
+from ._metadata import json_safe
 
 if TYPE_CHECKING:
     from ._run import RunWriter
@@ -586,9 +587,6 @@ class ExternalData:
         )
         if not due:
             return
-        from ._run import json_safe
-        from ._stream import consolidate
-
         with self._lock:
             dirty = {name: r for name, r in self.references.items() if r.dirty}
             if not dirty:
@@ -598,9 +596,11 @@ class ExternalData:
                     stream = self.run.streams.get(name)
                     if stream is None:
                         continue
-                    stream.group.attrs["external"] = json_safe(record.as_attrs(self.mode))
+                    stream.group = self.run.metadata.set_attributes(
+                        name, {"external": json_safe(record.as_attrs(self.mode))}
+                    )
                     record.dirty = record.urgent = False
-                consolidate(self.run.root)
+                self.run.metadata.consolidate()
             self._last_written = time.monotonic()
 
     def close(self) -> None:

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 from event_model import DocumentRouter, pack_event_page
 from event_model.documents import Event, EventDescriptor, EventPage, RunStart, RunStop
 from zarr.core.buffer import default_buffer_prototype
-from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 from zarr.core.sync import sync
 
 from ._background import BackgroundWriter
@@ -23,42 +20,18 @@ from ._buffer import BlockBuffer
 from ._errors import BlueskyZarrError, DocumentError, StorageError, WriteError
 from ._external import ExternalData
 from ._layout import plan_stream
+from ._metadata import StoreMetadata, json_safe, root_metadata
 from ._options import WriterOptions
 from ._plan import plan_scan
 from ._storage import LocalRoot, Root, StoreLock
-from ._stream import REFUSED_FILE, StreamWriter, consolidate
+from ._stream import StreamWriter
 from ._version import __version__
 
 logger = logging.getLogger(__name__)
 
-
-#: Largest array (elements) that metadata attributes hold in full.
-MAX_ATTR_ARRAY = 10_000
-
-
-def json_safe(value: Any) -> Any:
-    """A copy of ``value`` that JSON (and so Zarr attributes) can hold."""
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        if value.size > MAX_ATTR_ARRAY:
-            # Metadata, not data: a frame that a device reports in its
-            # configuration would bloat every metadata read of the store.
-            return f"<array shape={value.shape} dtype={value.dtype} not stored in metadata>"
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        item = value.item()
-        # float128 and the like have no Python equivalent: item() returns them as is.
-        return repr(value) if isinstance(item, np.generic) else json_safe(item)
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    return repr(value)
+#: The file, inside a run's store, that keeps the documents the writer refused
+#: (not a Zarr node).
+REFUSED_FILE = "refused_documents.jsonl"
 
 
 def _json_verbatim(value: Any) -> Any:
@@ -70,14 +43,6 @@ def _json_verbatim(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     return repr(value)
-
-
-def _root_metadata(attributes: dict[str, Any]) -> bytes:
-    """A root group's ``zarr.json`` with ``attributes`` and (empty) consolidated metadata."""
-    metadata = GroupMetadata(
-        attributes=attributes, consolidated_metadata=ConsolidatedMetadata(metadata={})
-    )
-    return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
 
 
 class RunWriter(DocumentRouter):
@@ -94,7 +59,7 @@ class RunWriter(DocumentRouter):
         self.streams: dict[str, StreamWriter] = {}
         self.descriptors: dict[str, StreamWriter] = {}
         self.path: Path | str | None = None
-        self.root: zarr.Group
+        self.metadata: StoreMetadata
         # Default shards small enough that the buffer holds a few of them
         # while the workers write others (see MemoryBudget), for this run and
         # the ``open_runs`` others that share the buffer.
@@ -135,7 +100,7 @@ class RunWriter(DocumentRouter):
             "scan_dims": [d.name for d in self.plan.dims],
             "scan_shape": self.plan.shape and list(self.plan.shape),
         }
-        metadata = _root_metadata({"start": json_safe(doc), "bluesky_zarr": self.info})
+        attributes = {"start": json_safe(doc), "bluesky_zarr": self.info}
         # A local store is locked before it is made (or replaced), so two
         # writers never take the same directory; object storage claims its
         # store with a conditional write instead.
@@ -146,11 +111,11 @@ class RunWriter(DocumentRouter):
                 self.options.name_template,
                 doc,
                 overwrite=self.options.overwrite,
-                metadata=metadata,
+                metadata=root_metadata(attributes),
             )
             if self.options.store_wrapper is not None:
                 store = self.options.store_wrapper(store)
-            self.root = zarr.open_group(store, mode="r+", zarr_format=3)
+            self.metadata = StoreMetadata(store, attributes)
         except BaseException as err:
             self._release_lock()
             if isinstance(err, OSError) and not isinstance(err, BlueskyZarrError):
@@ -174,9 +139,7 @@ class RunWriter(DocumentRouter):
                 if name == self.plan.stream:
                     for dim in self.plan.dims:
                         setpoints.update(dim.setpoints)
-                group = self.root.create_group(
-                    name, attributes={"descriptors": [json_safe(doc)]}
-                )
+                group = self.metadata.add_group(name, {"descriptors": [json_safe(doc)]})
                 stream = StreamWriter(self, group, layout, setpoints)
                 self.streams[name] = stream
             else:
@@ -189,9 +152,11 @@ class RunWriter(DocumentRouter):
                     )
                 descriptors = list(stream.group.attrs.get("descriptors", []))  # type: ignore[arg-type]
                 descriptors.append(json_safe(doc))
-                stream.group.attrs["descriptors"] = descriptors
+                stream.group = self.metadata.set_attributes(
+                    name, {"descriptors": descriptors}
+                )
             self.descriptors[doc["uid"]] = stream
-            consolidate(self.root)
+            self.metadata.consolidate()
         return doc
 
     def event(self, doc: Event) -> Event:
@@ -272,7 +237,7 @@ class RunWriter(DocumentRouter):
                     # Object storage has no append: the object is rewritten.
                     self._refused_lines.append(line)
                     sync(
-                        self.root.store.set(
+                        self.metadata.store.set(
                             REFUSED_FILE,
                             default_buffer_prototype().buffer.from_bytes(
                                 b"".join(self._refused_lines)
@@ -418,7 +383,7 @@ class RunWriter(DocumentRouter):
             info["complete"] = not reasons
             if reasons:
                 info["incomplete_reason"] = "; ".join(reasons)
-            consolidate(self.root, attributes)
+            self.metadata.consolidate(attributes)
 
     def _missing_points(
         self, doc: RunStop, summaries: Mapping[str, Mapping[str, Any]]

@@ -14,18 +14,15 @@ that point on disk.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from ._errors import DataShapeError, DataTypeError, DocumentError
 from ._io import DirectWriter
@@ -54,73 +51,6 @@ _ACCEPTED_KINDS = {
     "M": "M",
     "m": "m",
 }
-
-_consolidate_lock = threading.Lock()
-
-#: The file, inside a run's store, that keeps the documents the writer refused
-#: (not a Zarr node: consolidation passes it over).
-REFUSED_FILE = "refused_documents.jsonl"
-
-
-async def _consolidate_quietly(group: zarr.Group, attributes: dict[str, Any]) -> None:
-    """Store the metadata of every node below ``group`` in its ``zarr.json``.
-
-    What ``zarr.consolidate_metadata`` does, without its warning that
-    consolidated metadata is not yet part of the V3 specification: silencing
-    that warning would need ``warnings.catch_warnings``, whose process-wide
-    state races with other threads. xarray reads consolidated metadata, and
-    warns loudly without it.
-    """
-    from zarr.core.group import (
-        AsyncGroup,
-        ConsolidatedMetadata,
-        GroupMetadata,
-        _iter_members_deep,
-    )
-
-    root = await AsyncGroup.open(group.store_path, use_consolidated=False)
-    members = {
-        key: node.metadata
-        async for key, node in _iter_members_deep(
-            root,
-            max_depth=None,
-            skip_keys=("zarr.json", REFUSED_FILE),
-            use_consolidated_for_children=False,
-        )
-    }
-    for key, metadata in members.items():
-        # Child groups say explicitly that they hold no further nodes.
-        if isinstance(metadata, GroupMetadata) and metadata.consolidated_metadata is None:
-            members[key] = dataclasses.replace(
-                metadata, consolidated_metadata=ConsolidatedMetadata(metadata={})
-            )
-    ConsolidatedMetadata._flat_to_nested(members)
-    metadata = dataclasses.replace(
-        root.metadata,
-        attributes={**root.metadata.attributes, **attributes},
-        consolidated_metadata=ConsolidatedMetadata(metadata=members),
-    )
-    await dataclasses.replace(root, metadata=metadata)._save_metadata()
-
-
-def consolidate(group: zarr.Group, attributes: dict[str, Any] | None = None) -> None:
-    """Consolidate the metadata below ``group``, one thread at a time.
-
-    ``attributes`` are merged into the group's own attributes in the same
-    write, so the group's ``zarr.json`` never lacks its consolidated metadata
-    (a process killed between two writes would leave a store that xarray
-    opens only with a warning).
-    """
-    with _consolidate_lock:
-        try:
-            sync(_consolidate_quietly(group, attributes or {}))
-        except (ImportError, AttributeError):  # zarr's internals moved: the public way
-            if attributes:
-                group.attrs.update(attributes)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Consolidated metadata is currently")
-                zarr.consolidate_metadata(group.store)
-
 
 @dataclass
 class Block:
@@ -238,12 +168,13 @@ class StreamWriter:
             if motor in setpoints:
                 values[:] = setpoints[motor]
             self.coord_values[name] = values
-            array = group.create_array(
-                name,
+            array = self.run.metadata.add_array(
+                f"{self.name}/{name}",
                 shape=values.shape,
                 dtype="float64",
                 chunks=(max(1, min(self._mask_chunks()[axis], 1 << 16)),) if self.growing
                 else (max(1, values.shape[0]),),
+                shards=None,
                 fill_value=np.nan,
                 dimension_names=[dim],
                 attributes={
@@ -252,12 +183,10 @@ class StreamWriter:
                     "motor": motor,
                 },
                 compressors=self.run.options.compressors,
-                config={"write_empty_chunks": True},
             )
-            if values.size:
-                array[:] = values
             self.coord_arrays[name] = array
-        self._update_coordinate_attrs()
+            if values.size:
+                self._update(array, (slice(0, values.size),), values)
 
     # ------------------------------------------------------------------ setup
     def _mask_chunks(self) -> tuple[int, ...]:
@@ -276,16 +205,16 @@ class StreamWriter:
         attrs: dict[str, Any],
     ) -> zarr.Array:
         dims = list(self.layout.scan_dims)
-        return self.group.create_array(
-            name,
+        return self.run.metadata.add_array(
+            f"{self.name}/{name}",
             shape=self.scan_shape,
             dtype=dtype,
             chunks=chunks,
+            shards=None,
             fill_value=fill,
             dimension_names=dims,
             attributes={"_ARRAY_DIMENSIONS": dims, **attrs},
             compressors=self.run.options.compressors,
-            config={"write_empty_chunks": True},
         )
 
     def _create(self, spec: ArraySpec) -> ArraySink:
@@ -318,17 +247,22 @@ class StreamWriter:
                 ) + tuple(shards[self.n_scan :])
         dims = list(self.layout.scan_dims) + list(spec.frame_dims)
         dtype: Any = str if spec.dtype.kind in "OU" else spec.dtype
-        array = self.group.create_array(
-            spec.name,
+        # Tell xarray (CF ``coordinates``) which variables are coordinates.
+        extra = [c for c, d in self.layout.coords.items() if c != d]
+        array = self.run.metadata.add_array(
+            f"{self.name}/{spec.name}",
             shape=self.scan_shape + spec.frame_shape,
             dtype=dtype,
             chunks=chunks,
             shards=shards,
             fill_value=fill_value_for(spec.dtype),
             dimension_names=dims,
-            attributes={"_ARRAY_DIMENSIONS": dims, **spec.attrs},
+            attributes={
+                "_ARRAY_DIMENSIONS": dims,
+                **spec.attrs,
+                **({"coordinates": " ".join(extra)} if extra else {}),
+            },
             compressors=options.compressors,
-            config={"write_empty_chunks": True},
         )
         sink = ArraySink(spec, array, self.n_scan, block_shape)
         self.sinks[spec.name] = sink
@@ -353,18 +287,8 @@ class StreamWriter:
                     self.scan_shape = (self.length,)
                 sink = self._create(spec)
             del self.pending[spec.name]
-            self._update_coordinate_attrs()
-            consolidate(self.run.root)
+            self.run.metadata.consolidate()
         return sink
-
-    def _update_coordinate_attrs(self) -> None:
-        """Tell xarray (CF ``coordinates``) which variables are coordinates."""
-        extra = [c for c, d in self.layout.coords.items() if c != d]
-        if not extra:
-            return
-        for sink in self.sinks.values():
-            if sink.array.attrs.get("coordinates") != " ".join(extra):
-                sink.array.attrs["coordinates"] = " ".join(extra)
 
     # ----------------------------------------------------------------- events
     def put_page(self, page: Mapping[str, Any], index: Sequence[np.ndarray]) -> None:
@@ -544,18 +468,19 @@ class StreamWriter:
         with self.run.meta_lock:
             if length <= self.length:
                 return
+            metadata = self.run.metadata
             with self.lock:
                 for sink in self.sinks.values():
-                    sink.array.resize((length,) + sink.frame_shape)
+                    sink.array = metadata.resize(sink.array, (length,) + sink.frame_shape)
                     mask = np.zeros(length, dtype=bool)
                     mask[: self.length] = self.on_disk[sink.name]
                     self.on_disk[sink.name] = mask
-                self.written.resize((length,))
-                for array in self.coord_arrays.values():
-                    array.resize((length,))
+                self.written = metadata.resize(self.written, (length,))
+                for name, array in self.coord_arrays.items():
+                    self.coord_arrays[name] = metadata.resize(array, (length,))
                 self.length = length
                 self.scan_shape = (length,)
-            consolidate(self.run.root)
+            metadata.consolidate()
 
     def mark_on_disk(self, sink: ArraySink, region: tuple[slice, ...], filled: np.ndarray) -> None:
         with self.lock:

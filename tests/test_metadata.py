@@ -1,0 +1,129 @@
+"""A run's metadata, written by the writer itself, is what zarr-python writes.
+
+:mod:`bluesky_zarr._metadata` builds each node's ``zarr.json`` without
+zarr-python's create path, and consolidates from memory instead of reading
+the store back. Checked here against zarr-python itself: every array
+configuration the writer uses gives the ``zarr.json`` ``zarr.create_array``
+writes, and the root of a real run (with growing streams resized many times,
+a second descriptor, strings and coordinates) holds the consolidated metadata
+``zarr.consolidate_metadata`` computes from the files on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+from bluesky import RunEngine
+from bluesky.plans import count, grid_scan
+from ophyd.sim import det, motor1, motor2
+from zarr.codecs import BloscCodec, GzipCodec
+
+from bluesky_zarr import ZarrWriter
+from bluesky_zarr._metadata import StoreMetadata
+from bluesky_zarr._storage import GuardedLocalStore
+from bluesky_zarr.sim import PointCamera, motors
+
+CASES: list[dict[str, Any]] = [
+    dict(shape=(3, 4, 8, 8), dtype="uint16", chunks=(1, 1, 8, 8), shards=(1, 4, 8, 8),
+         fill_value=0, compressors="auto"),
+    dict(shape=(3, 4, 8, 8), dtype="<f4", chunks=(1, 1, 8, 8), shards=None,
+         fill_value=np.nan, compressors=None),
+    dict(shape=(5, 7), dtype=">i8", chunks=(2, 3), shards=(4, 6), fill_value=0,
+         compressors=BloscCodec(cname="zstd", clevel=3)),
+    dict(shape=(10,), dtype="bool", chunks=(10,), shards=None, fill_value=False,
+         compressors=GzipCodec()),
+    dict(shape=(0,), dtype="float64", chunks=(4096,), shards=None, fill_value=np.nan,
+         compressors="auto"),
+    dict(shape=(6,), dtype=str, chunks=(6,), shards=None, fill_value="", compressors="auto"),
+    dict(shape=(2, 3), dtype="complex128", chunks=(1, 3), shards=(2, 3), fill_value=np.nan,
+         compressors=None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
+def test_an_array_made_here_is_the_array_zarr_python_makes(
+    tmp_path: Path, case: dict[str, Any]
+) -> None:
+    names = [f"d{n}" for n in range(len(case["shape"]))]
+    arguments = dict(case, dimension_names=names, attributes={"units": "mm", "n": [1, 2]})
+    theirs = zarr.open_group(tmp_path / "theirs.zarr", mode="w", zarr_format=3)
+    theirs.create_array("a", **arguments, config={"write_empty_chunks": True})
+    store = GuardedLocalStore(tmp_path / "ours.zarr")
+    (tmp_path / "ours.zarr").mkdir()
+    ours = StoreMetadata(store, {})
+    array = ours.add_array("a", **arguments)
+    expected = (tmp_path / "theirs.zarr" / "a" / "zarr.json").read_bytes()
+    assert (tmp_path / "ours.zarr" / "a" / "zarr.json").read_bytes() == expected
+    # The object handed out writes and reads like zarr-python's own.
+    reopened = zarr.open_array(tmp_path / "ours.zarr", path="a", mode="r")
+    assert reopened.metadata.to_dict() == array.metadata.to_dict()
+    if array.size and np.dtype(array.dtype).kind in "iuf":
+        values = np.arange(array.size).reshape(array.shape).astype(array.dtype)
+        array[...] = values
+        np.testing.assert_array_equal(reopened[...], values)
+
+
+def test_growing_an_array_rewrites_its_metadata(tmp_path: Path) -> None:
+    (tmp_path / "s.zarr").mkdir()
+    metadata = StoreMetadata(GuardedLocalStore(tmp_path / "s.zarr"), {"x": 1})
+    metadata.add_group("g", {"a": 1})
+    array = metadata.add_array(
+        "g/v", shape=(0,), dtype="float64", chunks=(4,), shards=None, fill_value=np.nan,
+        dimension_names=["time"], attributes={}, compressors=None,
+    )
+    for length in (3, 9, 20):
+        array = metadata.resize(array, (length,))
+        array[length - 1] = length
+    metadata.consolidate({"y": 2})
+    group = zarr.open_group(tmp_path / "s.zarr", mode="r", use_consolidated=True)
+    assert dict(group.attrs) == {"x": 1, "y": 2}
+    read = group["g/v"]
+    assert read.shape == (20,)
+    assert [read[2], read[8], read[19]] == [3, 9, 20]
+    assert zarr.open_array(tmp_path / "s.zarr", path="g/v", mode="r").shape == (20,)
+
+
+def _consolidated_by_zarr(store: Path) -> dict[str, Any]:
+    """The consolidated metadata zarr-python computes from the files on disk."""
+    copy = json.loads((store / "zarr.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(store))
+    theirs = json.loads((store / "zarr.json").read_text())
+    (store / "zarr.json").write_text(json.dumps(copy))
+    return theirs
+
+
+def test_a_runs_consolidated_metadata_is_what_zarr_python_consolidates(
+    tmp_path: Path,
+) -> None:
+    wavelength, position = motors("wavelength", "position")
+    cam = PointCamera([wavelength, position], shape=(6, 5), name="cam")
+    RE = RunEngine({})
+    writer = ZarrWriter(tmp_path)
+    RE.subscribe(writer)
+    RE(grid_scan([cam, det], wavelength, 400, 700, 3, position, 0, 5, 4, snake_axes=True))
+    # Growing streams (resized at each write) and a baseline.
+    from bluesky.preprocessors import baseline_wrapper
+
+    RE(baseline_wrapper(count([det, motor1], num=7), [motor2]))
+    stores = sorted(tmp_path.glob("*.zarr"))
+    assert len(stores) == 2
+    for store in stores:
+        ours = json.loads((store / "zarr.json").read_text())
+        theirs = _consolidated_by_zarr(store)
+        assert ours["consolidated_metadata"] == theirs["consolidated_metadata"], store
+        assert ours["attributes"] == theirs["attributes"]
+        # What xarray sees through the consolidated metadata is what is on disk.
+        for path, node in ours["consolidated_metadata"]["metadata"].items():
+            on_disk = json.loads((store / path / "zarr.json").read_text())
+            if node["node_type"] == "group":
+                # Consolidation lists a child group with its (empty) own.
+                assert node.pop("consolidated_metadata")["metadata"] == {}
+            assert node == on_disk, path
