@@ -30,7 +30,7 @@ from zarr.core.array import (
     _parse_chunk_encoding_v3,
     _parse_chunk_key_encoding,
 )
-from zarr.core.array_spec import parse_array_config
+from zarr.core.array_spec import ArrayConfigParams, parse_array_config
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_grids import RegularChunkGrid, _auto_partition
 from zarr.core.dtype import parse_dtype
@@ -46,7 +46,7 @@ from ._storage import GuardedLocalStore
 MAX_ATTR_ARRAY = 10_000
 
 #: How every array of a run is configured when opened for writing.
-ARRAY_CONFIG = {"write_empty_chunks": True}
+ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 def json_safe(value: Any) -> Any:
