@@ -20,14 +20,19 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import zarr
 
 from ._background import Workers
+from ._errors import DataShapeError, DataTypeError
+from ._io import UnitIO
+from ._layout import ArraySpec, fill_value_for
 
 if TYPE_CHECKING:
-    from ._stream import ArraySink, Block, StreamWriter
+    from ._background import BackgroundWriter
 
 #: Transient copies zarr makes of a block while it encodes and writes it
 #: (chunk buffers, then the assembled shard), measured with the benchmark.
@@ -36,6 +41,111 @@ ENCODE_COPIES = 2
 #: The same for a block merged with what is on disk: the image read back (into
 #: which the block's new points go), besides the encoding copies.
 MERGE_COPIES = ENCODE_COPIES + 1
+
+
+#: Value kinds (numpy ``dtype.kind``) accepted for each array kind.
+_ACCEPTED_KINDS = {
+    "f": "biuf",
+    "c": "biufc",
+    "i": "biu",
+    "u": "biu",
+    "b": "b",
+    "O": "OUS",
+    "U": "OUS",
+    "S": "S",
+    "V": "V",
+    "M": "M",
+    "m": "m",
+}
+
+
+@dataclass
+class Block:
+    """An in-memory image of one write unit of one array."""
+
+    origin: tuple[int, ...]
+    data: np.ndarray
+    filled: np.ndarray
+    count: int
+    expected: int
+    born: float
+    nbytes: int
+
+
+class ArraySink:
+    """One array of a stream and the blocks filling for it."""
+
+    def __init__(
+        self,
+        spec: ArraySpec,
+        array: zarr.Array,
+        n_scan: int,
+        block_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        assert spec.dtype is not None and spec.frame_shape is not None
+        self.spec = spec
+        self.name = spec.name
+        self.array = array
+        self.dtype = spec.dtype
+        self.frame_shape = spec.frame_shape
+        # A block spans whole write units (shards, else chunks), so blocks
+        # never share a file and each is written without touching another.
+        unit = array.shards or array.chunks
+        self.block_shape = tuple(block_shape or unit[:n_scan])
+        self.fill = fill_value_for(spec.dtype)
+        self.blocks: dict[tuple[int, ...], Block] = {}
+        #: Blocks handed to the writer at least once: later writes merge.
+        self.submitted: set[tuple[int, ...]] = set()
+        self.accepted = _ACCEPTED_KINDS.get(spec.dtype.kind, spec.dtype.kind)
+        #: Writes whole blocks, without zarr-python's per-write path where
+        #: the array's codecs allow (see ``_io``).
+        self.io = UnitIO(array)
+
+    def check(self, value: Any) -> np.ndarray:
+        """The value as an array of this sink's frame shape, or a clear error."""
+        array = np.asarray(value)
+        if array.shape != self.frame_shape:
+            raise DataShapeError(
+                f"data key {self.spec.key!r}: expected shape {self.frame_shape} as "
+                f"declared by the descriptor, got {array.shape}"
+            )
+        if array.dtype.kind not in self.accepted:
+            raise DataTypeError(
+                f"data key {self.spec.key!r}: expected values storable as "
+                f"{self.dtype}, got {array.dtype} ({preview(value)})"
+            )
+        return array
+
+
+def preview(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class BlockOwner(Protocol):
+    """What the buffer needs of the stream whose blocks it holds."""
+
+    name: str
+
+    @property
+    def run(self) -> Run: ...
+
+    def block_layout(
+        self, sink: ArraySink, key: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], np.dtype]: ...
+
+    def new_block(self, sink: ArraySink, key: tuple[int, ...], data: np.ndarray) -> Block: ...
+
+    def write_block(self, sink: ArraySink, block: Block, merge: bool) -> None: ...
+
+
+class Run(Protocol):
+    """What the buffer needs of the run a block belongs to."""
+
+    @property
+    def background(self) -> BackgroundWriter | None: ...
+
+    def raise_failures(self) -> None: ...
 
 
 class MemoryBudget:
@@ -178,10 +288,10 @@ class BlockBuffer:
         #: Held while blocks are placed, submitted or spilled (any run).
         self.lock = threading.RLock()
         #: Partially filled blocks, oldest first.
-        self._open: dict[tuple[int, tuple[int, ...]], tuple[StreamWriter, ArraySink]] = {}
+        self._open: dict[tuple[int, tuple[int, ...]], tuple[BlockOwner, ArraySink]] = {}
 
     def place(
-        self, stream: StreamWriter, sink: ArraySink, index: tuple[int, ...], value: Any
+        self, stream: BlockOwner, sink: ArraySink, index: tuple[int, ...], value: Any
     ) -> None:
         """Copy one point's value into its block; hand full blocks to the writer."""
         key = tuple(i // b for i, b in zip(index, sink.block_shape))
@@ -203,7 +313,7 @@ class BlockBuffer:
             if block.count == block.expected:
                 self.submit(stream, sink, key)
 
-    def submit(self, stream: StreamWriter, sink: ArraySink, key: tuple[int, ...]) -> None:
+    def submit(self, stream: BlockOwner, sink: ArraySink, key: tuple[int, ...]) -> None:
         """Hand a block to its run's background writer."""
         block: Block = sink.blocks.pop(key)
         self._open.pop((id(sink), key), None)
@@ -220,7 +330,7 @@ class BlockBuffer:
             copies=MERGE_COPIES if merge else ENCODE_COPIES,
         )
 
-    def _reserve(self, nbytes: int, stream: StreamWriter) -> None:
+    def _reserve(self, nbytes: int, stream: BlockOwner) -> None:
         """Make room for a new block: spill old partial blocks, else wait."""
         while not self.budget.try_reserve(nbytes):
             if self.pool.drop():

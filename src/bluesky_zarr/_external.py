@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -66,8 +66,31 @@ from ._errors import (
 from ._metadata import json_safe
 
 if TYPE_CHECKING:
-    from ._run import RunWriter
+    from ._buffer import BlockBuffer
+    from ._metadata import StoreMetadata
+    from ._options import WriterOptions
     from ._stream import StreamWriter
+
+
+class ExternalRun(Protocol):
+    """What external data need of their run (a :class:`~bluesky_zarr._run.RunWriter`)."""
+
+    options: WriterOptions
+    metadata: StoreMetadata
+    buffer: BlockBuffer
+    meta_lock: threading.RLock
+    #: The run's streams by name, and by the uid of each of their descriptors.
+    streams: dict[str, StreamWriter]
+    descriptors: dict[str, StreamWriter]
+
+    @property
+    def buffer_lock(self) -> threading.RLock: ...
+
+    def point_index(
+        self, stream: StreamWriter, seq_nums: np.ndarray
+    ) -> tuple[np.ndarray, ...]: ...
+
+    def refuse(self, name: str, doc: Mapping[str, Any], error: BaseException) -> None: ...
 
 #: The ``external`` prefix of data keys whose frames stream_datum documents give.
 STREAM_EXTERNAL = "STREAM:"
@@ -183,7 +206,7 @@ class _References:
 class ExternalData:
     """Resolves the external data of one run and hands frames to its streams."""
 
-    def __init__(self, run: RunWriter) -> None:
+    def __init__(self, run: ExternalRun) -> None:
         self.run = run
         options = run.options
         self.mode = options.external

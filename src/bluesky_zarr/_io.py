@@ -287,3 +287,54 @@ class DirectWriter:
             yield from parts
             yield index_bytes
             yield checksum
+
+
+class UnitIO:
+    """Whole write units of one array, in and out: directly where its codecs
+    allow (:class:`DirectWriter`), else through zarr-python.
+
+    The array is passed to each call, as the newest object over it (a growing
+    array is replaced by a longer one); its shape bounds the units.
+    """
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.direct = DirectWriter.of(array)
+
+    def write(self, array: zarr.Array, origin: tuple[int, ...], data: np.ndarray) -> None:
+        """Write ``data`` at ``origin``, spanning whole units (or ending at the array's edge)."""
+        if self.direct is not None:
+            self.direct.write(origin, data, array.shape)
+        else:
+            array[_region(origin, data.shape)] = data
+
+    def read(
+        self,
+        array: zarr.Array,
+        origin: tuple[int, ...],
+        size: tuple[int, ...],
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """What the store holds for the region of ``size`` at ``origin`` (whole units)."""
+        if self.direct is not None:
+            return self.direct.read(origin, size, out)
+        return np.asarray(array[_region(origin, size)])
+
+    def update(self, array: zarr.Array, region: tuple[slice, ...], values: np.ndarray) -> None:
+        """Write ``values`` over ``region`` of a small array (a mask, a
+        coordinate), keeping the rest of the units it touches; the caller is
+        the only writer of the array."""
+        if self.direct is None:
+            array[region] = values
+            return
+        unit = array.shards or array.chunks
+        start = tuple(r.start // u * u for r, u in zip(region, unit))
+        size = tuple(
+            min(-(-r.stop // u) * u, n) - s for r, u, n, s in zip(region, unit, array.shape, start)
+        )
+        hull = self.direct.read(start, size)
+        hull[tuple(slice(r.start - s, r.stop - s) for r, s in zip(region, start))] = values
+        self.direct.write(start, hull, array.shape)
+
+
+def _region(origin: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(o, o + n) for o, n in zip(origin, size))

@@ -1,12 +1,12 @@
-"""Where an event becomes a chunk write.
+"""Where an event becomes points of a stream's arrays.
 
-A :class:`StreamWriter` owns the arrays of one stream group. Events are
-copied into *blocks*: in-memory images of one write unit (a shard, or a chunk
-when unsharded) over the scan dimensions, spanning whole frames. A block is
-handed to the background writer when all its points have arrived (written
-once: write amplification 1), or earlier when the memory budget is spent,
-the flush interval passes or the run stops; a block written before is then
-merged with what is on disk (read-modify-write), never clobbering it.
+A :class:`StreamWriter` owns the arrays of one stream group. It maps each
+event (a page of events, or frames that external data point to) to its point,
+an index along the scan dimensions, checks its values against the arrays,
+and places them in the chunk buffer (:mod:`._buffer`), which hands back
+complete blocks; :meth:`StreamWriter.write_block` writes one (through
+:mod:`._io`, merging with what an earlier write of the block left) and marks
+its points on disk.
 
 ``_written`` flips for a point only after every array of the stream holds
 that point on disk.
@@ -18,14 +18,14 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import zarr
 
-from ._errors import DataShapeError, DataTypeError, DocumentError
-from ._io import DirectWriter
+from ._buffer import ArraySink, Block, BlockBuffer, preview
+from ._errors import DataTypeError, DocumentError
+from ._io import UnitIO
 from ._layout import (
     ArraySpec,
     StreamLayout,
@@ -35,92 +35,35 @@ from ._layout import (
 )
 
 if TYPE_CHECKING:
-    from ._run import RunWriter
-
-#: Value kinds (numpy ``dtype.kind``) accepted for each array kind.
-_ACCEPTED_KINDS = {
-    "f": "biuf",
-    "c": "biufc",
-    "i": "biu",
-    "u": "biu",
-    "b": "b",
-    "O": "OUS",
-    "U": "OUS",
-    "S": "S",
-    "V": "V",
-    "M": "M",
-    "m": "m",
-}
-
-@dataclass
-class Block:
-    """An in-memory image of one write unit of one array."""
-
-    origin: tuple[int, ...]
-    data: np.ndarray
-    filled: np.ndarray
-    count: int
-    expected: int
-    born: float
-    nbytes: int
+    from ._background import BackgroundWriter
+    from ._metadata import StoreMetadata
+    from ._options import WriterOptions
 
 
-class ArraySink:
-    """One array of a stream and the blocks filling for it."""
+class StreamRun(Protocol):
+    """What a stream needs of its run (a :class:`~bluesky_zarr._run.RunWriter`)."""
 
-    def __init__(
-        self,
-        spec: ArraySpec,
-        array: zarr.Array,
-        n_scan: int,
-        block_shape: tuple[int, ...] | None = None,
-    ) -> None:
-        assert spec.dtype is not None and spec.frame_shape is not None
-        self.spec = spec
-        self.name = spec.name
-        self.array = array
-        self.dtype = spec.dtype
-        self.frame_shape = spec.frame_shape
-        # A block spans whole write units (shards, else chunks), so blocks
-        # never share a file and each is written without touching another.
-        unit = array.shards or array.chunks
-        self.block_shape = tuple(block_shape or unit[:n_scan])
-        self.fill = fill_value_for(spec.dtype)
-        self.blocks: dict[tuple[int, ...], Block] = {}
-        #: Blocks handed to the writer at least once: later writes merge.
-        self.submitted: set[tuple[int, ...]] = set()
-        self.accepted = _ACCEPTED_KINDS.get(spec.dtype.kind, spec.dtype.kind)
-        #: Writes whole blocks without zarr-python's per-write path, where the
-        #: array's codecs allow (see ``_io``).
-        self.direct = DirectWriter.of(array)
+    options: WriterOptions
+    #: The store's metadata: every array is made, grown and consolidated there.
+    metadata: StoreMetadata
+    #: The chunk buffer, shared by the runs of one writer.
+    buffer: BlockBuffer
+    #: Held while the store's metadata changes.
+    meta_lock: threading.RLock
+    #: The default shard size of this run (bytes).
+    shard_bytes: int
 
-    def check(self, value: Any) -> np.ndarray:
-        """The value as an array of this sink's frame shape, or a clear error."""
-        array = np.asarray(value)
-        if array.shape != self.frame_shape:
-            raise DataShapeError(
-                f"data key {self.spec.key!r}: expected shape {self.frame_shape} as "
-                f"declared by the descriptor, got {array.shape}"
-            )
-        if array.dtype.kind not in self.accepted:
-            raise DataTypeError(
-                f"data key {self.spec.key!r}: expected values storable as "
-                f"{self.dtype}, got {array.dtype} ({_preview(value)})"
-            )
-        return array
+    @property
+    def background(self) -> BackgroundWriter | None: ...
 
-
-def _preview(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
+    def raise_failures(self) -> None: ...
 
 class StreamWriter:
     """The group of one stream: its arrays, blocks, masks and coordinates."""
 
     def __init__(
         self,
-        run: RunWriter,
+        run: StreamRun,
         group: zarr.Group,
         layout: StreamLayout,
         setpoints: Mapping[str, np.ndarray],
@@ -142,9 +85,8 @@ class StreamWriter:
         self.on_disk: dict[str, np.ndarray] = {}
         self.coord_values: dict[str, np.ndarray] = {}
         self.coord_arrays: dict[str, zarr.Array] = {}
-        #: Direct writers of the mask and coordinates, by array path (None:
-        #: zarr-python writes that array).
-        self._direct: dict[str, DirectWriter | None] = {}
+        #: How the mask and coordinates are written, by array path.
+        self._io: dict[str, UnitIO] = {}
         #: Coordinates that event data update (setpoint data, or any for
         #: dimensions whose setpoints the start document does not give).
         self.coord_from_data: dict[str, str] = {}
@@ -332,7 +274,7 @@ class StreamWriter:
             except (TypeError, ValueError):
                 raise DataTypeError(
                     f"data key {source!r} gives the coordinate {name!r}, but its values "
-                    f"are not numbers: {_preview(data[source])}"
+                    f"are not numbers: {preview(data[source])}"
                 ) from None
             self._set_coordinate(name, index[axis], values)
         for spec, arrays in checked:
@@ -440,24 +382,19 @@ class StreamWriter:
         region = tuple(slice(o, o + n) for o, n in zip(block.origin, filled.shape))
         if self.growing:
             self.ensure_length(region[0].stop)
+        reused = None
         if merge:
             # What an earlier write of this block left on disk, with the new
-            # points placed over it.
-            if sink.direct is not None:
-                # A buffer kept for reuse, where there is one: no fresh memory.
-                reused = self.run.buffer.pool.take(data.shape, data.dtype)
-                current = sink.direct.read(block.origin, data.shape, reused)
-            else:
+            # points placed over it; read into a buffer kept for reuse, where
+            # there is one (no fresh memory).
+            reused = self.run.buffer.pool.take(data.shape, data.dtype)
+            current = sink.io.read(sink.array, block.origin, data.shape, reused)
+            if current is not reused and reused is not None:
+                self.run.buffer.pool.give(reused)
                 reused = None
-                current = np.asarray(sink.array[region])
             current[filled] = data[filled]
             data = current
-        else:
-            reused = None
-        if sink.direct is not None:
-            sink.direct.write(block.origin, data, sink.array.shape)
-        else:
-            sink.array[region] = data
+        sink.io.write(sink.array, block.origin, data)
         if reused is not None:
             self.run.buffer.pool.give(reused)
 
@@ -503,23 +440,12 @@ class StreamWriter:
                     self._update(array, (slice(part.start, stop),), values[part.start : stop])
 
     def _update(self, array: zarr.Array, region: tuple[slice, ...], values: np.ndarray) -> None:
-        """Write ``values`` over ``region`` of a small array (the mask, a
-        coordinate), keeping the rest of the write units it touches; under
-        ``self.lock``, the only writer of these arrays."""
-        if array.path not in self._direct:
-            self._direct[array.path] = DirectWriter.of(array)
-        direct = self._direct[array.path]
-        if direct is None:
-            array[region] = values
-            return
-        unit = array.shards or array.chunks
-        start = tuple(r.start // u * u for r, u in zip(region, unit))
-        size = tuple(
-            min(-(-r.stop // u) * u, n) - s for r, u, n, s in zip(region, unit, array.shape, start)
-        )
-        hull = direct.read(start, size)
-        hull[tuple(slice(r.start - s, r.stop - s) for r, s in zip(region, start))] = values
-        direct.write(start, hull, array.shape)
+        """Write ``values`` over ``region`` of the mask or a coordinate (under
+        ``self.lock``: the only writer of these arrays)."""
+        io = self._io.get(array.path)
+        if io is None:
+            io = self._io[array.path] = UnitIO(array)
+        io.update(array, region, values)
 
     def summary(self) -> dict[str, Any]:
         """Counts for the stop record: points on disk in every array

@@ -28,7 +28,7 @@ MAX_SCAN_POINTS = 2**27
 MAX_FRAME_ELEMENTS = 2**30
 
 
-def _preview(value: Any) -> str:
+def preview(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -47,7 +47,7 @@ def checked_shape(what: str, value: Any, *, limit: int, total: str) -> tuple[int
     what the product counts (``"scan points"``). Nothing is allocated.
     """
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray)):
-        raise DocumentError(f"{what} must be a list of integers, got {_preview(value)}")
+        raise DocumentError(f"{what} must be a list of integers, got {preview(value)}")
     result = []
     for item in value:
         if _is_integer(item):
@@ -56,18 +56,18 @@ def checked_shape(what: str, value: Any, *, limit: int, total: str) -> tuple[int
             # 10.0 from a JSON round trip is 10; 2.5 or NaN is no size.
             if not (math.isfinite(item) and float(item).is_integer()):
                 raise DocumentError(
-                    f"{what} must hold whole numbers, got {item!r} in {_preview(value)}"
+                    f"{what} must hold whole numbers, got {item!r} in {preview(value)}"
                 )
             size = int(item)
         else:
-            raise DocumentError(f"{what} must be a list of integers, got {_preview(value)}")
+            raise DocumentError(f"{what} must be a list of integers, got {preview(value)}")
         if size < 0:
-            raise DocumentError(f"{what} must not hold negative sizes, got {_preview(value)}")
+            raise DocumentError(f"{what} must not hold negative sizes, got {preview(value)}")
         result.append(size)
     count = math.prod(result)
     if count > limit:
         raise DocumentError(
-            f"{what} {_preview(value)} makes {count} {total}, more than the "
+            f"{what} {preview(value)} makes {count} {total}, more than the "
             f"{limit} (2**{int(math.log2(limit))}) this writer accepts"
         )
     return tuple(result)
@@ -81,7 +81,7 @@ def _column(what: str, value: Any, n: int | None) -> int:
         length = len(value)
     elif isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
         raise DocumentError(
-            f"event_page {what} must be a list, one value per event, got {_preview(value)}"
+            f"event_page {what} must be a list, one value per event, got {preview(value)}"
         )
     else:
         length = len(value)
@@ -101,7 +101,7 @@ def _check_value(key: str, value: Any) -> None:
         except (ValueError, TypeError) as err:
             raise DataShapeError(
                 f"data key {key!r}: a frame must be a regular array (lists of equal "
-                f"lengths), got {_preview(value)}: {err}"
+                f"lengths), got {preview(value)}: {err}"
             ) from None
 
 
@@ -118,7 +118,7 @@ def check_start(doc: Mapping[str, Any]) -> None:
         if not _is_list(dimensions):
             raise DocumentError(
                 f"start['hints']['dimensions'] must be a list of (fields, stream) pairs, "
-                f"got {_preview(dimensions)}"
+                f"got {preview(dimensions)}"
             )
         for entry in dimensions:
             if not (
@@ -130,26 +130,26 @@ def check_start(doc: Mapping[str, Any]) -> None:
             ):
                 raise DocumentError(
                     "start['hints']['dimensions'] entries must be (fields, stream) pairs: "
-                    f"a list of field names and a stream name, got {_preview(entry)}"
+                    f"a list of field names and a stream name, got {preview(entry)}"
                 )
     motors = doc.get("motors")
     if motors is not None and not (_is_list(motors) and all(isinstance(m, str) for m in motors)):
-        raise DocumentError(f"start['motors'] must be a list of names, got {_preview(motors)}")
+        raise DocumentError(f"start['motors'] must be a list of names, got {preview(motors)}")
     snaking = doc.get("snaking")
     if snaking is not None and not (
         _is_list(snaking) and all(isinstance(s, (bool, np.bool_, int)) for s in snaking)
     ):
         raise DocumentError(
-            f"start['snaking'] must be a list of booleans, got {_preview(snaking)}"
+            f"start['snaking'] must be a list of booleans, got {preview(snaking)}"
         )
     extents = doc.get("extents")
     if extents is not None and not _is_list(extents):
         raise DocumentError(
-            f"start['extents'] must be a list of (start, stop) pairs, got {_preview(extents)}"
+            f"start['extents'] must be a list of (start, stop) pairs, got {preview(extents)}"
         )
     pattern = doc.get("plan_pattern")
     if pattern is not None and not isinstance(pattern, str):
-        raise DocumentError(f"start['plan_pattern'] must be a name, got {_preview(pattern)}")
+        raise DocumentError(f"start['plan_pattern'] must be a name, got {preview(pattern)}")
 
 
 #: The values of a data key's JSON ``dtype``.
@@ -172,21 +172,21 @@ def check_descriptor(doc: Mapping[str, Any]) -> None:
     ):
         raise DocumentError(
             f"descriptor 'name' must name a stream (a non-empty name without '/', not "
-            f"'.', '..' or '__...'), got {_preview(name)}"
+            f"'.', '..' or '__...'), got {preview(name)}"
         )
     data_keys = doc.get("data_keys")
     if not isinstance(data_keys, Mapping):
         raise DocumentError(
             f"descriptor of stream {name!r} must have a data_keys mapping, got "
-            f"{_preview(data_keys)}"
+            f"{preview(data_keys)}"
         )
     for key, data_key in data_keys.items():
         if not isinstance(key, str):
-            raise DocumentError(f"data key names must be strings, got {_preview(key)}")
+            raise DocumentError(f"data key names must be strings, got {preview(key)}")
         if not isinstance(data_key, Mapping):
             raise DocumentError(
                 f"data key {key!r} of stream {name!r} must be a mapping, got "
-                f"{_preview(data_key)}"
+                f"{preview(data_key)}"
             )
         declared = data_key.get("dtype_numpy")
         if declared is not None and not isinstance(declared, str) and not (
@@ -194,25 +194,25 @@ def check_descriptor(doc: Mapping[str, Any]) -> None:
         ):
             raise DocumentError(
                 f"data key {key!r}: dtype_numpy must be a numpy dtype string ('<u2') or a "
-                f"list of (name, dtype) pairs, got {_preview(declared)}"
+                f"list of (name, dtype) pairs, got {preview(declared)}"
             )
         kind = data_key.get("dtype")
         # The JSON dtype decides only where no dtype_numpy is given.
         if not declared and not (isinstance(kind, str) and kind in JSON_DTYPES):
             raise DocumentError(
                 f"data key {key!r}: dtype must be one of {', '.join(JSON_DTYPES)}, got "
-                f"{_preview(kind)}"
+                f"{preview(kind)}"
             )
         dims = data_key.get("dims")
         if dims is not None and not (_is_list(dims) and all(isinstance(d, str) for d in dims)):
             raise DocumentError(
-                f"data key {key!r}: dims must be a list of names, got {_preview(dims)}"
+                f"data key {key!r}: dims must be a list of names, got {preview(dims)}"
             )
         external = data_key.get("external")
         if external is not None and not isinstance(external, str):
             raise DocumentError(
                 f"data key {key!r}: external must be a string ('FILESTORE:', 'STREAM:'), "
-                f"got {_preview(external)}"
+                f"got {preview(external)}"
             )
 
 
@@ -264,7 +264,7 @@ def check_document(name: str, doc: Mapping[str, Any]) -> None:
         if not isinstance(doc[field], str):
             raise DocumentError(
                 f"{name} document: {field!r} must be a string (a uid), got "
-                f"{_preview(doc[field])}"
+                f"{preview(doc[field])}"
             )
     if name == "descriptor":
         check_descriptor(doc)
@@ -281,11 +281,11 @@ def check_bulk_events(doc: Mapping[str, Any]) -> None:
         if not _is_list(events):
             raise DocumentError(
                 f"bulk_events must map each descriptor uid to a list of events, got "
-                f"{_preview(events)} for {_preview(descriptor)}"
+                f"{preview(events)} for {preview(descriptor)}"
             )
         for event in events:
             if not isinstance(event, Mapping):
-                raise DocumentError(f"bulk_events holds a non-event {_preview(event)}")
+                raise DocumentError(f"bulk_events holds a non-event {preview(event)}")
             check_document("event", event)
 
 
@@ -300,23 +300,23 @@ def check_event(doc: Mapping[str, Any]) -> None:
         if name not in doc:
             raise DocumentError(f"event lacks the field {name!r} ({label})")
         if not isinstance(doc[name], kind):
-            raise DocumentError(f"event {name!r} must be {label}, got {_preview(doc[name])}")
+            raise DocumentError(f"event {name!r} must be {label}, got {preview(doc[name])}")
     for name in ("seq_num", "time"):
         if name not in doc:
             raise DocumentError(f"event lacks the field {name!r}")
     if not _is_integer(doc["seq_num"]):
-        raise DocumentError(f"event 'seq_num' must be an integer, got {_preview(doc['seq_num'])}")
+        raise DocumentError(f"event 'seq_num' must be an integer, got {preview(doc['seq_num'])}")
     if doc["seq_num"] > MAX_SCAN_POINTS:
         raise ScanIndexError(
             f"seq_num {doc['seq_num']} is beyond the {MAX_SCAN_POINTS} points a scan may have "
             f"in this writer"
         )
     if isinstance(doc["time"], bool) or not isinstance(doc["time"], (numbers.Real, np.number)):
-        raise DocumentError(f"event 'time' must be a number, got {_preview(doc['time'])}")
+        raise DocumentError(f"event 'time' must be a number, got {preview(doc['time'])}")
     if not isinstance(doc.get("filled", {}), Mapping):
         raise DocumentError(
             f"event 'filled' must be a mapping of data keys to booleans, got "
-            f"{_preview(doc['filled'])}"
+            f"{preview(doc['filled'])}"
         )
     for key, value in doc["data"].items():
         _check_value(str(key), value)
@@ -335,7 +335,7 @@ def check_event_page(doc: Mapping[str, Any]) -> int:
         for seq_num in seq_nums:
             if not _is_integer(seq_num):
                 raise DocumentError(
-                    f"event_page 'seq_num' must hold integers, got {_preview(seq_num)}"
+                    f"event_page 'seq_num' must hold integers, got {preview(seq_num)}"
                 )
         largest = max(seq_nums, default=0)
     if largest > MAX_SCAN_POINTS:
@@ -352,7 +352,7 @@ def check_event_page(doc: Mapping[str, Any]) -> int:
         for time in times:
             if isinstance(time, bool) or not isinstance(time, (numbers.Real, np.number)):
                 raise DocumentError(
-                    f"event_page 'time' must hold numbers, got {_preview(time)}"
+                    f"event_page 'time' must hold numbers, got {preview(time)}"
                 )
     for name in ("data", "timestamps", "filled"):
         if name not in doc:
@@ -363,7 +363,7 @@ def check_event_page(doc: Mapping[str, Any]) -> int:
         if not isinstance(columns, Mapping):
             raise DocumentError(
                 f"event_page {name!r} must be a mapping of data keys to lists, got "
-                f"{_preview(columns)}"
+                f"{preview(columns)}"
             )
         for key, values in columns.items():
             _column(f"{name}[{key!r}]", values, n)
