@@ -100,6 +100,26 @@ class ArraySink:
         #: Writes whole blocks, without zarr-python's per-write path where
         #: the array's codecs allow (see ``_io``).
         self.io = UnitIO(array)
+        #: Copies of a block made while it is written, and while it is merged
+        #: with what is on disk (the image read back and the file's bytes too).
+        direct = self.io.direct
+        if direct is None:
+            self._copies = (ENCODE_COPIES, MERGE_COPIES)
+        else:
+            encode = direct.copies + (np.dtype(array.dtype) != self.dtype)
+            self._copies = (encode, encode + 2)
+        self._unit_bytes = math.prod(unit) * self.dtype.itemsize
+
+    def copies(self, nbytes: int) -> tuple[int, int]:
+        """Copies of a block of ``nbytes`` made while it is written, and while
+        it is merged with what is on disk (the image read back and the file's
+        bytes too), in units of ``nbytes``."""
+        encode, merge = self._copies
+        if self.io.direct is not None and nbytes < self._unit_bytes:
+            # A block cut at an edge (of the scan, or of a frame that its
+            # shards pass) is padded to its whole unit: one more copy.
+            return encode + 1, merge + 1
+        return encode, merge
 
     def check(self, value: Any) -> np.ndarray:
         """The value as an array of this sink's frame shape, or a clear error."""
@@ -165,7 +185,9 @@ class MemoryBudget:
         self.in_flight = 0
         self.active = 0
         self.peak = 0
-        self.largest = 0
+        #: Room kept for the copies of the blocks being written (the most
+        #: any block reserved so far needs).
+        self.headroom = 0
         self._cond = threading.Condition()
 
     @property
@@ -175,18 +197,20 @@ class MemoryBudget:
     def _note_peak(self) -> None:
         self.peak = max(self.peak, self.used)
 
-    def try_reserve(self, nbytes: int) -> bool:
+    def try_reserve(self, nbytes: int, copies: tuple[int, int] = (1, 1)) -> bool:
+        """Reserve a block of ``nbytes`` whose writing makes ``copies``
+        (encoding, merging) of it, if the bound allows."""
         with self._cond:
-            # A block larger than the whole budget is still allowed alone,
-            # otherwise it could never be written.
-            largest = max(self.largest, nbytes)
             # Keep room for the copies the workers will make when they write:
             # each worker encoding a block, or one merging a block (a second
             # worker waits when a merge leaves no room, see activate).
-            headroom = max(MERGE_COPIES, ENCODE_COPIES * self.workers) * largest
+            encode, merge = copies
+            headroom = max(self.headroom, max(merge, encode * self.workers) * nbytes)
+            # A block larger than the whole budget is still allowed alone,
+            # otherwise it could never be written.
             if self.reserved + nbytes + headroom > self.limit and self.reserved > 0:
                 return False
-            self.largest = largest
+            self.headroom = headroom
             self.reserved += nbytes
             self._note_peak()
             return True
@@ -300,7 +324,8 @@ class BlockBuffer:
             shape, dtype = stream.block_layout(sink, key)
             data = self.pool.take(shape, dtype)
             if data is None:
-                self._reserve(math.prod(shape) * dtype.itemsize, stream)
+                nbytes = math.prod(shape) * dtype.itemsize
+                self._reserve(nbytes, sink.copies(nbytes), stream)
                 data = np.empty(shape, dtype=dtype)
             block = stream.new_block(sink, key, data)
             sink.blocks[key] = block
@@ -327,12 +352,12 @@ class BlockBuffer:
             block.nbytes,
             f"writing {stream.name}/{sink.name} at {block.origin}",
             lambda: self.pool.give(block.data),
-            copies=MERGE_COPIES if merge else ENCODE_COPIES,
+            copies=sink.copies(block.nbytes)[1 if merge else 0],
         )
 
-    def _reserve(self, nbytes: int, stream: BlockOwner) -> None:
+    def _reserve(self, nbytes: int, copies: tuple[int, int], stream: BlockOwner) -> None:
         """Make room for a new block: spill old partial blocks, else wait."""
-        while not self.budget.try_reserve(nbytes):
+        while not self.budget.try_reserve(nbytes, copies):
             if self.pool.drop():
                 continue
             if self.budget.in_flight >= nbytes or not self._open:

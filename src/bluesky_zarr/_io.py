@@ -99,6 +99,15 @@ class _Encoder:
         return self.blosc.encode(raw)
 
 
+def _contiguous_part(part: tuple[int, ...], whole: tuple[int, ...]) -> bool:
+    """Whether a block of shape ``part`` of a C-ordered array of shape
+    ``whole`` is one contiguous range of its memory."""
+    axes = list(zip(part, whole))
+    while axes and axes[0][0] == 1:
+        axes.pop(0)
+    return all(p == w for p, w in axes[1:])
+
+
 class DirectWriter:
     """Writes whole write units of one array straight to its directory."""
 
@@ -122,6 +131,14 @@ class DirectWriter:
             self.per_shard = tuple(u // c for u, c in zip(unit, self.chunk))
             self.order = _chunk_order(self.per_shard)
             self.index_at_start = sharding.index_location == ShardingCodecIndexLocation.start
+        chunk = self.chunk if sharding is not None else unit
+        #: Copies of a unit made while it is encoded and written: none when
+        #: its chunks are stored as they lie in memory (no compressor, no byte
+        #: swap, each chunk a contiguous part of the unit), else one (the
+        #: encoded chunks, held until the file is written).
+        self.copies = 0 if (
+            encoder.blosc is None and not encoder.swap and _contiguous_part(chunk, unit)
+        ) else 1
 
     @classmethod
     def of(cls, array: zarr.Array) -> DirectWriter | None:
