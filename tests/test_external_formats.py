@@ -49,6 +49,7 @@ from PIL import Image
 
 import bluesky_zarr._external
 from bluesky_zarr import (
+    DataShapeError,
     DocumentError,
     ExternalFileError,
     MissingDependencyError,
@@ -608,4 +609,54 @@ def test_a_missing_reader_library_names_the_extra(RE, tmp_path, monkeypatch, fmt
     monkeypatch.setitem(sys.modules, module, None)  # import fails
     writer = ZarrWriter(tmp_path / "data")
     with pytest.raises(MissingDependencyError, match=rf"bluesky-zarr\[{extra}\]"):
+        replay(writer, docs)
+
+
+def test_a_template_without_a_file_number_is_refused(RE, tmp_path):
+    docs, _ = step_docs(RE, tmp_path, "tiff", points=2)
+    for doc in by_kind(docs, "stream_resource"):
+        doc["parameters"]["template"] = "%s%s_%6.6d.tiff"
+    with pytest.raises(DocumentError, match="template"):
+        replay(ZarrWriter(tmp_path / "data"), docs)
+
+
+def test_a_file_of_another_frame_size_raises_naming_it(RE, tmp_path):
+    docs, setup = step_docs(RE, tmp_path, "tiff", points=3)
+    wrong = setup.log[1].where
+    tifffile.imwrite(wrong, np.zeros((HEIGHT, WIDTH + 1), "uint16"))
+    writer = ZarrWriter(tmp_path / "data")
+    with pytest.raises(DataShapeError, match=Path(wrong).name):
+        replay(writer, docs)
+    writer("stop", by_kind(docs, "stop")[0])
+    assert open_stream(writer.stores[0])["_written"].values.tolist() == [True, False, False]
+
+
+def test_colour_jpegs_fill_a_key_that_declares_colour_first(RE, tmp_path):
+    """Pillow gives (height, width, bands); a data key may declare (bands,
+    height, width), as ophyd-async does for an RGB camera."""
+    docs, setup = step_docs(RE, tmp_path, "jpeg", points=2)
+    colour = []
+    for written in setup.log:
+        rgb = np.stack([written.frame, written.frame // 2, 255 - written.frame], axis=-1)
+        Image.fromarray(rgb).save(written.where, quality=95)
+        with Image.open(written.where) as image:
+            colour.append(np.moveaxis(np.asarray(image), -1, 0))
+    (descriptor,) = by_kind(docs, "descriptor")
+    descriptor["data_keys"]["det"]["shape"] = [1, 3, HEIGHT, WIDTH]
+    for doc in by_kind(docs, "stream_resource"):
+        doc["parameters"]["chunk_shape"] = [1, 3, HEIGHT, WIDTH]
+    writer = ZarrWriter(tmp_path / "data")
+    replay(writer, docs)
+    ds = open_stream(writer.stores[0])
+    assert ds["det"].shape == (2, 3, HEIGHT, WIDTH)
+    np.testing.assert_array_equal(ds["det"].values, np.stack(colour))
+
+
+@pytest.mark.parametrize("fmt", ["tiff", "jpeg", "npy"])
+def test_a_corrupt_file_raises_naming_it(RE, tmp_path, fmt):
+    docs, setup = step_docs(RE, tmp_path, fmt, points=3)
+    corrupt = setup.log[1].where
+    Path(corrupt).write_bytes(b"not an image at all" * 10)
+    writer = ZarrWriter(tmp_path / "data")
+    with pytest.raises(ExternalFileError, match=Path(corrupt).name):
         replay(writer, docs)

@@ -313,7 +313,8 @@ class _FileSequence(FrameSource):
         try:
             if not isinstance(template, str):
                 raise TypeError(template)
-            template.format(0)
+            if template.format(0) == template.format(1):
+                raise ValueError(template)  # every file would have the same name
         except (TypeError, ValueError, IndexError, KeyError):
             raise DocumentError(
                 f"stream_resource {sres.get('uid')!r} ({sres.get('mimetype')}): parameters "
@@ -341,17 +342,27 @@ class _FileSequence(FrameSource):
             f"file {path} cannot be read here: {err}; {REMOTE_HINT}"
         )
 
+    def _decode_error(self, path: str, err: Exception) -> ExternalFileError:
+        return ExternalFileError(
+            f"stream_resource {self.uid!r} for data key {self.key!r}: the file {path} "
+            f"is not a readable {self.label} file: {err}"
+        )
+
     def header(self, path: str) -> tuple[tuple[int, ...], np.dtype]:
         try:
             return self._header(path)
         except OSError as err:
             raise self._file_error(path, err) from err
+        except ValueError as err:  # a truncated or foreign file (tifffile, numpy)
+            raise self._decode_error(path, err) from err
 
     def load(self, path: str) -> np.ndarray:
         try:
             return np.asarray(self._load(path))
         except OSError as err:
             raise self._file_error(path, err) from err
+        except ValueError as err:
+            raise self._decode_error(path, err) from err
 
     def _settle_files_per_event(self, uid: str) -> int:
         """How many files each event spans: from ``files_per_datum`` or
