@@ -486,7 +486,7 @@ class ExternalData:
         source = self._sources.get(sres["uid"])
         if source is None:
             source_type = source_class(sres["mimetype"])
-            if source_type is None:  # recorded in reference mode, read later
+            if source_type is None:  # refused at the stream_resource already
                 raise UnknownSpecError(
                     f"stream_resource {sres['uid']!r} has mimetype {sres['mimetype']!r}"
                 )
