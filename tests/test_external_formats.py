@@ -660,3 +660,13 @@ def test_a_corrupt_file_raises_naming_it(RE, tmp_path, fmt):
     writer = ZarrWriter(tmp_path / "data")
     with pytest.raises(ExternalFileError, match=Path(corrupt).name):
         replay(writer, docs)
+
+
+def test_a_zarr_uri_that_is_the_array_itself_needs_no_path(RE, tmp_path):
+    docs, setup = step_docs(RE, tmp_path, "zarr", points=3)
+    for doc in by_kind(docs, "stream_resource"):
+        doc["uri"] = f"{doc['uri']}/{doc['parameters'].pop('path')}"
+    writer = ZarrWriter(tmp_path / "data")
+    replay(writer, docs)
+    ds = open_stream(writer.stores[0])
+    np.testing.assert_array_equal(ds["det"].values, np.stack([w.frame for w in setup.log]))
