@@ -11,10 +11,11 @@ Two conventions exist, and a run may use both:
   returns the frame.
 * **stream_resource / stream_datum** (ophyd-async detectors): events carry no
   value for a data key whose ``external`` is ``"STREAM:"``. A stream_resource
-  names a file and a dataset in it; each stream_datum maps the rows
-  ``indices`` of that dataset onto the events ``seq_nums`` of one stream. One
+  names where the frames are (an HDF5 dataset, a Zarr array, or a series of
+  TIFF, JPEG or NPY files: see ``_formats``); each stream_datum maps the
+  ``indices`` of that resource onto the events ``seq_nums`` of one stream. One
   index is one event: with ``k`` frames per point it spans ``k`` rows of the
-  dataset.
+  dataset (or ``k`` files of a series).
 
 With ``external="fill"`` (the default) the frames are read and written into
 the cube at their points, like frames that travel inside events. What a
@@ -39,11 +40,10 @@ named ``frame``: ``(time, frame, y, x)``.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlparse
@@ -53,16 +53,15 @@ from event_model import unpack_datum_page
 
 from ._background import BackgroundWriter
 from ._errors import (
-    DataShapeError,
     DocumentError,
     DocumentOrderError,
     ExternalDataError,
     ExternalFileError,
     ExternalIndexError,
     HandlerError,
-    MissingDependencyError,
     UnknownSpecError,
 )
+from ._formats import REMOTE_HINT, SOURCES, FrameSource, source_class
 from ._metadata import json_safe
 
 if TYPE_CHECKING:
@@ -92,6 +91,7 @@ class ExternalRun(Protocol):
 
     def refuse(self, name: str, doc: Mapping[str, Any], error: BaseException) -> None: ...
 
+
 #: The ``external`` prefix of data keys whose frames stream_datum documents give.
 STREAM_EXTERNAL = "STREAM:"
 
@@ -102,14 +102,10 @@ FRAME_DIM = "frame"
 #: and buffered in batches of this size.
 READ_BATCH_BYTES = 64 * 2**20
 
-#: Mimetypes of stream resources this package reads.
-HDF5_MIMETYPES = frozenset({"application/x-hdf5", "application/x-hdf"})
+#: Mimetypes of stream resources this package reads (see ``_formats``).
+STREAM_MIMETYPES = frozenset(SOURCES)
 
-_REMOTE_HINT = (
-    "if the files are written where this writer cannot read them, pass "
-    "external='reference' to record the references instead, or root_map= to "
-    "say where their directories are mounted here"
-)
+_REMOTE_HINT = REMOTE_HINT
 
 
 class NpySequenceHandler:
@@ -216,7 +212,10 @@ class ExternalData:
         self.datums: dict[str, Mapping[str, Any]] = {}
         self.stream_resources: dict[str, Mapping[str, Any]] = {}
         self._handler_instances: dict[str, Any] = {}
+        #: Files opened for reading, shared by the stream resources in them.
         self._files: dict[str, Any] = {}
+        #: The reader of each stream_resource whose frames are read.
+        self._sources: dict[str, FrameSource] = {}
         #: Per stream: its datum-external keys, and its stream-external keys.
         self.datum_keys: dict[str, set[str]] = {}
         self.stream_keys: dict[str, dict[str, StreamKey]] = {}
@@ -401,12 +400,20 @@ class ExternalData:
         uid = _field(doc, "uid", "stream_resource")
         _field(doc, "data_key", "stream_resource")
         mimetype = _field(doc, "mimetype", "stream_resource")
-        if self.mode == "fill" and mimetype not in HDF5_MIMETYPES:
-            raise UnknownSpecError(
-                f"stream_resource {uid!r} has mimetype {mimetype!r}; this writer reads "
-                f"{sorted(HDF5_MIMETYPES)} (pass external='reference' to record the "
-                f"references instead)"
-            )
+        if self.mode == "fill":
+            source = source_class(mimetype)
+            if source is None:
+                raise UnknownSpecError(
+                    f"stream_resource {uid!r} has mimetype {mimetype!r}; this writer reads "
+                    f"{sorted(STREAM_MIMETYPES)} (pass external='reference' to record the "
+                    f"references instead)"
+                )
+            if not isinstance(doc.get("parameters", {}), Mapping):
+                raise DocumentError(
+                    f"stream_resource {uid!r}: parameters must be a mapping, got "
+                    f"{doc.get('parameters')!r}"
+                )
+            source.check_document(doc)
         self.stream_resources[uid] = doc
 
     def stream_datum(self, doc: Mapping[str, Any]) -> None:
@@ -501,79 +508,31 @@ class ExternalData:
         :data:`READ_BATCH_BYTES`: ``(offset of the batch, (events, *stored frame
         shape))``. The whole range is checked now; the rows are read as the
         batches are taken."""
-        dataset, path = self._dataset(sres)
-        row_shape = tuple(dataset.shape[1:])
-        per_index = _rows_per_index(sres, info, row_shape)
-        first, last = start * per_index, stop * per_index
-        if last > dataset.shape[0] and getattr(dataset.file, "swmr_mode", False):
-            # The file grew since it was opened. Reads under way see the
-            # dataset as it was: they finish before it is refreshed.
-            self.wait_for_reads()
-            dataset.refresh()
-        if start < 0 or last > dataset.shape[0]:
-            raise ExternalIndexError(
-                f"stream_datum {uid!r} asks for rows {first}..{last} of dataset "
-                f"{sres['parameters'].get('dataset')!r} in {path} ({per_index} rows per "
-                f"event for indices {start}..{stop}), which holds {dataset.shape[0]} rows"
-            )
-        keeps_frame_dim = (
-            not info.squeezed
-            and info.declared is not None
-            and len(info.declared) == len(row_shape) + 1
-        )
-        if not keeps_frame_dim and per_index != 1:
-            raise DataShapeError(
-                f"stream_resource {sres['uid']!r}: {per_index} rows per event, but data "
-                f"key {sres['data_key']!r} declares shape {list(info.declared or [])}, "
-                f"one frame per event"
-            )
-        event_bytes = per_index * math.prod(row_shape) * dataset.dtype.itemsize
-        batch = max(1, READ_BATCH_BYTES // max(1, event_bytes))
+        source = self._sources.get(sres["uid"])
+        if source is None:
+            source_type = source_class(sres["mimetype"])
+            if source_type is None:  # refused at the stream_resource already
+                raise UnknownSpecError(
+                    f"stream_resource {sres['uid']!r} has mimetype {sres['mimetype']!r}"
+                )
+            source = self._sources[sres["uid"]] = source_type(sres, info, self)
+        plan = source.plan(start, stop, uid)
+        batch = max(1, READ_BATCH_BYTES // max(1, plan.event_bytes))
 
         def batches() -> Iterator[tuple[int, np.ndarray]]:
             for lo in range(start, stop, batch):
                 hi = min(stop, lo + batch)
-                rows = np.asarray(dataset[lo * per_index : hi * per_index])
-                frames = rows.reshape((hi - lo, per_index) + row_shape)
-                yield lo - start, frames if keeps_frame_dim else frames[:, 0]
+                yield lo - start, plan.read(lo, hi)
 
         return batches()
 
-    def _dataset(self, sres: Mapping[str, Any]) -> tuple[Any, str]:
-        try:
-            import h5py
-        except ImportError as err:
-            raise MissingDependencyError(
-                f"stream_resource {sres['uid']!r} is an HDF5 file; reading it needs "
-                f"h5py (pip install 'bluesky-zarr[hdf5]')"
-            ) from err
-        path = self.uri_path(sres)
-        parameters = sres.get("parameters") or {}
-        name = parameters.get("dataset")
-        if not isinstance(name, str):
-            raise DocumentError(
-                f"stream_resource {sres['uid']!r}: parameters must name the HDF5 "
-                f"'dataset', got {parameters!r}"
-            )
+    def shared_file(self, path: str, open_file: Callable[[str], Any]) -> Any:
+        """The file at ``path``, opened once (by ``open_file``) for every
+        stream resource that points into it; closed by :meth:`close`."""
         file = self._files.get(path)
         if file is None:
-            try:
-                file = h5py.File(path, "r", swmr=True)
-            except OSError as err:
-                raise ExternalFileError(
-                    f"stream_resource {sres['uid']!r} for data key {sres['data_key']!r} "
-                    f"points to {sres['uri']!r}; the HDF5 file {path} cannot be read "
-                    f"here: {err}; {_REMOTE_HINT}"
-                ) from err
-            self._files[path] = file
-        try:
-            dataset = file[name]
-        except KeyError:
-            raise ExternalFileError(
-                f"stream_resource {sres['uid']!r}: the HDF5 file {path} has no dataset "
-                f"{name!r}"
-            ) from None
-        return dataset, path
+            file = self._files[path] = open_file(path)
+        return file
 
     def uri_path(self, sres: Mapping[str, Any]) -> str:
         """The local path of a stream resource's ``uri``, mapped by ``root_map``."""
@@ -631,38 +590,15 @@ class ExternalData:
         self.wait_for_reads()
         files, self._files = self._files, {}
         handlers, self._handler_instances = self._handler_instances, {}
+        sources, self._sources = self._sources, {}
+        for source in sources.values():
+            source.close()
         for file in files.values():
             file.close()
         for handler in handlers.values():
             close = getattr(handler, "close", None)
             if callable(close):
                 close()
-
-
-def _rows_per_index(sres: Mapping[str, Any], info: StreamKey, row_shape: tuple[int, ...]) -> int:
-    """Dataset rows per event: the declared frames per point, or 1 when the
-    data key declares the row shape itself."""
-    multiplier = (sres.get("parameters") or {}).get("multiplier")
-    if multiplier is not None:
-        return int(multiplier)
-    declared = info.declared or ()
-    if _fits(declared, row_shape):
-        return 1
-    if len(declared) == len(row_shape) + 1 and _fits(declared[1:], row_shape):
-        return 1 if declared[0] is None else int(declared[0])
-    raise DataShapeError(
-        f"stream_resource {sres['uid']!r}: dataset "
-        f"{(sres.get('parameters') or {}).get('dataset')!r} holds rows of shape "
-        f"{list(row_shape)}, but data key {sres['data_key']!r} declares shape "
-        f"{list(declared)}, which is neither [frames per point, *row shape] nor "
-        f"the row shape"
-    )
-
-
-def _fits(declared: Sequence[int | None], actual: Sequence[int]) -> bool:
-    return len(declared) == len(actual) and all(
-        d is None or d == a for d, a in zip(declared, actual)
-    )
 
 
 def _field(doc: Mapping[str, Any], name: str, kind: str) -> Any:
