@@ -829,7 +829,7 @@ def fixed_cost(workdir: Path, runs: int = 20, **options: Any) -> list[float]:
         seconds = []
         for _ in range(runs):
             documents: list[tuple[str, dict[str, Any]]] = []
-            feed(tiny, lambda name, doc: documents.append((name, doc)))
+            feed(tiny, lambda name, doc, kept=documents: kept.append((name, doc)))
             t0 = time.perf_counter()
             for name, doc in documents:
                 writer(name, doc)

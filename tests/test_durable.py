@@ -34,6 +34,14 @@ def test_durable_writes_flush_every_file_and_directory(RE, tmp_path, monkeypatch
     cam = PointCamera([wavelength, position], shape=(16, 16), name="cam")
     writer = ZarrWriter(tmp_path, durable=durable, flush_interval=None)
     synced = _fsynced(monkeypatch)
+    started: list[str] = []
+    real_start = bluesky_zarr._storage.start_writeback
+
+    def start_writeback(fd: int) -> None:
+        started.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_start(fd)
+
+    monkeypatch.setattr(bluesky_zarr._storage, "start_writeback", start_writeback)
     RE.subscribe(writer)
     RE(grid_scan([cam], wavelength, 400, 700, 3, position, 0, 5, 4))
 
@@ -43,8 +51,14 @@ def test_durable_writes_flush_every_file_and_directory(RE, tmp_path, monkeypatch
     assert_frames_match(ds, "cam_image", {"wavelength": "wavelength", "position": "position"},
                         (16, 16))
     if not durable:
+        # Nothing waits for the device; each file's writeback is started as
+        # it is written (so the end of the run does not wait for all of it).
         assert synced == []
+        chunk_files = [p for p in Path(store).rglob("*") if "/c/" in str(p) and p.is_file()]
+        assert chunk_files
+        assert sum(1 for p in started if "/c/" in p and ".partial" in p) >= len(chunk_files)
         return
+    assert started == []
     # Every file in the store, at its final name, was flushed: it was
     # written under a temporary name, fsync'd, then renamed (the directory
     # fsync'd after the rename).
