@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-import xarray as xr
 import zarr
 
 from ._errors import MissingDependencyError, OptionError, TiledError
@@ -150,7 +148,7 @@ def _chunks(array: zarr.Array) -> tuple[tuple[int, ...], ...]:
     """Tiled's blocks: the store's write units (shards, else chunks), so one
     request reads what one file holds."""
     unit = array.shards or array.chunks
-    chunks = []
+    chunks: list[tuple[int, ...]] = []
     for size, step in zip(array.shape, unit):
         if size == 0:
             chunks.append((0,))
@@ -168,7 +166,7 @@ def _data_source(array: zarr.Array, dims: tuple[str, ...], uri: str) -> Any:
     from tiled.structures.core import StructureFamily
     from tiled.structures.data_source import Asset, DataSource, Management
 
-    dtype = np.dtype(array.dtype)  # type: ignore[arg-type]
+    dtype = np.dtype(array.dtype)
     structure = ArrayStructure(
         data_type=BuiltinDtype.from_numpy_dtype(dtype),
         chunks=_chunks(array),
@@ -187,7 +185,7 @@ def _data_source(array: zarr.Array, dims: tuple[str, ...], uri: str) -> Any:
 def _servable(array: zarr.Array) -> str | None:
     """Why Tiled cannot serve ``array`` as it is stored, or None if it can."""
     try:
-        dtype = np.dtype(array.dtype)  # type: ignore[arg-type]
+        dtype = np.dtype(array.dtype)
     except TypeError:
         return f"its data type {array.dtype} has no numpy equivalent"
     if dtype.fields is not None or dtype.kind not in "biufcmMSU":
@@ -275,11 +273,11 @@ def _register(
         root = zarr.open_group(zstore, mode="r", zarr_format=3)
     except (FileNotFoundError, ValueError, TypeError) as err:
         raise TiledError(f"{store} is not a Zarr V3 store: {err!r}") from err
-    attrs = root.attrs.asdict()
+    attrs: dict[str, Any] = dict(root.attrs.asdict())
     start = attrs.get("start")
     if not isinstance(start, Mapping) or not isinstance(start.get("uid"), str):
         raise TiledError(f"{store} is not a bluesky-zarr store: its root has no start document")
-    uid = start["uid"]
+    uid = str(start["uid"])
     base_uri = store_uri(store)
     info = dict(attrs.get("bluesky_zarr") or {})
     info["store"] = base_uri
@@ -315,6 +313,8 @@ def _register(
 def _register_stream(
     run: Any, name: str, group: zarr.Group, zstore: Any, base_uri: str, report: Registration
 ) -> None:
+    import xarray as xr
+
     path = f"{report.uid}/{name}"
     # What xr.open_zarr makes of the group: which arrays are coordinates, their
     # dims and attributes (nothing is read but metadata).
@@ -380,8 +380,10 @@ class TiledRegistrar:
     """Registers a writer's runs with Tiled on a thread of its own.
 
     The RunEngine never waits for Tiled, except at the end of a run, for at
-    most ``timeout`` seconds, so that a run is in Tiled when the scan returns.
-    A registration that fails is logged as a warning and listed in
+    most ``timeout`` seconds, so that a finished run is in Tiled when the scan
+    returns. Open runs are registered again every ``interval`` seconds, so
+    that streams that grow show their new points. A registration that fails
+    is logged (once per store until it succeeds again) and listed in
     :attr:`failures`; the store is written all the same, and
     ``bluesky-zarr register`` registers it later.
     """
@@ -393,41 +395,44 @@ class TiledRegistrar:
         api_key: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
         timeout: float = DEFAULT_TILED_TIMEOUT,
+        interval: float | None = None,
     ) -> None:
         self._target = target
         self._api_key = api_key
         self._storage_options = dict(storage_options or {})
         self.timeout = timeout
+        self.interval = interval
         self._node: Any = None if isinstance(target, str) else target
-        #: ``(store, error message)`` of every registration that failed.
-        self.failures: list[tuple[str, str]] = []
-        self._queue: queue.Queue[tuple[str, threading.Event] | None] = queue.Queue()
+        self._failures: dict[str, str] = {}
+        self._open: dict[str, None] = {}
+        self._pending: dict[str, list[threading.Event]] = {}
+        self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
 
     @property
     def uri(self) -> str:
         return self._target if isinstance(self._target, str) else str(self._target.uri)
 
-    def request(self, store: Path | str | None) -> threading.Event:
-        """Register ``store`` (again) in the background; the event is set when done."""
-        done = threading.Event()
-        if store is None:
-            done.set()
-            return done
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._work, name="bluesky-zarr-tiled", daemon=True
-                )
-                self._thread.start()
-        self._queue.put((str(store), done))
-        return done
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        """``(store, error)`` of each store whose last registration failed."""
+        with self._changed:
+            return list(self._failures.items())
+
+    def opened(self, store: Path | str | None) -> None:
+        """A run's store exists or has a new stream: register it soon."""
+        if store is not None:
+            with self._changed:
+                self._open[str(store)] = None
+            self.request(store)
 
     def finish(self, store: Path | str | None) -> bool:
         """Register a finished run's store and wait for it (up to ``timeout``)."""
-        done = self.request(store)
-        if done.wait(self.timeout):
+        if store is None:
+            return True
+        with self._changed:
+            self._open.pop(str(store), None)
+        if self.request(store).wait(self.timeout):
             return True
         logger.warning(
             "bluesky-zarr: %s is not yet registered with Tiled at %s after %.0f s; "
@@ -436,16 +441,50 @@ class TiledRegistrar:
         )
         return False
 
+    def request(self, store: Path | str) -> threading.Event:
+        """Register ``store`` in the background; the event is set when done."""
+        done = threading.Event()
+        with self._changed:
+            self._pending.setdefault(str(store), []).append(done)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._work, name="bluesky-zarr-tiled", daemon=True
+                )
+                self._thread.start()
+            self._changed.notify()
+        return done
+
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            store, done = item
-            try:
+            with self._changed:
+                if not self._pending and self._open and self.interval is not None:
+                    self._changed.wait(self.interval)
+                if self._pending:
+                    store = next(iter(self._pending))
+                    waiting = self._pending.pop(store)
+                    todo = [store]
+                elif self._open and self.interval is not None:
+                    # Nothing asked for: bring the open runs up to date.
+                    waiting, todo = [], list(self._open)
+                else:
+                    # Idle: the next request starts a new thread.
+                    self._thread = None
+                    return
+            for store in todo:
                 self._register(store)
-            finally:
+            for done in waiting:
                 done.set()
+
+    def close(self) -> None:
+        """Finish what is asked for, then close the connection this made."""
+        with self._changed:
+            self._open.clear()
+            thread = self._thread
+        if thread is not None:
+            thread.join(self.timeout)
+        if isinstance(self._target, str) and self._node is not None:
+            self._node.context.close()
+            self._node = None
 
     def _register(self, store: str) -> None:
         try:
@@ -453,15 +492,16 @@ class TiledRegistrar:
                 self._node = connect(self.uri, self._api_key)
             register_store(self._node, store, storage_options=self._storage_options)
         except Exception as err:  # noqa: BLE001 - the data is safe; say so and go on
-            self.failures.append((store, str(err)))
-            logger.warning(
-                "bluesky-zarr: %s could not be registered with Tiled (%s); the store is "
-                "written all the same; register it later with: bluesky-zarr register "
-                "--tiled %s %s",
-                store, err, self.uri, store,
-            )
-
-    def close(self) -> None:
-        """Stop the thread once what is queued is done."""
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
+            with self._changed:
+                known = store in self._failures
+                self._failures[store] = str(err)
+            if not known:
+                logger.warning(
+                    "bluesky-zarr: %s could not be registered with Tiled (%s); the store "
+                    "is written all the same; register it later with: bluesky-zarr "
+                    "register --tiled %s %s",
+                    store, err, self.uri, store,
+                )
+        else:
+            with self._changed:
+                self._failures.pop(store, None)
