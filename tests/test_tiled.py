@@ -17,7 +17,7 @@ import xarray as xr
 import zarr
 from bluesky import RunEngine
 from bluesky import plan_stubs as bps
-from bluesky.plans import grid_scan
+from bluesky.plans import count, grid_scan
 from bluesky.preprocessors import SupplementalData
 
 from bluesky_zarr import OptionError, ZarrWriter
@@ -232,6 +232,34 @@ def test_a_run_is_readable_through_tiled_while_it_is_written(
     run = catalog[_uid(store)]
     assert run.metadata["stop"]["exit_status"] == "success"
     assert bool(_assert_same_as_zarr(run, Path(store))["_written"].all())
+
+
+def test_a_growing_stream_shows_its_new_points_during_the_run(
+    tiled_server: TiledServer, root: Path, RE: RunEngine
+) -> None:
+    from ophyd.sim import det1
+
+    writer = ZarrWriter(root, tiled=tiled_server.catalog_uri, tiled_api_key=API_KEY)
+    RE.subscribe(writer)
+    sizes = []
+
+    def per_shot(detectors: Any) -> Any:
+        if len(sizes) < 5:
+            yield from bps.trigger_and_read(detectors)
+        if len(sizes) in (2, 4):
+            writer.flush()  # on disk, and registered with the new shape
+            (store,) = writer.open_runs
+            run = tiled_server.catalog()[_uid(store)]
+            sizes.append(_assert_same_as_zarr(run, Path(store)).sizes["time"])
+        else:
+            sizes.append(None)
+
+    RE(count([det1], 5, per_shot=per_shot))
+    assert sizes[2] == 3 and sizes[4] == 5
+    (store,) = writer.stores
+    writer.close()
+    run = tiled_server.catalog()[_uid(store)]
+    np.testing.assert_array_equal(_assert_same_as_zarr(run, store)["det1"], np.full(5, 5.0))
 
 
 def test_register_command_is_idempotent_and_brings_a_run_up_to_date(

@@ -338,6 +338,8 @@ def _register_stream(
         report.updated.append(path)
     from tiled.structures.core import StructureFamily
 
+    # Every array already registered, with its data source, in one listing.
+    registered = dict(_plain(node).new_variation(include_data_sources=True).items())
     for key, (dims, is_coord, var_attrs) in sorted(variables.items()):
         array = group[key]
         assert isinstance(array, zarr.Array)
@@ -348,7 +350,7 @@ def _register_stream(
         data_source = _data_source(array, dims, f"{base_uri}/{name}/{key}")
         specs = [_spec(COORD_SPEC if is_coord else DATA_VAR_SPEC)]
         var_metadata = {"attrs": var_attrs}
-        existing = _child(node, key)
+        existing = registered.get(key)
         if existing is None:
             node.new(
                 StructureFamily.array,
