@@ -23,6 +23,7 @@ from bluesky.preprocessors import SupplementalData
 from bluesky_zarr import OptionError, ZarrWriter
 from bluesky_zarr._cli import main
 from bluesky_zarr.sim import PointCamera, frame_at, motors
+
 from conftest import assert_frames_match, open_stream
 
 pytest.importorskip("tiled.client")
