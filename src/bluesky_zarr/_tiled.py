@@ -123,10 +123,32 @@ class Registration:
         return bool(self.created or self.updated)
 
 
-def store_uri(store: str | os.PathLike[str]) -> str:
-    """The URI Tiled reads a store from: ``file:///...`` or the object storage URL."""
+def store_uri(
+    store: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> str:
+    """The URI Tiled reads a store from.
+
+    A local store is ``file:///...``. Tiled reads object storage over HTTP,
+    as ``<endpoint>/<bucket>/<key>`` under a storage its configuration names
+    (``s3://`` asset URIs are not among the schemes it serves): the endpoint is
+    ``storage_options["endpoint_url"]`` or ``AWS_ENDPOINT_URL(_S3)``.
+    """
     if is_url(store):
-        return str(store).rstrip("/")
+        url = str(store).rstrip("/")
+        options = dict(storage_options or {})
+        endpoint = (
+            options.get("endpoint_url")
+            or dict(options.get("client_kwargs") or {}).get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        if not endpoint:
+            raise TiledError(
+                f"{url}: Tiled reads object storage over http(s); give the endpoint "
+                f"(storage_options endpoint_url, or AWS_ENDPOINT_URL) so that the "
+                f"asset URIs name it"
+            )
+        return f"{str(endpoint).rstrip('/')}/{url.partition('://')[2]}"
     path = Path(store).absolute()
     # Tiled turns a file URI into a path without unquoting it: the path goes in as is.
     if any(c in str(path) for c in "?#"):
@@ -278,7 +300,7 @@ def _register(
     if not isinstance(start, Mapping) or not isinstance(start.get("uid"), str):
         raise TiledError(f"{store} is not a bluesky-zarr store: its root has no start document")
     uid = str(start["uid"])
-    base_uri = store_uri(store)
+    base_uri = store_uri(store, storage_options)
     info = dict(attrs.get("bluesky_zarr") or {})
     info["store"] = base_uri
     metadata: dict[str, Any] = {"start": start}
@@ -383,7 +405,8 @@ class TiledRegistrar:
 
     The RunEngine never waits for Tiled, except at the end of a run, for at
     most ``timeout`` seconds, so that a finished run is in Tiled when the scan
-    returns. Open runs are registered again every ``interval`` seconds, so
+    returns (not while the last registration failed: runs do not stall one
+    after another while Tiled is down). Open runs are registered again every ``interval`` seconds, so
     that streams that grow show their new points. A registration that fails
     is logged (once per store until it succeeds again) and listed in
     :attr:`failures`; the store is written all the same, and
@@ -406,6 +429,8 @@ class TiledRegistrar:
         self.interval = interval
         self._node: Any = None if isinstance(target, str) else target
         self._failures: dict[str, str] = {}
+        #: Whether the last registration reached Tiled.
+        self._reachable = True
         self._open: dict[str, None] = {}
         self._pending: dict[str, list[threading.Event]] = {}
         self._changed = threading.Condition()
@@ -434,8 +459,12 @@ class TiledRegistrar:
             return True
         with self._changed:
             self._open.pop(str(store), None)
-        if self.request(store).wait(self.timeout):
+            # While Tiled is down, runs do not wait for it one after another.
+            wait = self.timeout if self._reachable else 0.0
+        if self.request(store).wait(wait):
             return True
+        if not wait:
+            return False
         logger.warning(
             "bluesky-zarr: %s is not yet registered with Tiled at %s after %.0f s; "
             "it goes on in the background",
@@ -497,6 +526,7 @@ class TiledRegistrar:
             with self._changed:
                 known = store in self._failures
                 self._failures[store] = str(err)
+                self._reachable = False
             if not known:
                 logger.warning(
                     "bluesky-zarr: %s could not be registered with Tiled (%s); the store "
@@ -507,3 +537,4 @@ class TiledRegistrar:
         else:
             with self._changed:
                 self._failures.pop(store, None)
+                self._reachable = True
