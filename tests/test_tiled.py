@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,20 +46,37 @@ def _free_port() -> int:
 
 
 class TiledServer:
-    def __init__(self, base: Path) -> None:
+    """``tiled serve`` with a SQLite catalog, on 127.0.0.1, allowed to read
+    ``stores`` (or, given ``object_storage``, a bucket: a readable_storage entry
+    of its configuration)."""
+
+    def __init__(self, base: Path, object_storage: dict[str, Any] | None = None) -> None:
         self.stores = base / "stores"  # readable by the server: the stores live here
         self.stores.mkdir()
         self.writable = base / "tiled-data"  # its own storage: must stay empty
         self.writable.mkdir()
         self.port = _free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
+        catalog = str(base / "catalog.db")
+        if object_storage is None:
+            serve = ["catalog", catalog, "--init", "-w", str(self.writable),
+                     "-r", str(self.stores), "--api-key", API_KEY]
+        else:
+            config = {
+                "authentication": {"single_user_api_key": API_KEY},
+                "trees": [{"path": "/", "tree": "catalog", "args": {
+                    "uri": f"sqlite:///{catalog}",
+                    "init_if_not_exists": True,
+                    "writable_storage": [str(self.writable)],
+                    "readable_storage": [object_storage],
+                }}],
+            }
+            (base / "config.yml").write_text(json.dumps(config))  # JSON is YAML
+            serve = ["config", str(base / "config.yml")]
         self.log = open(base / "tiled.log", "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "tiled", "serve", "catalog", str(base / "catalog.db"),
-                "--init", "-w", str(self.writable), "-r", str(self.stores),
-                "--api-key", API_KEY, "--host", "127.0.0.1", "--port", str(self.port),
-            ],
+            [sys.executable, "-m", "tiled", "serve", *serve,
+             "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -334,6 +353,60 @@ def test_tiled_unreachable_loses_nothing(
                  str(store)]) == 0
     run = tiled_server.catalog()[_uid(store)]
     _assert_same_as_zarr(run, Path(store))
+
+
+def test_a_store_on_object_storage_is_registered_by_reference(
+    tmp_path: Path, RE: RunEngine
+) -> None:
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    s3 = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="testing",
+        aws_secret_access_key="testing", region_name="us-east-1",
+    ).create_bucket(Bucket="runs")
+    options = {"key": "testing", "secret": "testing", "endpoint_url": endpoint,
+               "client_kwargs": {"region_name": "us-east-1"}}
+    server = None
+    try:
+        # The bucket as the server's readable storage, with its credentials.
+        server = TiledServer(tmp_path, object_storage={
+            "uri": f"http://testing:testing@{host}:{port}/runs",
+            "provider": "s3",
+            "config": {"region": "us-east-1", "client_options": {"allow_http": True}},
+        })
+        wavelength, position, cam = _grid_setup()
+        writer = ZarrWriter(
+            "s3://runs/data", storage_options=options,
+            tiled=server.catalog_uri, tiled_api_key=API_KEY,
+        )
+        RE.subscribe(writer)
+        RE(grid_scan([cam], wavelength, 400, 700, 3, position, 0, 5, 4))
+        (store,) = writer.stores
+        writer.close()
+        assert writer.tiled_failures == []
+        uid = str(zarr.open_group(store, mode="r", storage_options=options).attrs["start"]["uid"])
+        run = server.catalog()[uid]
+        (source,) = run["primary"]["cam_image"].data_sources()
+        key = str(store).partition("://")[2]
+        assert [a.data_uri for a in source.assets] == [f"{endpoint}/{key}/primary/cam_image"]
+        ds = run["primary"].read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            expected = xr.open_zarr(store, group="primary", storage_options=options).load()
+        xr.testing.assert_identical(ds, expected)
+        assert_frames_match(
+            ds, "cam_image", {"wavelength": "wavelength", "position": "position"}, SHAPE
+        )
+        assert _files_in(server.writable) == []
+    finally:
+        if server is not None:
+            server.stop()
+        s3.stop()
 
 
 @pytest.mark.parametrize(
