@@ -406,11 +406,11 @@ class TiledRegistrar:
     The RunEngine never waits for Tiled, except at the end of a run, for at
     most ``timeout`` seconds, so that a finished run is in Tiled when the scan
     returns (not while the last registration failed: runs do not stall one
-    after another while Tiled is down). Open runs are registered again every ``interval`` seconds, so
-    that streams that grow show their new points. A registration that fails
-    is logged (once per store until it succeeds again) and listed in
-    :attr:`failures`; the store is written all the same, and
-    ``bluesky-zarr register`` registers it later.
+    after another while Tiled is down). Open runs are registered again every
+    ``interval`` seconds, so that streams that grow show their new points. A
+    registration that fails is logged (once per store until it succeeds
+    again) and listed in :attr:`failures`; the store is written all the same,
+    and ``bluesky-zarr register`` registers it later.
     """
 
     def __init__(
