@@ -10,7 +10,7 @@ The layout is the one Tiled's clients (``tiled.client``, databroker 2,
         _written           ...
 
 Every array is registered as an external asset (``management="external"``,
-mimetype ``application/x-zarr``, the array's directory or ``s3://`` URL): the
+mimetype ``application/x-zarr``, the array's directory or object URL): the
 server reads the store where it is, nothing is copied. Registering is
 idempotent: what Tiled already holds and still matches the store is left
 alone; what changed (the stop document, arrays that grew or appeared) is
@@ -364,7 +364,8 @@ def _register_stream(
     registered = dict(_plain(node).new_variation(include_data_sources=True).items())
     for key, (dims, is_coord, var_attrs) in sorted(variables.items()):
         array = group[key]
-        assert isinstance(array, zarr.Array)
+        if not isinstance(array, zarr.Array):  # xarray's variables are arrays
+            continue
         why_not = _servable(array)
         if why_not is not None:
             report.skipped[f"{path}/{key}"] = why_not
