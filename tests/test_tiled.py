@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -318,6 +319,12 @@ def test_register_command_is_idempotent_and_brings_a_run_up_to_date(
              for key in run["primary"]}
     assert after == before
     _assert_same_as_zarr(run, Path(store))
+
+    # The same run from another store (a copy) is refused, not mixed in.
+    copy = root / "copy.zarr"
+    shutil.copytree(store, copy)
+    assert main([*command, str(copy)]) == 1
+    assert "already holds a run" in capsys.readouterr().err
 
     # Something that is not a store is refused, plainly.
     assert main([*command, str(root)]) == 1
