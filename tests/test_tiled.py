@@ -352,6 +352,7 @@ def test_tiled_unreachable_loses_nothing(
     ds = open_stream(store)
     assert bool(ds["_written"].all())
     assert zarr.open_group(store, mode="r").attrs["bluesky_zarr"]["complete"] is True
+    writer.close()  # waits for the last attempt
     assert [s for s, _ in writer.tiled_failures] == [str(store)]
     assert "bluesky-zarr register" in caplog.text
 
