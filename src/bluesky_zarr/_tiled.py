@@ -460,17 +460,21 @@ class TiledRegistrar:
             return True
         with self._changed:
             self._open.pop(str(store), None)
-            # While Tiled is down, runs do not wait for it one after another.
+        return self.sync(store)
+
+    def sync(self, store: Path | str) -> bool:
+        """Register ``store`` now and wait for it, up to ``timeout`` (not at all
+        while Tiled is known to be down: runs do not stall one after another)."""
+        with self._changed:
             wait = self.timeout if self._reachable else 0.0
         if self.request(store).wait(wait):
             return True
-        if not wait:
-            return False
-        logger.warning(
-            "bluesky-zarr: %s is not yet registered with Tiled at %s after %.0f s; "
-            "it goes on in the background",
-            store, self.uri, self.timeout,
-        )
+        if wait:
+            logger.warning(
+                "bluesky-zarr: %s is not yet registered with Tiled at %s after %.0f s; "
+                "it goes on in the background",
+                store, self.uri, self.timeout,
+            )
         return False
 
     def request(self, store: Path | str) -> threading.Event:

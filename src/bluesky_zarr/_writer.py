@@ -407,7 +407,7 @@ class ZarrWriter:
         if self._tiled is not None:
             for run in list(self._runs.values()):
                 if run.path is not None:
-                    self._tiled.request(run.path).wait(self._tiled.timeout)
+                    self._tiled.sync(run.path)
 
     def close(self, reason: str = "the writer was closed before the run stopped") -> None:
         """Finish every open run as incomplete: write what arrived, keep the store.
