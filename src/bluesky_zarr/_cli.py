@@ -116,6 +116,38 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register(args: argparse.Namespace) -> int:
+    from ._errors import BlueskyZarrError
+    from ._tiled import connect, register_store
+
+    try:
+        node = connect(args.tiled, args.api_key)
+    except BlueskyZarrError as err:
+        print(f"bluesky-zarr register: error: {err}", file=sys.stderr)
+        return 1
+    failed = 0
+    try:
+        for store in args.stores:
+            try:
+                report = register_store(node, store)
+            except BlueskyZarrError as err:
+                print(f"bluesky-zarr register: error: {err}", file=sys.stderr)
+                failed += 1
+                continue
+            if not report.changed:
+                status = "already registered, unchanged"
+            else:
+                status = (
+                    f"{len(report.created)} node(s) created, {len(report.updated)} updated"
+                )
+            print(f"{store}: run {report.uid}: {status}")
+            for path, why in report.skipped.items():
+                print(f"  not registered: {path}: {why}")
+    finally:
+        node.context.close()
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bluesky-zarr",
@@ -170,6 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("store", metavar="STORE", help="a store's directory or s3:// URL")
     inspect.add_argument("--json", action="store_true", help="machine-readable JSON")
     inspect.set_defaults(func=_inspect)
+
+    register = commands.add_parser(
+        "register",
+        help="register stores with a Tiled server, by reference (again: brings them up to "
+        "date, changes nothing if they are)",
+    )
+    register.add_argument("stores", nargs="+", metavar="STORE", help="store directories or URLs")
+    register.add_argument(
+        "--tiled", required=True, metavar="URI",
+        help="the Tiled container to register the runs in, e.g. "
+        "http://host:8000/api/v1/metadata/raw",
+    )
+    register.add_argument(
+        "--api-key", default=None, help="Tiled API key (default: $TILED_API_KEY)"
+    )
+    register.set_defaults(func=_register)
     return parser
 
 

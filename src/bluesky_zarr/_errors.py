@@ -95,3 +95,7 @@ class ExternalIndexError(ExternalDataError, DocumentError, IndexError):
 
 class HandlerError(ExternalDataError, RuntimeError):
     """A handler failed to read a datum for a reason other than a file error."""
+
+
+class TiledError(BlueskyZarrError, RuntimeError):
+    """Registering a store with a Tiled server failed."""

@@ -22,6 +22,7 @@ from ._options import DEFAULT_MAX_BUFFER_BYTES, WriterOptions, make_options
 from ._plan import DEFAULT_NAME_TEMPLATE
 from ._run import RunWriter
 from ._storage import resolve_root
+from ._tiled import DEFAULT_TILED_TIMEOUT, TiledRegistrar, check_tiled_option
 from ._validate import check_bulk_events, check_document
 
 _KINDS = {
@@ -126,6 +127,22 @@ class ZarrWriter:
         marked written, so that what ``_written`` claims survives a power
         loss, at the cost of an ``fsync`` per file. Off by default: the
         operating system writes the files back within seconds.
+    tiled
+        A Tiled server to register each run with, by reference (nothing is
+        copied): its URI (``http://host:port/api/v1/metadata/<catalog>``) or a
+        Tiled client container node. The run is registered when its store
+        exists, its streams as their descriptors come (so Tiled serves the run
+        while it is written), and brought up to date at stop. Needs the
+        ``tiled`` extra. Tiled being unreachable never stops the scan nor
+        loses data: the failure is logged and listed in
+        :attr:`tiled_failures`, and ``bluesky-zarr register`` registers the
+        store later.
+    tiled_api_key
+        The API key for a ``tiled`` URI; by default Tiled's own
+        ``TILED_API_KEY`` environment variable.
+    tiled_timeout
+        Seconds the stop document waits at most for the run's final
+        registration (it goes on in the background after that).
     """
 
     def __init__(
@@ -149,9 +166,21 @@ class ZarrWriter:
         handler_registry: Mapping[str, Any] | None = None,
         root_map: Mapping[str, str] | None = None,
         durable: bool = False,
+        tiled: Any = None,
+        tiled_api_key: str | None = None,
+        tiled_timeout: float = DEFAULT_TILED_TIMEOUT,
     ) -> None:
         if not isinstance(durable, bool):
             raise OptionError(f"durable= must be True or False, got {durable!r}")
+        check_tiled_option(tiled, tiled_api_key)
+        if (
+            not isinstance(tiled_timeout, (int, float))
+            or isinstance(tiled_timeout, bool)
+            or not tiled_timeout > 0
+        ):
+            raise OptionError(
+                f"tiled_timeout= must be a positive number of seconds, got {tiled_timeout!r}"
+            )
         self.storage = resolve_root(directory, storage_options, durable)
         self.directory: Path | str = self.storage.display
         self.options: WriterOptions = make_options(
@@ -184,6 +213,15 @@ class ZarrWriter:
         self._resources: dict[str, str | None] = {}
         #: Stores written so far, in order: paths, or URLs for object storage.
         self.stores: list[Path | str] = []
+        self._tiled: TiledRegistrar | None = None
+        if tiled is not None:
+            self._tiled = TiledRegistrar(
+                tiled,
+                api_key=tiled_api_key,
+                storage_options=storage_options,
+                timeout=float(tiled_timeout),
+                interval=self.options.flush_interval,
+            )
 
     def __repr__(self) -> str:
         return f"ZarrWriter({str(self.directory)!r})"
@@ -241,8 +279,13 @@ class ZarrWriter:
             if name == "stop":
                 # The run was finalised even though its stop raised (a write
                 # failure reported late): it is no longer open.
+                self._register_finished(doc["run_start"])
                 self._forget(doc["run_start"])
             raise
+        if self._tiled is not None and name in ("start", "descriptor"):
+            # The run, then each stream as it appears: readable through Tiled
+            # while it is written.
+            self._tiled.opened(self._runs[doc["uid" if name == "start" else "run_start"]].path)
         if name == "descriptor":
             self._descriptors[doc["uid"]] = doc["run_start"]
         if name in ("resource", "stream_resource"):
@@ -252,8 +295,19 @@ class ZarrWriter:
             if path is not None:
                 self.stores.append(path)
         if name == "stop":
+            self._register_finished(doc["run_start"])
             self._forget(doc["run_start"])
         return result
+
+    def _register_finished(self, run_start: str) -> None:
+        run = self._runs.get(run_start)
+        if self._tiled is not None and run is not None:
+            self._tiled.finish(run.path)
+
+    @property
+    def tiled_failures(self) -> list[tuple[str, str]]:
+        """``(store, error)`` of each registration with Tiled that failed."""
+        return list(self._tiled.failures) if self._tiled is not None else []
 
     def _run_of(self, name: str, doc: Any) -> RunWriter | None:
         """The open run a document belongs to, if it says so clearly."""
@@ -343,16 +397,26 @@ class ZarrWriter:
             raise DocumentError(f"{name} document lacks the field {err.args[0]!r}") from None
 
     def flush(self) -> None:
-        """Write every buffered point of every open run to disk, and wait."""
+        """Write every buffered point of every open run to disk, and wait.
+
+        With ``tiled=``, then bring their registration up to date (waiting
+        ``tiled_timeout`` seconds at most).
+        """
         for run in list(self._runs.values()):
             run.flush()
+        if self._tiled is not None:
+            for run in list(self._runs.values()):
+                if run.path is not None:
+                    self._tiled.sync(run.path)
 
     def close(self, reason: str = "the writer was closed before the run stopped") -> None:
         """Finish every open run as incomplete: write what arrived, keep the store.
 
         For runs whose stop document will never come (a service shutting
         down, a recorded file that ends early). Their stores keep
-        ``bluesky_zarr.complete == False`` and record ``reason``.
+        ``bluesky_zarr.complete == False`` and record ``reason``. With
+        ``tiled=``, also closes the connection to Tiled (a later run opens
+        it again).
         """
         errors: list[BaseException] = []
         for uid in list(self._runs):
@@ -361,7 +425,10 @@ class ZarrWriter:
                 run.close_incomplete(reason)
             except Exception as err:  # noqa: BLE001 - finish the others, then raise
                 errors.append(err)
+            self._register_finished(uid)
             self._forget(uid)
+        if self._tiled is not None:
+            self._tiled.close()
         if errors:
             raise errors[0]
 

@@ -1,0 +1,545 @@
+"""Runs registered with a Tiled server by reference, as Bluesky runs of xarray datasets.
+
+The layout is the one Tiled's clients (``tiled.client``, databroker 2,
+``bluesky-tiled-plugins``) expect of a run::
+
+    <start uid>/           container, spec BlueskyRun 3.0, metadata {start, stop}
+      primary/             container, spec xarray_dataset, metadata {attrs}
+        cam_image          array, spec xarray_data_var, its dims, metadata {attrs}
+        wavelength         array, spec xarray_coord
+        _written           ...
+
+Every array is registered as an external asset (``management="external"``,
+mimetype ``application/x-zarr``, the array's directory or object URL): the
+server reads the store where it is, nothing is copied. Registering is
+idempotent: what Tiled already holds and still matches the store is left
+alone; what changed (the stop document, arrays that grew or appeared) is
+updated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import zarr
+
+from ._errors import MissingDependencyError, OptionError, TiledError
+from ._run import json_safe
+from ._storage import is_url, open_store
+
+logger = logging.getLogger(__name__)
+
+#: The run spec that ``bluesky-tiled-plugins``' TiledWriter gives a run (a
+#: SQL-backed run: ``BlueskyRunV3`` on the client side).
+RUN_SPEC = ("BlueskyRun", "3.0")
+DATASET_SPEC = "xarray_dataset"
+DATA_VAR_SPEC = "xarray_data_var"
+COORD_SPEC = "xarray_coord"
+ZARR_MIMETYPE = "application/x-zarr"
+
+#: Seconds the end of a run waits for its final registration by default.
+DEFAULT_TILED_TIMEOUT = 30.0
+
+
+def _tiled() -> Any:
+    try:
+        import tiled.client  # noqa: F401
+    except ImportError as err:
+        raise MissingDependencyError(
+            "registering runs with Tiled needs the Tiled client: "
+            "pip install 'bluesky-zarr[tiled]'"
+        ) from err
+    import tiled
+
+    return tiled
+
+
+def connect(uri: str, api_key: str | None = None) -> Any:
+    """A Tiled client node for ``uri``; the API key defaults to ``TILED_API_KEY``."""
+    _tiled()
+    from tiled.client import from_uri
+
+    try:
+        return from_uri(uri, api_key=api_key)
+    except Exception as err:  # noqa: BLE001 - httpx, auth and server errors alike
+        raise TiledError(f"cannot connect to the Tiled server {uri}: {err!r}") from err
+
+
+def check_tiled_option(tiled: Any, api_key: Any) -> None:
+    """Refuse a ``tiled=`` / ``tiled_api_key=`` pair that cannot work."""
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise OptionError(f"tiled_api_key= must be a non-empty string, got {api_key!r}")
+    if tiled is None:
+        if api_key is not None:
+            raise OptionError("tiled_api_key= is given without tiled=")
+        return
+    if isinstance(tiled, str):
+        parsed = urlparse(tiled)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise OptionError(
+                f"tiled= must be a Tiled server URI (http://host:port/...) or a Tiled "
+                f"client node, got {tiled!r}"
+            )
+        try:
+            _tiled()
+        except MissingDependencyError as err:
+            raise OptionError(str(err)) from None
+        return
+    if not all(callable(getattr(tiled, name, None)) for name in ("new", "create_container")):
+        raise OptionError(
+            f"tiled= must be a Tiled server URI or a Tiled client container node "
+            f"(from tiled.client.from_uri), got {tiled!r}"
+        )
+    if api_key is not None:
+        raise OptionError(
+            "tiled_api_key= applies to a tiled= URI; a Tiled client node carries its own "
+            "credentials"
+        )
+
+
+# --------------------------------------------------------------------- layout
+@dataclass
+class Registration:
+    """What registering one store did in Tiled."""
+
+    #: The run's start uid: its key in the Tiled container.
+    uid: str
+    #: Nodes created and nodes updated, as ``uid/stream/array`` paths.
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    #: Arrays not registered, by path, and why (a data type Tiled cannot serve).
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.created or self.updated)
+
+
+def store_uri(
+    store: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> str:
+    """The URI Tiled reads a store from.
+
+    A local store is ``file:///...``. Tiled reads object storage over HTTP,
+    as ``<endpoint>/<bucket>/<key>`` under a storage its configuration names
+    (``s3://`` asset URIs are not among the schemes it serves): the endpoint is
+    ``storage_options["endpoint_url"]`` or ``AWS_ENDPOINT_URL(_S3)``.
+    """
+    if is_url(store):
+        url = str(store).rstrip("/")
+        options = dict(storage_options or {})
+        endpoint = (
+            options.get("endpoint_url")
+            or dict(options.get("client_kwargs") or {}).get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        if not endpoint:
+            raise TiledError(
+                f"{url}: Tiled reads object storage over http(s); give the endpoint "
+                f"(storage_options endpoint_url, or AWS_ENDPOINT_URL) so that the "
+                f"asset URIs name it"
+            )
+        return f"{str(endpoint).rstrip('/')}/{url.partition('://')[2]}"
+    path = Path(store).absolute()
+    # Tiled turns a file URI into a path without unquoting it: the path goes in as is.
+    if any(c in str(path) for c in "?#"):
+        raise TiledError(f"{path}: a path with '?' or '#' cannot be a Tiled asset URI")
+    return "file://" + path.as_posix()
+
+
+def _spec(name: str, version: str | None = None) -> Any:
+    from tiled.structures.core import Spec
+
+    return Spec(name, version=version)
+
+
+def _has_spec(node: Any, name: str) -> bool:
+    return any(spec.name == name for spec in node.specs)
+
+
+def _chunks(array: zarr.Array) -> tuple[tuple[int, ...], ...]:
+    """Tiled's blocks: the store's write units (shards, else chunks), so one
+    request reads what one file holds."""
+    unit = array.shards or array.chunks
+    chunks: list[tuple[int, ...]] = []
+    for size, step in zip(array.shape, unit):
+        if size == 0:
+            chunks.append((0,))
+            continue
+        step = max(1, min(int(step), size))
+        blocks = [step] * (size // step)
+        if size % step:
+            blocks.append(size % step)
+        chunks.append(tuple(blocks))
+    return tuple(chunks)
+
+
+def _data_source(array: zarr.Array, dims: tuple[str, ...], uri: str) -> Any:
+    from tiled.structures.array import ArrayStructure, BuiltinDtype
+    from tiled.structures.core import StructureFamily
+    from tiled.structures.data_source import Asset, DataSource, Management
+
+    dtype = np.dtype(array.dtype)
+    structure = ArrayStructure(
+        data_type=BuiltinDtype.from_numpy_dtype(dtype),
+        chunks=_chunks(array),
+        shape=tuple(int(s) for s in array.shape),
+        dims=dims,
+    )
+    return DataSource(
+        structure_family=StructureFamily.array,
+        structure=structure,
+        mimetype=ZARR_MIMETYPE,
+        assets=[Asset(data_uri=uri, is_directory=True, parameter="data_uri")],
+        management=Management.external,
+    )
+
+
+def _servable(array: zarr.Array) -> str | None:
+    """Why Tiled cannot serve ``array`` as it is stored, or None if it can."""
+    try:
+        dtype = np.dtype(array.dtype)
+    except TypeError:
+        return f"its data type {array.dtype} has no numpy equivalent"
+    if dtype.fields is not None or dtype.kind not in "biufcmMSU":
+        return f"Tiled serves no arrays of data type {dtype}"
+    return None
+
+
+def _plain(node: Any) -> Any:
+    """The plain container client of a node (a BlueskyRun client adds fallbacks)."""
+    return getattr(node, "base", node)
+
+
+def _child(parent: Any, key: str) -> Any | None:
+    try:
+        return _plain(parent)[key]
+    except KeyError:
+        return None
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as the server gives it back (dataclasses and tuples as JSON)."""
+    import orjson
+    from tiled.utils import safe_json_dump
+
+    return orjson.loads(safe_json_dump(value))
+
+
+def _same_metadata(node: Any, metadata: Mapping[str, Any]) -> bool:
+    return bool(node.metadata == _as_json(dict(metadata)))
+
+
+def _put_data_source(node: Any, data_source: Any) -> None:
+    """Replace a node's (only) data source, as TiledWriter does when a stream grows."""
+    from tiled.client.utils import handle_error, retry_context
+    from tiled.utils import safe_json_dump
+
+    data_source.id = node.data_sources()[0].id
+    for attempt in retry_context():
+        with attempt:
+            handle_error(
+                node.context.http_client.put(
+                    node.uri.replace("/metadata/", "/data_source/", 1),
+                    content=safe_json_dump({"data_source": data_source}),
+                )
+            )
+
+
+def register_store(
+    parent: Any,
+    store: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Registration:
+    """Register (or bring up to date) one store as a BlueskyRun below ``parent``.
+
+    Parameters
+    ----------
+    parent
+        A Tiled client container node (``tiled.client.from_uri(...)``).
+    store
+        A bluesky-zarr store: a directory, or an ``s3://`` URL (with
+        ``storage_options`` to read it here; the Tiled server reads it with its
+        own configured credentials).
+
+    Raises
+    ------
+    TiledError
+        The store is not a bluesky-zarr store, a run with its uid is registered
+        from another store, or the server refused or could not be reached.
+    """
+    _tiled()
+    try:
+        return _register(parent, store, storage_options)
+    except TiledError:
+        raise
+    except Exception as err:  # noqa: BLE001 - httpx, server and store errors alike
+        raise TiledError(f"registering {store} with Tiled failed: {err!r}") from err
+
+
+def _register(
+    parent: Any, store: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+) -> Registration:
+    zstore = open_store(store, storage_options, read_only=True)
+    try:
+        root = zarr.open_group(zstore, mode="r", zarr_format=3)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        raise TiledError(f"{store} is not a Zarr V3 store: {err!r}") from err
+    attrs: dict[str, Any] = dict(root.attrs.asdict())
+    start = attrs.get("start")
+    if not isinstance(start, Mapping) or not isinstance(start.get("uid"), str):
+        raise TiledError(f"{store} is not a bluesky-zarr store: its root has no start document")
+    uid = str(start["uid"])
+    base_uri = store_uri(store, storage_options)
+    info = dict(attrs.get("bluesky_zarr") or {})
+    info["store"] = base_uri
+    metadata: dict[str, Any] = {"start": start}
+    if attrs.get("stop") is not None:
+        metadata["stop"] = attrs["stop"]
+    metadata["bluesky_zarr"] = info
+    report = Registration(uid)
+
+    run = _child(parent, uid)
+    if run is None:
+        run = parent.create_container(
+            key=uid, metadata=metadata, specs=[_spec(*RUN_SPEC)]
+        )
+        report.created.append(uid)
+    else:
+        registered_from = (run.metadata.get("bluesky_zarr") or {}).get("store")
+        if not _has_spec(run, RUN_SPEC[0]) or registered_from != base_uri:
+            raise TiledError(
+                f"Tiled already holds a run with uid {uid!r} that is not this store "
+                f"({registered_from or 'not a bluesky-zarr store'}); not registering {store}"
+            )
+        if not _same_metadata(run, metadata):
+            run.replace_metadata(metadata=metadata, drop_revision=True)
+            report.updated.append(uid)
+    run = _plain(run)
+
+    for stream_name, group in sorted(root.groups()):
+        _register_stream(run, stream_name, group, zstore, base_uri, report)
+    return report
+
+
+def _register_stream(
+    run: Any, name: str, group: zarr.Group, zstore: Any, base_uri: str, report: Registration
+) -> None:
+    import xarray as xr
+
+    path = f"{report.uid}/{name}"
+    # What xr.open_zarr makes of the group: which arrays are coordinates, their
+    # dims and attributes (nothing is read but metadata).
+    with xr.open_zarr(zstore, group=name, chunks=None) as ds:
+        variables = {
+            key: (
+                tuple(str(d) for d in ds[key].dims),
+                key in ds.coords,
+                json_safe(ds[key].attrs),
+            )
+            for key in ds.variables
+        }
+        attrs = json_safe(ds.attrs)
+    metadata = {"attrs": attrs}
+    node = _child(run, name)
+    if node is None:
+        node = run.create_container(key=name, metadata=metadata, specs=[_spec(DATASET_SPEC)])
+        report.created.append(path)
+    elif not _same_metadata(node, metadata):
+        node.replace_metadata(metadata=metadata, drop_revision=True)
+        report.updated.append(path)
+    from tiled.structures.core import StructureFamily
+
+    # Every array already registered, with its data source, in one listing.
+    registered = dict(_plain(node).new_variation(include_data_sources=True).items())
+    for key, (dims, is_coord, var_attrs) in sorted(variables.items()):
+        array = group[key]
+        if not isinstance(array, zarr.Array):  # xarray's variables are arrays
+            continue
+        why_not = _servable(array)
+        if why_not is not None:
+            report.skipped[f"{path}/{key}"] = why_not
+            continue
+        data_source = _data_source(array, dims, f"{base_uri}/{name}/{key}")
+        specs = [_spec(COORD_SPEC if is_coord else DATA_VAR_SPEC)]
+        var_metadata = {"attrs": var_attrs}
+        existing = registered.get(key)
+        if existing is None:
+            node.new(
+                StructureFamily.array,
+                [data_source],
+                key=key,
+                metadata=var_metadata,
+                specs=specs,
+            )
+            report.created.append(f"{path}/{key}")
+            continue
+        changed = False
+        current = existing.data_sources()[0]
+        if _as_json(current.structure) != _as_json(data_source.structure) or [
+            a.data_uri for a in current.assets
+        ] != [a.data_uri for a in data_source.assets]:
+            _put_data_source(existing, data_source)
+            changed = True
+        if not _same_metadata(existing, var_metadata) or [s.name for s in existing.specs] != [
+            s.name for s in specs
+        ]:
+            existing.replace_metadata(metadata=var_metadata, specs=specs, drop_revision=True)
+            changed = True
+        if changed:
+            report.updated.append(f"{path}/{key}")
+
+
+# ------------------------------------------------------------ the live writer
+class TiledRegistrar:
+    """Registers a writer's runs with Tiled on a thread of its own.
+
+    The RunEngine never waits for Tiled, except at the end of a run, for at
+    most ``timeout`` seconds, so that a finished run is in Tiled when the scan
+    returns (not while the last registration failed: runs do not stall one
+    after another while Tiled is down). Open runs are registered again every
+    ``interval`` seconds, so that streams that grow show their new points. A
+    registration that fails is logged (once per store until it succeeds
+    again) and listed in :attr:`failures`; the store is written all the same,
+    and ``bluesky-zarr register`` registers it later.
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        *,
+        api_key: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        timeout: float = DEFAULT_TILED_TIMEOUT,
+        interval: float | None = None,
+    ) -> None:
+        self._target = target
+        self._api_key = api_key
+        self._storage_options = dict(storage_options or {})
+        self.timeout = timeout
+        self.interval = interval
+        self._node: Any = None if isinstance(target, str) else target
+        self._failures: dict[str, str] = {}
+        #: Whether the last registration reached Tiled.
+        self._reachable = True
+        self._open: dict[str, None] = {}
+        self._pending: dict[str, list[threading.Event]] = {}
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def uri(self) -> str:
+        return self._target if isinstance(self._target, str) else str(self._target.uri)
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        """``(store, error)`` of each store whose last registration failed."""
+        with self._changed:
+            return list(self._failures.items())
+
+    def opened(self, store: Path | str | None) -> None:
+        """A run's store exists or has a new stream: register it soon."""
+        if store is not None:
+            with self._changed:
+                self._open[str(store)] = None
+            self.request(store)
+
+    def finish(self, store: Path | str | None) -> bool:
+        """Register a finished run's store and wait for it (up to ``timeout``)."""
+        if store is None:
+            return True
+        with self._changed:
+            self._open.pop(str(store), None)
+        return self.sync(store)
+
+    def sync(self, store: Path | str) -> bool:
+        """Register ``store`` now and wait for it, up to ``timeout`` (not at all
+        while Tiled is known to be down: runs do not stall one after another)."""
+        with self._changed:
+            wait = self.timeout if self._reachable else 0.0
+        if self.request(store).wait(wait):
+            return True
+        if wait:
+            logger.warning(
+                "bluesky-zarr: %s is not yet registered with Tiled at %s after %.0f s; "
+                "it goes on in the background",
+                store, self.uri, self.timeout,
+            )
+        return False
+
+    def request(self, store: Path | str) -> threading.Event:
+        """Register ``store`` in the background; the event is set when done."""
+        done = threading.Event()
+        with self._changed:
+            self._pending.setdefault(str(store), []).append(done)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._work, name="bluesky-zarr-tiled", daemon=True
+                )
+                self._thread.start()
+            self._changed.notify()
+        return done
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                if not self._pending and self._open and self.interval is not None:
+                    self._changed.wait(self.interval)
+                if self._pending:
+                    store = next(iter(self._pending))
+                    waiting = self._pending.pop(store)
+                    todo = [store]
+                elif self._open and self.interval is not None:
+                    # Nothing asked for: bring the open runs up to date.
+                    waiting, todo = [], list(self._open)
+                else:
+                    # Idle: the next request starts a new thread.
+                    self._thread = None
+                    return
+            for store in todo:
+                self._register(store)
+            for done in waiting:
+                done.set()
+
+    def close(self) -> None:
+        """Finish what is asked for, then close the connection this made."""
+        with self._changed:
+            self._open.clear()
+            thread = self._thread
+        if thread is not None:
+            thread.join(self.timeout)
+        if isinstance(self._target, str) and self._node is not None:
+            self._node.context.close()
+            self._node = None
+
+    def _register(self, store: str) -> None:
+        try:
+            if self._node is None:
+                self._node = connect(self.uri, self._api_key)
+            register_store(self._node, store, storage_options=self._storage_options)
+        except Exception as err:  # noqa: BLE001 - the data is safe; say so and go on
+            with self._changed:
+                known = store in self._failures
+                self._failures[store] = str(err)
+                self._reachable = False
+            if not known:
+                logger.warning(
+                    "bluesky-zarr: %s could not be registered with Tiled (%s); the store "
+                    "is written all the same; register it later with: bluesky-zarr "
+                    "register --tiled %s %s",
+                    store, err, self.uri, store,
+                )
+        else:
+            with self._changed:
+                self._failures.pop(store, None)
+                self._reachable = True
