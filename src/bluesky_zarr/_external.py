@@ -205,6 +205,8 @@ class ExternalData:
         #: The frames of stream_datum documents, read on the writer's reader
         #: thread, off the RunEngine's: what is pending, and what failed.
         self._reads = BackgroundWriter(run.buffer.reader)
+        #: external="virtual": frames referenced in place (``_virtual``).
+        self._virtual_frames: Any = None
 
     # ---------------------------------------------------------- descriptors
     def layout_descriptor(self, stream: str, doc: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -234,7 +236,7 @@ class ExternalData:
     def resource(self, doc: Mapping[str, Any]) -> None:
         uid = _field(doc, "uid", "resource")
         spec = _field(doc, "spec", "resource")
-        if self.mode == "fill" and spec not in self.handlers:
+        if self.mode != "reference" and spec not in self.handlers:
             raise UnknownSpecError(
                 f"resource {uid!r} has spec {spec!r}, for which no handler is "
                 f"registered (registered: {sorted(self.handlers)}); pass "
@@ -377,7 +379,7 @@ class ExternalData:
         uid = _field(doc, "uid", "stream_resource")
         _field(doc, "data_key", "stream_resource")
         mimetype = _field(doc, "mimetype", "stream_resource")
-        if self.mode == "fill" and mimetype not in HDF5_MIMETYPES:
+        if self.mode != "reference" and mimetype not in HDF5_MIMETYPES:
             raise UnknownSpecError(
                 f"stream_resource {uid!r} has mimetype {mimetype!r}; this writer reads "
                 f"{sorted(HDF5_MIMETYPES)} (pass external='reference' to record the "
@@ -428,12 +430,37 @@ class ExternalData:
             # What can be refused is checked here, at the document; the rows
             # are read in the background, in batches.
             batches = self._read_rows(sres, info, start, stop, uid)
-            self._read_later(doc, stream, key, index, batches)
+            if self.mode != "virtual" or self._place_virtual(
+                sres, info, stream, key, start, stop, index
+            ):
+                self._read_later(doc, stream, key, index, batches)
         if stream.name in self.stream_only and seq_nums.size:
             # No event will say when these points were taken: time stays NaN.
             with self.run.buffer_lock:
                 stream.put_points(index, seq_nums, np.full(seq_nums.shape, np.nan))
         self.write_references(force=False)
+
+    def _place_virtual(
+        self,
+        sres: Mapping[str, Any],
+        info: StreamKey,
+        stream: StreamWriter,
+        key: str,
+        start: int,
+        stop: int,
+        index: tuple[np.ndarray, ...],
+    ) -> str | None:
+        """external="virtual": reference the rows in place (``_virtual``);
+        returns why they must be copied instead, or None."""
+        from ._virtual import VirtualFrames
+
+        if self._virtual_frames is None:
+            self._virtual_frames = VirtualFrames(self.run)
+        dataset, path = self._dataset(sres)
+        per_index = _rows_per_index(sres, info, tuple(dataset.shape[1:]))
+        return self._virtual_frames.place(
+            stream, key, dataset, path, info, per_index, start, stop, index
+        )
 
     def _read_later(
         self,

@@ -110,6 +110,8 @@ class RunWriter(DocumentRouter):
         self._refused_lines: list[bytes] = []
         #: Whether the run has been finished (stopped or closed).
         self.finished = False
+        #: external="virtual": the run's Icechunk repository (``_virtual``).
+        self.virtual: Any = None
         self.external = ExternalData(self)
 
     @property
@@ -142,12 +144,17 @@ class RunWriter(DocumentRouter):
         if isinstance(self.storage, LocalRoot):
             self._lock = self.storage.lock(self.options.name_template, doc)
         try:
-            self.path, store = self.storage.create_store(
-                self.options.name_template,
-                doc,
-                overwrite=self.options.overwrite,
-                metadata=metadata,
-            )
+            if self.options.external == "virtual":  # an Icechunk repository (_virtual)
+                from ._virtual import create_repository
+
+                self.path, store = create_repository(self, doc, metadata)
+            else:
+                self.path, store = self.storage.create_store(
+                    self.options.name_template,
+                    doc,
+                    overwrite=self.options.overwrite,
+                    metadata=metadata,
+                )
             if self.options.store_wrapper is not None:
                 store = self.options.store_wrapper(store)
             self.root = zarr.open_group(store, mode="r+", zarr_format=3)
@@ -292,6 +299,8 @@ class RunWriter(DocumentRouter):
         while not self._stop_flusher.wait(interval / 2):
             try:
                 self.buffer.spill(self, older_than=interval)
+                if self.virtual is not None:  # readers see the last commit (_virtual)
+                    self.virtual.commit("flush")
             except Exception:  # noqa: BLE001 - logged; the caller sees write failures
                 logger.exception("bluesky-zarr: periodic flush failed")
 
@@ -302,6 +311,8 @@ class RunWriter(DocumentRouter):
         self.buffer.spill(self)
         if self.background is not None:
             self.background.drain()
+        if self.virtual is not None:
+            self.virtual.commit("flush")
 
     def check_health(self) -> None:
         """Raise what went wrong since the last document: a write that failed
@@ -362,6 +373,8 @@ class RunWriter(DocumentRouter):
                 self._flusher.join()
             attempt(self.external.close)
             attempt(lambda: self._record_end(doc, incomplete_reason, errors))
+            if self.virtual is not None:
+                attempt(lambda: self.virtual.commit("stop"))
         finally:
             self._release_lock()
         self._warn_unused_options()
