@@ -28,6 +28,7 @@ from ._errors import (
 from ._export import export
 from ._external import NpySequenceHandler
 from ._version import __version__
+from ._virtual import open_virtual
 from ._writer import ZarrWriter
 
 __all__ = [
@@ -55,4 +56,5 @@ __all__ = [
     "ZarrWriter",
     "__version__",
     "export",
+    "open_virtual",
 ]

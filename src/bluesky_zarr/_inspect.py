@@ -26,7 +26,12 @@ def describe_store(
     storage_options
         For object storage: options of ``s3fs.S3FileSystem``.
     """
-    store = open_store(location, storage_options, read_only=True)
+    from ._virtual import is_repository, virtual_store
+
+    if is_repository(location, storage_options):  # external="virtual": Icechunk (_virtual)
+        store = virtual_store(location, storage_options)
+    else:
+        store = open_store(location, storage_options, read_only=True)
     try:
         root = zarr.open_group(store, mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:

@@ -634,7 +634,7 @@ def _codecs(filters: Mapping[str, Any], dtype: np.dtype) -> tuple[tuple[Any, ...
         names = ", ".join(_FILTER_NAMES.get(k, f"filter {k}") for k in filters)
         return f"HDF5 filter pipeline {names} has no Zarr V3 codec chain"
     ((name, options),) = filters.items()
-    options = tuple(options or ())
+    options = tuple(options) if isinstance(options, (tuple, list)) else (options,)
     if name == ZSTD_FILTER:
         level = int(options[0]) if options else 0
         return (ZstdCodec(level=level),), f"zstd:{level}"
