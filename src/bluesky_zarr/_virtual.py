@@ -205,7 +205,7 @@ def open_virtual(
     """
     import xarray as xr
 
-    store = virtual_store(location, storage_options, snapshot=snapshot)
+    store: Any = virtual_store(location, storage_options, snapshot=snapshot)
     kwargs.setdefault("consolidated", False)
     return xr.open_datatree(store, engine="zarr", **kwargs)
 
@@ -505,9 +505,8 @@ class VirtualFrames:
             and info.declared is not None
             and len(info.declared) == dataset.ndim
         )
-        layout, reason = _dataset_layout(dataset, per_index, keeps)
-        if layout is not None:
-            reason = _dtype_mismatch(spec.dtype, dataset.dtype)
+        layout, why = _dataset_layout(dataset, per_index, keeps)
+        reason = why if layout is None else _dtype_mismatch(spec.dtype, dataset.dtype)
         if layout is None or reason is not None:
             return self._copied(stream, key, state, reason or "unknown")
         row_shape = tuple(dataset.shape[1:])
@@ -559,7 +558,7 @@ class VirtualFrames:
         from ._stream import consolidate
 
         states = {k: s for (name, k), s in self.keys.items() if name == stream.name}
-        attrs = {
+        attrs: dict[str, Any] = {
             "referenced": sorted(k for k, s in states.items() if s.chunks is not None),
             "copied": {k: s.copied for k, s in sorted(states.items()) if s.copied},
         }
@@ -641,8 +640,8 @@ def _codecs(filters: Mapping[str, Any], dtype: np.dtype) -> tuple[tuple[Any, ...
     if name == BLOSC_FILTER:
         # cd_values: reserved, version, typesize, bytes, clevel, shuffle, compressor.
         clevel = int(options[4]) if len(options) > 4 else 5
-        shuffle = _BLOSC_SHUFFLES.get(int(options[5]) if len(options) > 5 else 1, "shuffle")
-        cname = _BLOSC_CNAMES.get(int(options[6]) if len(options) > 6 else 0, "blosclz")
+        shuffle: Any = _BLOSC_SHUFFLES.get(int(options[5]) if len(options) > 5 else 1, "shuffle")
+        cname: Any = _BLOSC_CNAMES.get(int(options[6]) if len(options) > 6 else 0, "blosclz")
         codec = BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=dtype.itemsize)
         return (codec,), f"blosc:{cname}:{clevel}:{shuffle}"
     return (
