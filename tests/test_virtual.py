@@ -346,3 +346,51 @@ def test_contiguous_dataset_is_referenced_at_fixed_strides(tmp_path):
     for n, (a, b) in enumerate(positions):
         np.testing.assert_array_equal(ds["cam"].values[a, b], frames[n])
     assert tree_bytes(writer.stores[0]).get("chunks", 0) < frames[0].nbytes
+
+
+@pytest.fixture
+def s3(request) -> Any:
+    """A moto S3 server on 127.0.0.1 with a bucket, and the writer's options."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="testing",
+        aws_secret_access_key="testing", region_name="us-east-1",
+    )
+    client.create_bucket(Bucket="runs")
+    options = {
+        "key": "testing", "secret": "testing", "endpoint_url": endpoint,
+        "client_kwargs": {"region_name": "us-east-1"},
+    }
+    try:
+        yield client, options
+    finally:
+        server.stop()
+
+
+def test_repository_on_s3_references_local_detector_files(RE, tmp_path, s3):
+    client, options = s3
+    _, stage, det = stage_and_detector(tmp_path)
+    RE(bps.mv(stage.x.velocity, 0, stage.y.velocity, 0))
+    docs = record(RE)
+    writer = ZarrWriter("s3://runs/beamline", storage_options=options, external="virtual")
+    RE.subscribe(writer)
+    RE(grid_scan([det], stage.x, -2, 2, 2, stage.y, 0, 3, 3, snake_axes=True))
+
+    (url,) = writer.stores
+    assert str(url).startswith("s3://runs/beamline/")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = open_virtual(url, options)["primary"].to_dataset().load()
+    assert bool(ds["_written"].all())
+    assert_grid_frames(ds, hdf5_rows(docs, "det"), ["stage-x", "stage-y"])
+    prefix = str(url).partition("s3://runs/")[2]
+    objects = client.list_objects_v2(Bucket="runs", Prefix=prefix)["Contents"]
+    chunk_bytes = sum(o["Size"] for o in objects if o["Key"].startswith(f"{prefix}/chunks/"))
+    assert chunk_bytes < FRAME_BYTES
+    assert describe_store(url, options)["streams"]["primary"]["written_points"] == 6
