@@ -394,3 +394,81 @@ def test_repository_on_s3_references_local_detector_files(RE, tmp_path, s3):
     chunk_bytes = sum(o["Size"] for o in objects if o["Key"].startswith(f"{prefix}/chunks/"))
     assert chunk_bytes < FRAME_BYTES
     assert describe_store(url, options)["streams"]["primary"]["written_points"] == 6
+
+
+def area_detector_run(directory: Path, frame_per_point: int, **filters: Any) -> tuple[Docs, Any]:
+    """Documents of a 2 × 3 snaked grid whose frames an area detector wrote to
+    one HDF5 file (spec ``AD_HDF5``, ``frame_per_point`` rows a point), and
+    the frames."""
+    from event_model import compose_run
+
+    frames = (np.arange(6 * frame_per_point * 5 * 4, dtype="<u2") * 3).reshape(
+        6 * frame_per_point, 5, 4
+    )
+    directory.mkdir()
+    with h5py.File(directory / "ad.h5", "w") as file:
+        file.create_dataset("/entry/data/data", data=frames, chunks=(1, 5, 4), **filters)
+    bundle = compose_run(metadata={
+        "shape": [2, 3], "snaking": [False, True], "motors": ["a", "b"],
+        "hints": {"dimensions": [(["a"], "primary"), (["b"], "primary")]},
+    })
+    docs: Docs = [("start", bundle.start_doc)]
+    shape = [frame_per_point, 5, 4] if frame_per_point > 1 else [5, 4]
+    desc = bundle.compose_descriptor(name="primary", data_keys={
+        "cam": {"source": "ad", "dtype": "array", "dtype_numpy": "<u2", "shape": shape,
+                "external": "FILESTORE:"},
+        "a": {"source": "sim", "dtype": "number", "shape": []},
+        "b": {"source": "sim", "dtype": "number", "shape": []},
+    })
+    docs.append(("descriptor", desc.descriptor_doc))
+    resource = bundle.compose_resource(
+        spec="AD_HDF5", root=str(directory), resource_path="ad.h5",
+        resource_kwargs={"frame_per_point": frame_per_point},
+    )
+    docs.append(("resource", resource.resource_doc))
+    positions = [(0, 0), (0, 1), (0, 2), (1, 2), (1, 1), (1, 0)]
+    for n, (a, b) in enumerate(positions):
+        datum = resource.compose_datum(datum_kwargs={"point_number": n})
+        docs.append(("datum", datum))
+        docs.append(("event", desc.compose_event(
+            data={"cam": datum["datum_id"], "a": float(a), "b": float(b)},
+            timestamps={"cam": 0.0, "a": 0.0, "b": 0.0}, seq_num=n + 1,
+            filled={"cam": False},
+        )))
+    docs.append(("stop", bundle.compose_stop()))
+    expected = np.zeros((2, 3) + tuple(shape), dtype="<u2")
+    for n, (a, b) in enumerate(positions):
+        expected[a, b] = frames[n * frame_per_point : (n + 1) * frame_per_point].reshape(shape)
+    return docs, expected
+
+
+@pytest.mark.parametrize("frame_per_point", [1, 2])
+def test_area_detector_hdf5_datums_are_referenced(tmp_path, frame_per_point):
+    docs, expected = area_detector_run(tmp_path / "ad", frame_per_point)
+    virtual = ZarrWriter(tmp_path / "virtual", external="virtual")
+    filled = ZarrWriter(tmp_path / "filled")
+    for name, doc in docs:
+        virtual(name, doc)
+    for name, doc in docs:
+        filled(name, doc)
+    ds = open_primary(virtual.stores[0])
+    np.testing.assert_array_equal(ds["cam"].values, expected)
+    assert bool(ds["_written"].all())
+    assert ds.attrs["virtual"] == {"referenced": ["cam"], "copied": {}}
+    assert tree_bytes(virtual.stores[0]).get("chunks", 0) < expected[0, 0].nbytes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copy = xr.open_zarr(filled.stores[0], group="primary").load()
+    np.testing.assert_array_equal(copy["cam"].values, expected)
+
+
+def test_area_detector_file_with_lzf_is_copied(tmp_path):
+    docs, expected = area_detector_run(tmp_path / "ad", 1, compression="lzf")
+    writer = ZarrWriter(tmp_path / "virtual", external="virtual")
+    for name, doc in docs:
+        writer(name, doc)
+    ds = open_primary(writer.stores[0])
+    np.testing.assert_array_equal(ds["cam"].values, expected)
+    assert bool(ds["_written"].all())
+    assert ds.attrs["virtual"]["referenced"] == []
+    assert "LZF" in ds.attrs["virtual"]["copied"]["cam"]

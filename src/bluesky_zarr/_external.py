@@ -105,8 +105,49 @@ class NpySequenceHandler:
         return np.load(f"{self.path}_{int(index)}.npy", allow_pickle=False)
 
 
+class AreaDetectorHDF5Handler:
+    """Handler of specs ``AD_HDF5`` and ``AD_HDF5_SWMR``: an area detector's
+    HDF5 file, frames in ``/entry/data/data``, ``frame_per_point`` rows a datum
+    (``point_number``). Returns ``(frame_per_point, *frame shape)``."""
+
+    specs = frozenset({"AD_HDF5", "AD_HDF5_SWMR"})
+    dataset_name = "/entry/data/data"
+
+    def __init__(self, path: str, frame_per_point: int = 1) -> None:
+        try:
+            import h5py
+        except ImportError as err:
+            raise MissingDependencyError(
+                "AD_HDF5 resources are HDF5 files; reading them needs h5py "
+                "(pip install 'bluesky-zarr[hdf5]')"
+            ) from err
+        self.path = path
+        self.frame_per_point = int(frame_per_point)
+        self.file = h5py.File(path, "r", swmr=True)
+        self.dataset = self.file[self.dataset_name]
+
+    def __call__(self, point_number: int) -> np.ndarray:
+        start = int(point_number) * self.frame_per_point
+        stop = start + self.frame_per_point
+        if stop > self.dataset.shape[0] and self.file.swmr_mode:
+            self.dataset.refresh()
+        if start < 0 or stop > self.dataset.shape[0]:
+            raise IndexError(
+                f"rows {start}..{stop} of {self.dataset_name} in {self.path}, which holds "
+                f"{self.dataset.shape[0]}"
+            )
+        return np.asarray(self.dataset[start:stop])
+
+    def close(self) -> None:
+        self.file.close()
+
+
 #: Handlers registered by default, by spec.
-DEFAULT_HANDLERS: dict[str, Any] = {"NPY_SEQ": NpySequenceHandler}
+DEFAULT_HANDLERS: dict[str, Any] = {
+    "NPY_SEQ": NpySequenceHandler,
+    "AD_HDF5": AreaDetectorHDF5Handler,
+    "AD_HDF5_SWMR": AreaDetectorHDF5Handler,
+}
 
 
 def is_stream_key(data_key: Mapping[str, Any]) -> bool:
@@ -286,6 +327,13 @@ class ExternalData:
                 # Leave the points unwritten: the frames are elsewhere.
                 del new_data[key]
                 continue
+            if (
+                self.mode == "virtual"  # area-detector HDF5 frames in place (_virtual)
+                and len(todo) == len(values)
+                and self._datums_virtual(stream, page, key, values)
+            ):
+                del new_data[key]
+                continue
             declared = next(
                 (a.frame_shape for a in stream.layout.arrays.values() if a.key == key), None
             )
@@ -298,6 +346,58 @@ class ExternalData:
             new_data[key] = values
         self.write_references(force=False)
         return {**page, "data": new_data}
+
+    def _datums_virtual(
+        self, stream: StreamWriter, page: Mapping[str, Any], key: str, datum_ids: list[Any]
+    ) -> bool:
+        """external="virtual": reference the frames of area-detector HDF5 datums
+        in place; False if they must be copied (``_virtual`` records why)."""
+        from ._virtual import VirtualFrames
+
+        datums = [self._datum(d, key) for d in datum_ids]
+        resources = [self.resources.get(d["resource"]) for d in datums]
+        if any(
+            r is None or r.get("spec") not in AreaDetectorHDF5Handler.specs for r in resources
+        ):
+            return False
+        if self._virtual_frames is None:
+            self._virtual_frames = VirtualFrames(self.run)
+        index = self.run.point_index(stream, np.asarray(page.get("seq_num", [])))
+        spec = next(a for a in stream.layout.arrays.values() if a.key == key)
+        paths: list[str] = []
+        specs: list[Any] = []
+        for i, (datum, resource) in enumerate(zip(datums, resources)):
+            assert resource is not None
+            per_point = int((resource.get("resource_kwargs") or {}).get("frame_per_point", 1))
+            point = int((datum.get("datum_kwargs") or {}).get("point_number", -1))
+            if self._virtual_frames.settled_copied(stream, key):
+                return False
+            # The handler's file: the one handle to it (HDF5 misbehaves with two).
+            handler = self._handler(resource["uid"], stream)
+            if not isinstance(handler, AreaDetectorHDF5Handler):
+                return False  # a handler of the user's: it reads the frames
+            path, dataset = handler.path, handler.dataset
+            if (point + 1) * per_point > dataset.shape[0] and handler.file.swmr_mode:
+                dataset.refresh()
+            row_shape = tuple(dataset.shape[1:])
+            keeps = (
+                per_point != 1 if spec.frame_shape is None
+                else len(spec.frame_shape) == len(row_shape) + 1
+            )
+            info = StreamKey(((per_point,) if keeps else (1,)) + row_shape, not keeps)
+            if point < 0 or (point + 1) * per_point > dataset.shape[0]:
+                return False  # the handler's read says what is wrong
+            planned = self._virtual_frames.prepare(
+                stream, key, dataset, path, info, per_point, point, point + 1,
+                tuple(ix[i : i + 1] for ix in index),
+            )
+            if isinstance(planned, str):
+                return False
+            paths.append(path)
+            specs.extend(planned)
+            self._record(stream.name).add_resource("resource", resource["uid"], resource)
+        self._virtual_frames.apply(stream, key, sorted(set(paths)), specs, index)
+        return True
 
     def _datum(self, datum_id: Any, key: str) -> Mapping[str, Any]:
         datum = self.datums.get(datum_id) if isinstance(datum_id, str) else None

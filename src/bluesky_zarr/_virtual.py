@@ -474,7 +474,8 @@ class _Layout:
 
 @dataclass
 class VirtualFrames:
-    """Turns the rows stream_datum documents name into virtual chunks."""
+    """Turns the rows that stream_datum (and area-detector datum) documents
+    name into virtual chunks."""
 
     run: RunWriter
     keys: dict[tuple[str, str], _KeyState] = field(default_factory=dict)
@@ -496,6 +497,31 @@ class VirtualFrames:
         Returns None when they are referenced, else why they must be copied
         (the caller copies them).
         """
+        specs = self.prepare(stream, key, dataset, path, info, per_index, start, stop, index)
+        if isinstance(specs, str):
+            return specs
+        self.apply(stream, key, [path], specs, index)
+        return None
+
+    def settled_copied(self, stream: StreamWriter, key: str) -> bool:
+        """Whether the key's frames are copied from now on."""
+        state = self.keys.get((stream.name, key))
+        return state is not None and state.chunks is None and state.copied is not None
+
+    def prepare(
+        self,
+        stream: StreamWriter,
+        key: str,
+        dataset: Any,
+        path: str,
+        info: StreamKey,
+        per_index: int,
+        start: int,
+        stop: int,
+        index: tuple[np.ndarray, ...],
+    ) -> list[Any] | str:
+        """The virtual chunks of events ``start..stop`` (at the points ``index``),
+        the key's array laid out for them; or why they must be copied."""
         state = self.keys.setdefault((stream.name, key), _KeyState())
         if state.chunks is None and state.copied is not None:
             return state.copied
@@ -530,11 +556,24 @@ class VirtualFrames:
         )
         if reason is not None:
             return self._copied(stream, key, state, reason)
+        return specs
+
+    def apply(
+        self,
+        stream: StreamWriter,
+        key: str,
+        paths: list[str],
+        specs: list[Any],
+        index: tuple[np.ndarray, ...],
+    ) -> None:
+        """Store prepared virtual chunks of files ``paths`` and mark their points."""
         virtual = self.run.virtual
         assert virtual is not None
         if stream.growing and index[0].size:
             stream.ensure_length(int(index[0].max()) + 1)
-        virtual.ensure_container(os.path.abspath(path))
+        for path in paths:
+            virtual.ensure_container(os.path.abspath(path))
+        spec = next(s for s in stream.layout.arrays.values() if s.key == key)
         sink = stream.sinks[spec.name]
         virtual.set_refs("/" + sink.array.path, specs)
         if index[0].size:
