@@ -37,6 +37,7 @@ from ophyd_async.core import (
 from ophyd_async.sim import _pattern_generator
 
 from bluesky_zarr import ZarrWriter, open_virtual
+from bluesky_zarr._external import AreaDetectorHDF5Handler
 from bluesky_zarr._inspect import describe_store
 
 Docs = list[tuple[str, dict[str, Any]]]
@@ -446,7 +447,9 @@ def area_detector_run(directory: Path, frame_per_point: int, **filters: Any) -> 
 def test_area_detector_hdf5_datums_are_referenced(tmp_path, frame_per_point):
     docs, expected = area_detector_run(tmp_path / "ad", frame_per_point)
     virtual = ZarrWriter(tmp_path / "virtual", external="virtual")
-    filled = ZarrWriter(tmp_path / "filled")
+    filled = ZarrWriter(
+        tmp_path / "filled", handler_registry={"AD_HDF5": AreaDetectorHDF5Handler}
+    )
     for name, doc in docs:
         virtual(name, doc)
     for name, doc in docs:

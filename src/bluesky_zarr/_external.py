@@ -143,10 +143,11 @@ class AreaDetectorHDF5Handler:
 
 
 #: Handlers registered by default, by spec.
-DEFAULT_HANDLERS: dict[str, Any] = {
-    "NPY_SEQ": NpySequenceHandler,
-    "AD_HDF5": AreaDetectorHDF5Handler,
-    "AD_HDF5_SWMR": AreaDetectorHDF5Handler,
+DEFAULT_HANDLERS: dict[str, Any] = {"NPY_SEQ": NpySequenceHandler}
+
+#: Handlers registered with external="virtual": they read what does not map.
+VIRTUAL_HANDLERS: dict[str, Any] = {
+    spec: AreaDetectorHDF5Handler for spec in AreaDetectorHDF5Handler.specs
 }
 
 
@@ -228,6 +229,8 @@ class ExternalData:
         options = run.options
         self.mode = options.external
         self.handlers: dict[str, Any] = {**DEFAULT_HANDLERS, **options.handler_registry}
+        if self.mode == "virtual":
+            self.handlers = {**VIRTUAL_HANDLERS, **self.handlers}
         self.root_map: Mapping[str, str] = options.root_map
         self.resources: dict[str, Mapping[str, Any]] = {}
         self.datums: dict[str, Mapping[str, Any]] = {}
