@@ -338,7 +338,7 @@ class VirtualRepository:
     def ensure_container(self, file: str) -> None:
         """Declare the directory of ``file`` as a virtual chunk container, so
         references into it are valid and readers can authorize it."""
-        if any(file.startswith(p) for p in self.containers):
+        if any(Path(file).as_uri().startswith(p) for p in self.containers):
             return
         ic = _icechunk()
         directory = os.path.dirname(file)
