@@ -43,7 +43,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -533,10 +533,13 @@ class ExternalData:
             # What can be refused is checked here, at the document; the rows
             # are read in the background, in batches.
             batches = self._read_rows(sres, info, start, stop, uid)
-            if self.mode != "virtual" or self._place_virtual(
-                sres, info, stream, key, start, stop, index
-            ):
-                self._read_later(doc, stream, key, index, batches)
+            place = None
+            if self.mode == "virtual":  # referenced in place where they map (_virtual)
+
+                def place() -> str | None:
+                    return self._place_virtual(sres, info, stream, key, start, stop, index)
+
+            self._read_later(doc, stream, key, index, batches, place)
         if stream.name in self.stream_only and seq_nums.size:
             # No event will say when these points were taken: time stays NaN.
             with self.run.buffer_lock:
@@ -572,11 +575,15 @@ class ExternalData:
         key: str,
         index: tuple[np.ndarray, ...],
         batches: Iterator[tuple[int, np.ndarray]],
+        place: Callable[[], str | None] | None = None,
     ) -> None:
-        """Read ``batches`` on the writer's reader thread and place their frames."""
+        """Read ``batches`` on the writer's reader thread and place their frames
+        (unless ``place``, run there first, references them and returns None)."""
 
         def read() -> None:
             try:
+                if place is not None and place() is None:
+                    return
                 for offset, frames in batches:
                     part = tuple(ix[offset : offset + len(frames)] for ix in index)
                     with self.run.buffer_lock:

@@ -139,7 +139,11 @@ def is_repository(
 
     if not is_url(location):
         path = Path(location)
-        return (path / "refs").is_dir() and (path / "snapshots").is_dir()
+        return (
+            (path / "refs").is_dir()
+            and (path / "snapshots").is_dir()
+            and not (path / "zarr.json").exists()
+        )
     try:
         ic = _icechunk()
     except MissingDependencyError:
