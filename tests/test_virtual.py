@@ -475,3 +475,69 @@ def test_area_detector_file_with_lzf_is_copied(tmp_path):
     assert bool(ds["_written"].all())
     assert ds.attrs["virtual"]["referenced"] == []
     assert "LZF" in ds.attrs["virtual"]["copied"]["cam"]
+
+
+KILLED_CHILD = """
+import asyncio, os, signal, sys
+from pathlib import PurePath
+import bluesky.plan_stubs as bps
+from bluesky import RunEngine
+from bluesky.plans import grid_scan
+from ophyd_async import sim
+from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider, init_devices
+from bluesky_zarr import ZarrWriter
+
+async def sleep(seconds):
+    await asyncio.sleep(0.005)
+
+directory = sys.argv[1]
+pattern = sim.PatternGenerator(sleep=sleep)
+RE = RunEngine({}, call_returns_result=False)
+with init_devices():
+    stage = sim.SimStage(pattern)
+    det = sim.SimBlobDetector(
+        StaticPathProvider(UUIDFilenameProvider(), PurePath(directory, "detector")), pattern
+    )
+RE(bps.mv(stage.x.velocity, 0, stage.y.velocity, 0))
+writer = ZarrWriter(os.path.join(directory, "data"), external="virtual", flush_interval=None)
+RE.subscribe(writer)
+
+def kill(name, doc):
+    if name == "stream_resource" and doc["data_key"] == "det":
+        print(doc["uri"], flush=True)
+    if name == "event" and doc["seq_num"] == 6:
+        writer.flush()  # commits points 1..6
+    if name == "event" and doc["seq_num"] == 8:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+RE.subscribe(kill)
+RE(grid_scan([det], stage.x, -2, 2, 3, stage.y, 0, 3, 4, snake_axes=True))
+"""
+
+
+def test_killed_writer_leaves_its_last_commit(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "detector").mkdir()
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_CHILD, str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+    )
+    assert child.returncode == -9, child.stderr
+    uri = [line for line in child.stdout.splitlines() if line.startswith("file:")][0]
+    # A SWMR file whose writer was killed opens for SWMR reading.
+    with h5py.File(urlparse(uri).path, "r", swmr=True) as file:
+        frames = np.asarray(file["/entry/data/data"][()])
+    (store,) = [p for p in (tmp_path / "data").iterdir() if not p.name.startswith(".")]
+    ds = open_primary(store)
+    written = ds["_written"].values
+    # Points 1..6 were committed; 7 and 8 may not be: nothing after the last commit.
+    assert int(written.sum()) == 6
+    assert sorted(int(s) for s in ds["seq_num"].values[written]) == [1, 2, 3, 4, 5, 6]
+    for index in zip(*np.nonzero(written)):
+        np.testing.assert_array_equal(
+            ds["det"].values[index], frames[int(ds["seq_num"].values[index]) - 1]
+        )
+    assert describe_store(store)["run"]["complete"] is False
