@@ -435,13 +435,14 @@ def create_repository(
         )])
         ic_storage = repository_storage(url, storage.storage_options)
         try:
-            if ic.Repository.exists(ic_storage):
+            key = url.partition("://")[2]
+            if ic.Repository.exists(ic_storage) or storage.fs.exists(f"{key}/zarr.json"):
                 if not options.overwrite:
                     raise StoreExistsError(
                         f"{url} already exists; refusing to overwrite another run "
                         f"(pass overwrite=True or choose another name_template)"
                     )
-                storage.fs.rm(url.partition("://")[2], recursive=True)
+                storage.fs.rm(key, recursive=True)
             first_commit(ic.Repository.create(ic_storage))
             repo = ic.Repository.open(ic_storage)
         except StoreExistsError:
