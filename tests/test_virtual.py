@@ -549,3 +549,24 @@ def test_killed_writer_leaves_its_last_commit(tmp_path):
             ds["det"].values[index], frames[int(ds["seq_num"].values[index]) - 1]
         )
     assert describe_store(store)["run"]["complete"] is False
+
+
+def test_an_existing_repository_is_not_overwritten_unless_asked(tmp_path):
+    from bluesky_zarr import StoreExistsError
+
+    docs, expected = area_detector_run(tmp_path / "ad", 1)
+    first = ZarrWriter(tmp_path / "data", external="virtual", name_template="scan")
+    for name, doc in docs:
+        first(name, doc)
+    second = ZarrWriter(tmp_path / "data", external="virtual", name_template="scan")
+    with pytest.raises(StoreExistsError):
+        second(*docs[0])
+    again = ZarrWriter(
+        tmp_path / "data", external="virtual", name_template="scan", overwrite=True
+    )
+    for name, doc in docs:
+        again(name, doc)
+    assert again.stores == first.stores
+    ds = open_primary(again.stores[0])
+    np.testing.assert_array_equal(ds["cam"].values, expected)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["scan.zarr"]
