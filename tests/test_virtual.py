@@ -148,7 +148,7 @@ def stage_and_detector(tmp_path: Path) -> tuple[Any, Any, Any]:
 
 
 @pytest.mark.parametrize("snake", [False, True])
-def test_grid_scan_frames_are_referenced_at_their_points(RE, tmp_path, snake):
+def test_grid_scan_frames_are_referenced_at_their_points(RE, tmp_path, capsys, snake):
     _, stage, det = stage_and_detector(tmp_path)
     RE(bps.mv(stage.x.velocity, 0, stage.y.velocity, 0))
     docs = record(RE)
@@ -176,7 +176,12 @@ def test_grid_scan_frames_are_referenced_at_their_points(RE, tmp_path, snake):
     info = describe_store(writer.stores[0])
     assert info["run"]["complete"] is True
     assert info["streams"]["primary"]["written_points"] == 12
+    assert info["streams"]["primary"]["virtual"]["referenced"] == ["det"]
+    capsys.readouterr()
     assert main(["inspect", str(writer.stores[0])]) == 0
+    printed = capsys.readouterr().out
+    assert "in place (detector files): det" in printed
+    assert "copied det-sum: HDF5 chunks of 1024 rows" in printed
 
 
 def fly(det: Any, events: int, frames_per_event: int) -> Any:

@@ -84,7 +84,11 @@ _FILTER_NAMES = {
 }
 
 
+_quieted = False
+
+
 def _icechunk() -> Any:
+    global _quieted
     try:
         import icechunk
     except ImportError as err:
@@ -92,6 +96,13 @@ def _icechunk() -> Any:
             "external='virtual' writes Icechunk repositories: pip install "
             "'bluesky-zarr[virtual]'"
         ) from err
+    if not _quieted and "ICECHUNK_LOG" not in os.environ:
+        # Icechunk warns on stdout, at every open of a local repository, that
+        # the local file system is unsafe for concurrent commits: a run's
+        # writer commits from one thread, and the warning would corrupt the
+        # output of `bluesky-zarr inspect --json`. ICECHUNK_LOG overrides.
+        icechunk.set_logs_filter("icechunk::storage::object_store=error,warn")
+        _quieted = True
     return icechunk
 
 
