@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import threading
 import warnings
@@ -575,3 +576,59 @@ def test_an_existing_repository_is_not_overwritten_unless_asked(tmp_path):
     ds = open_primary(again.stores[0])
     np.testing.assert_array_equal(ds["cam"].values, expected)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["scan.zarr"]
+
+
+def with_bad_datum(docs: Docs) -> Docs:
+    """The documents, with one more event whose datum points past the file."""
+    from event_model import compose_datum, compose_event
+
+    resource = next(doc for name, doc in docs if name == "resource")
+    descriptor = next(doc for name, doc in docs if name == "descriptor")
+    datum = compose_datum(resource=resource, counter=itertools.count(99),
+                          datum_kwargs={"point_number": 99})
+    event = compose_event(
+        descriptor=descriptor, event_counters={}, seq_num=6,
+        data={"cam": datum["datum_id"], "a": 1.0, "b": 0.0},
+        timestamps={"cam": 0.0, "a": 0.0, "b": 0.0}, filled={"cam": False},
+    )
+    return docs[:-1] + [("datum", datum), ("event", event), docs[-1]]
+
+
+def feed_refusing(writer: Any, docs: Docs) -> int:
+    from bluesky_zarr import ExternalIndexError
+
+    refused = 0
+    for name, doc in docs:
+        try:
+            writer(name, doc)
+        except ExternalIndexError:
+            refused += 1
+    return refused
+
+
+def test_refused_documents_are_kept_beside_a_local_repository(tmp_path):
+    docs, expected = area_detector_run(tmp_path / "ad", 1)
+    writer = ZarrWriter(tmp_path / "data", external="virtual")
+    assert feed_refusing(writer, with_bad_datum(docs)) == 1
+    store = writer.stores[0]
+    (line,) = (store / "refused_documents.jsonl").read_text().splitlines()
+    assert json.loads(line)["name"] == "event"
+    info = describe_store(store)
+    assert info["run"]["refused_documents"] == 1 and info["run"]["complete"] is False
+    np.testing.assert_array_equal(open_primary(store)["cam"].values, expected)
+
+
+def test_refused_documents_are_kept_beside_a_repository_on_s3(tmp_path, s3):
+    client, options = s3
+    docs, expected = area_detector_run(tmp_path / "ad", 1)
+    writer = ZarrWriter("s3://runs/beamline", storage_options=options, external="virtual")
+    assert feed_refusing(writer, with_bad_datum(docs)) == 1
+    (url,) = writer.stores
+    key = str(url).partition("s3://runs/")[2] + "/refused_documents.jsonl"
+    (line,) = client.get_object(Bucket="runs", Key=key)["Body"].read().splitlines()
+    assert json.loads(line)["name"] == "event"
+    assert describe_store(url, options)["run"]["refused_documents"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = open_virtual(url, options)["primary"].to_dataset().load()
+    np.testing.assert_array_equal(ds["cam"].values, expected)

@@ -278,6 +278,9 @@ class RunWriter(DocumentRouter):
                 else:
                     # Object storage has no append: the object is rewritten.
                     self._refused_lines.append(line)
+                    if self.virtual is not None:  # beside the repository (_virtual)
+                        self.virtual.put_beside(REFUSED_FILE, b"".join(self._refused_lines))
+                        return
                     sync(
                         self.root.store.set(
                             REFUSED_FILE,

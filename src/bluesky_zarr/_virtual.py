@@ -332,6 +332,17 @@ class VirtualRepository:
         self.containers: set[str] = set(repo.config.virtual_chunk_containers or {})
         self.commits = 0
         self.lock = threading.Lock()
+        #: Object storage: its file system and the repository's prefix, for
+        #: files kept beside the repository (not Zarr keys).
+        self.beside: tuple[Any, str] | None = None
+
+    def put_beside(self, name: str, data: bytes) -> None:
+        """Write an object ``name`` beside the repository's own (object storage;
+        a local repository's directory takes files directly)."""
+        if self.beside is None:
+            raise StorageError(f"no place beside the repository for {name}")
+        fs, key = self.beside
+        fs.pipe_file(f"{key}/{name}", data)
 
     def commit(self, message: str) -> str | None:
         """Commit what the session holds (if anything) and go on in a new one."""
@@ -437,7 +448,6 @@ def create_repository(
             raise StorageError(
                 errno.EIO, f"cannot create the repository {path}: {err!r}"
             ) from err
-        location: Path | str = path
     else:
         from ._plan import store_name
 
@@ -460,9 +470,11 @@ def create_repository(
             raise
         except Exception as err:  # noqa: BLE001 - icechunk raises its own error types
             raise StorageError(f"cannot create the repository {url}: {err!r}") from err
-        location = url
+        run.virtual = VirtualRepository(repo, ic_storage)
+        run.virtual.beside = (storage.fs, key)
+        return url, run.virtual.store
     run.virtual = VirtualRepository(repo, ic_storage)
-    return location, run.virtual.store
+    return path, run.virtual.store
 
 
 # ------------------------------------------------------------ frame mapping
