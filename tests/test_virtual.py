@@ -243,8 +243,9 @@ def test_fly_scan_with_several_frames_per_point(RE, tmp_path, frames_per_event):
         ({"chunks": (1, 100, 160)}, True),
         ({"chunks": (1, 100, 160), **hdf5plugin.Zstd()}, True),
         ({"compression": "gzip", "shuffle": True}, False),
+        (hdf5plugin.LZ4(), False),
     ],
-    ids=["zstd", "blosc", "gzip", "lzf", "tiled", "tiled-zstd", "shuffle-gzip"],
+    ids=["zstd", "blosc", "gzip", "lzf", "tiled", "tiled-zstd", "shuffle-gzip", "lz4"],
 )
 def test_compressed_files_are_referenced_or_copied(
     RE, tmp_path, monkeypatch, filters, referenced
