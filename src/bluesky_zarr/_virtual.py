@@ -283,6 +283,13 @@ class SessionStore(WrapperStore[Any]):
     def _with_store(self, store: Any) -> SessionStore:
         return type(self)(store, self.gate)
 
+    def with_read_only(self, read_only: bool = False) -> Any:
+        # The same store for the writer (a copy would keep a session that a
+        # commit makes read-only); a reader's view of the current session.
+        if read_only == self.read_only:
+            return self
+        return self._store.with_read_only(read_only)
+
     @property
     def supports_consolidated_metadata(self) -> bool:
         return False
