@@ -29,6 +29,7 @@ from ._errors import (
 from ._export import export
 from ._external import NpySequenceHandler
 from ._version import __version__
+from ._virtual import open_virtual, virtual_store
 from ._writer import ZarrWriter
 
 __all__ = [
@@ -57,4 +58,6 @@ __all__ = [
     "ZarrWriter",
     "__version__",
     "export",
+    "open_virtual",
+    "virtual_store",
 ]

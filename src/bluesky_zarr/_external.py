@@ -59,9 +59,10 @@ from ._errors import (
     ExternalFileError,
     ExternalIndexError,
     HandlerError,
+    MissingDependencyError,
     UnknownSpecError,
 )
-from ._formats import REMOTE_HINT, SOURCES, FrameSource, source_class
+from ._formats import REMOTE_HINT, SOURCES, FrameSource, HDF5Source, source_class
 from ._metadata import json_safe
 
 if TYPE_CHECKING:
@@ -90,6 +91,9 @@ class ExternalRun(Protocol):
     ) -> tuple[np.ndarray, ...]: ...
 
     def refuse(self, name: str, doc: Mapping[str, Any], error: BaseException) -> None: ...
+
+    #: The Icechunk repository of an ``external="virtual"`` run (``_virtual``).
+    virtual: Any
 
 
 #: The ``external`` prefix of data keys whose frames stream_datum documents give.
@@ -125,8 +129,50 @@ class NpySequenceHandler:
         return np.load(f"{self.path}_{int(index)}.npy", allow_pickle=False)
 
 
+class AreaDetectorHDF5Handler:
+    """Handler of specs ``AD_HDF5`` and ``AD_HDF5_SWMR``: an area detector's
+    HDF5 file, frames in ``/entry/data/data``, ``frame_per_point`` rows a datum
+    (``point_number``). Returns ``(frame_per_point, *frame shape)``."""
+
+    specs = frozenset({"AD_HDF5", "AD_HDF5_SWMR"})
+    dataset_name = "/entry/data/data"
+
+    def __init__(self, path: str, frame_per_point: int = 1) -> None:
+        try:
+            import h5py
+        except ImportError as err:
+            raise MissingDependencyError(
+                "AD_HDF5 resources are HDF5 files; reading them needs h5py "
+                "(pip install 'bluesky-zarr[hdf5]')"
+            ) from err
+        self.path = path
+        self.frame_per_point = int(frame_per_point)
+        self.file = h5py.File(path, "r", swmr=True)
+        self.dataset = self.file[self.dataset_name]
+
+    def __call__(self, point_number: int) -> np.ndarray:
+        start = int(point_number) * self.frame_per_point
+        stop = start + self.frame_per_point
+        if stop > self.dataset.shape[0] and self.file.swmr_mode:
+            self.dataset.refresh()
+        if start < 0 or stop > self.dataset.shape[0]:
+            raise IndexError(
+                f"rows {start}..{stop} of {self.dataset_name} in {self.path}, which holds "
+                f"{self.dataset.shape[0]}"
+            )
+        return np.asarray(self.dataset[start:stop])
+
+    def close(self) -> None:
+        self.file.close()
+
+
 #: Handlers registered by default, by spec.
 DEFAULT_HANDLERS: dict[str, Any] = {"NPY_SEQ": NpySequenceHandler}
+
+#: Handlers registered with external="virtual": they read what does not map.
+VIRTUAL_HANDLERS: dict[str, Any] = {
+    spec: AreaDetectorHDF5Handler for spec in AreaDetectorHDF5Handler.specs
+}
 
 
 def is_stream_key(data_key: Mapping[str, Any]) -> bool:
@@ -207,6 +253,8 @@ class ExternalData:
         options = run.options
         self.mode = options.external
         self.handlers: dict[str, Any] = {**DEFAULT_HANDLERS, **options.handler_registry}
+        if self.mode == "virtual":
+            self.handlers = {**VIRTUAL_HANDLERS, **self.handlers}
         self.root_map: Mapping[str, str] = options.root_map
         self.resources: dict[str, Mapping[str, Any]] = {}
         self.datums: dict[str, Mapping[str, Any]] = {}
@@ -228,6 +276,8 @@ class ExternalData:
         #: The frames of stream_datum documents, read on the writer's reader
         #: thread, off the RunEngine's: what is pending, and what failed.
         self._reads = BackgroundWriter(run.buffer.reader)
+        #: external="virtual": frames referenced in place (``_virtual``).
+        self._virtual_frames: Any = None
 
     # ---------------------------------------------------------- descriptors
     def layout_descriptor(self, stream: str, doc: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -257,7 +307,7 @@ class ExternalData:
     def resource(self, doc: Mapping[str, Any]) -> None:
         uid = _field(doc, "uid", "resource")
         spec = _field(doc, "spec", "resource")
-        if self.mode == "fill" and spec not in self.handlers:
+        if self.mode != "reference" and spec not in self.handlers:
             raise UnknownSpecError(
                 f"resource {uid!r} has spec {spec!r}, for which no handler is "
                 f"registered (registered: {sorted(self.handlers)}); pass "
@@ -307,6 +357,13 @@ class ExternalData:
                 # Leave the points unwritten: the frames are elsewhere.
                 del new_data[key]
                 continue
+            if (
+                self.mode == "virtual"  # area-detector HDF5 frames in place (_virtual)
+                and len(todo) == len(values)
+                and self._datums_virtual(stream, page, key, values)
+            ):
+                del new_data[key]
+                continue
             declared = next(
                 (a.frame_shape for a in stream.layout.arrays.values() if a.key == key), None
             )
@@ -319,6 +376,58 @@ class ExternalData:
             new_data[key] = values
         self.write_references(force=False)
         return {**page, "data": new_data}
+
+    def _datums_virtual(
+        self, stream: StreamWriter, page: Mapping[str, Any], key: str, datum_ids: list[Any]
+    ) -> bool:
+        """external="virtual": reference the frames of area-detector HDF5 datums
+        in place; False if they must be copied (``_virtual`` records why)."""
+        from ._virtual import VirtualFrames
+
+        datums = [self._datum(d, key) for d in datum_ids]
+        resources = [self.resources.get(d["resource"]) for d in datums]
+        if any(
+            r is None or r.get("spec") not in AreaDetectorHDF5Handler.specs for r in resources
+        ):
+            return False
+        if self._virtual_frames is None:
+            self._virtual_frames = VirtualFrames(self.run)
+        index = self.run.point_index(stream, np.asarray(page.get("seq_num", [])))
+        spec = next(a for a in stream.layout.arrays.values() if a.key == key)
+        paths: list[str] = []
+        specs: list[Any] = []
+        for i, (datum, resource) in enumerate(zip(datums, resources)):
+            assert resource is not None
+            per_point = int((resource.get("resource_kwargs") or {}).get("frame_per_point", 1))
+            point = int((datum.get("datum_kwargs") or {}).get("point_number", -1))
+            if self._virtual_frames.settled_copied(stream, key):
+                return False
+            # The handler's file: the one handle to it (HDF5 misbehaves with two).
+            handler = self._handler(resource["uid"], stream)
+            if not isinstance(handler, AreaDetectorHDF5Handler):
+                return False  # a handler of the user's: it reads the frames
+            path, dataset = handler.path, handler.dataset
+            if (point + 1) * per_point > dataset.shape[0] and handler.file.swmr_mode:
+                dataset.refresh()
+            row_shape = tuple(dataset.shape[1:])
+            keeps = (
+                per_point != 1 if spec.frame_shape is None
+                else len(spec.frame_shape) == len(row_shape) + 1
+            )
+            info = StreamKey(((per_point,) if keeps else (1,)) + row_shape, not keeps)
+            if point < 0 or (point + 1) * per_point > dataset.shape[0]:
+                return False  # the handler's read says what is wrong
+            planned = self._virtual_frames.prepare(
+                stream, key, dataset, path, info, per_point, point, point + 1,
+                tuple(ix[i : i + 1] for ix in index),
+            )
+            if isinstance(planned, str):
+                return False
+            paths.append(path)
+            specs.extend(planned)
+            self._record(stream.name).add_resource("resource", resource["uid"], resource)
+        self._virtual_frames.apply(stream, key, sorted(set(paths)), specs, index)
+        return True
 
     def _datum(self, datum_id: Any, key: str) -> Mapping[str, Any]:
         datum = self.datums.get(datum_id) if isinstance(datum_id, str) else None
@@ -400,7 +509,7 @@ class ExternalData:
         uid = _field(doc, "uid", "stream_resource")
         _field(doc, "data_key", "stream_resource")
         mimetype = _field(doc, "mimetype", "stream_resource")
-        if self.mode == "fill":
+        if self.mode != "reference":
             source = source_class(mimetype)
             if source is None:
                 raise UnknownSpecError(
@@ -459,12 +568,43 @@ class ExternalData:
             # What can be refused is checked here, at the document; the rows
             # are read in the background, in batches.
             batches = self._read_rows(sres, info, start, stop, uid)
-            self._read_later(doc, stream, key, index, batches)
+            place = None
+            if self.mode == "virtual":  # referenced in place where they map (_virtual)
+
+                def place() -> str | None:
+                    return self._place_virtual(sres, info, stream, key, start, stop, index)
+
+            self._read_later(doc, stream, key, index, batches, place)
         if stream.name in self.stream_only and seq_nums.size:
             # No event will say when these points were taken: time stays NaN.
             with self.run.buffer_lock:
                 stream.put_points(index, seq_nums, np.full(seq_nums.shape, np.nan))
         self.write_references(force=False)
+
+    def _place_virtual(
+        self,
+        sres: Mapping[str, Any],
+        info: StreamKey,
+        stream: StreamWriter,
+        key: str,
+        start: int,
+        stop: int,
+        index: tuple[np.ndarray, ...],
+    ) -> str | None:
+        """external="virtual": reference the rows in place (``_virtual``);
+        returns why they must be copied instead, or None."""
+        from ._virtual import VirtualFrames
+
+        source = self._sources.get(sres["uid"])
+        if not isinstance(source, HDF5Source) or source.array is None:
+            return f"{sres['mimetype']} frames are not HDF5 datasets: they are copied"
+        if self._virtual_frames is None:
+            self._virtual_frames = VirtualFrames(self.run)
+        dataset = source.array
+        per_index = source.rows_per_index(tuple(dataset.shape[1:]))
+        return self._virtual_frames.place(
+            stream, key, dataset, source.path, info, per_index, start, stop, index
+        )
 
     def _read_later(
         self,
@@ -473,11 +613,15 @@ class ExternalData:
         key: str,
         index: tuple[np.ndarray, ...],
         batches: Iterator[tuple[int, np.ndarray]],
+        place: Callable[[], str | None] | None = None,
     ) -> None:
-        """Read ``batches`` on the writer's reader thread and place their frames."""
+        """Read ``batches`` on the writer's reader thread and place their frames
+        (unless ``place``, run there first, references them and returns None)."""
 
         def read() -> None:
             try:
+                if place is not None and place() is None:
+                    return
                 for offset, frames in batches:
                     part = tuple(ix[offset : offset + len(frames)] for ix in index)
                     with self.run.buffer_lock:

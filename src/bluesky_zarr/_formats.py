@@ -172,7 +172,7 @@ class _RowSource(FrameSource):
         if self.array is None:
             self.array = self._open()
         row_shape = tuple(self.array.shape[1:])
-        per_index = self._rows_per_index(row_shape)
+        per_index = self.rows_per_index(row_shape)
         first, last = start * per_index, stop * per_index
         if last > self.array.shape[0]:
             self._refresh()
@@ -203,7 +203,7 @@ class _RowSource(FrameSource):
         event_bytes = per_index * math.prod(row_shape) * np.dtype(array.dtype).itemsize
         return ReadPlan(event_bytes, read)
 
-    def _rows_per_index(self, row_shape: tuple[int, ...]) -> int:
+    def rows_per_index(self, row_shape: tuple[int, ...]) -> int:
         """Rows per event: the declared frames per point, or 1 when the data key
         declares the row shape itself."""
         multiplier = self.parameters.get("multiplier")

@@ -26,7 +26,12 @@ def describe_store(
     storage_options
         For object storage: options of ``s3fs.S3FileSystem``.
     """
-    store = open_store(location, storage_options, read_only=True)
+    from ._virtual import is_repository, virtual_store
+
+    if is_repository(location, storage_options):  # external="virtual": Icechunk (_virtual)
+        store = virtual_store(location, storage_options)
+    else:
+        store = open_store(location, storage_options, read_only=True)
     try:
         root = zarr.open_group(store, mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
@@ -74,6 +79,9 @@ def describe_store(
             "written_points": int(np.count_nonzero(written)),
             "arrays": arrays,
         }
+        virtual = group.attrs.get("virtual")
+        if isinstance(virtual, Mapping):  # external="virtual": referenced and copied keys
+            streams[name]["virtual"] = dict(virtual)
     return {"store": str(location), "run": run, "streams": streams}
 
 
@@ -152,6 +160,12 @@ def format_description(description: Mapping[str, Any]) -> str:
         dims = ", ".join(f"{d}: {n}" for d, n in stream["dims"].items())
         lines.append("")
         lines.append(f"{name}  ({dims})  written {written} of {points} points{share}")
+        virtual = stream.get("virtual")
+        if virtual:
+            referenced = ", ".join(virtual.get("referenced") or []) or "none"
+            lines.append(f"  in place (detector files): {referenced}")
+            for key, why in (virtual.get("copied") or {}).items():
+                lines.append(f"  copied {key}: {why}")
         rows = [("array", "dims", "shape", "dtype", "chunks", "shards", "nbytes")]
         for array_name, array in stream["arrays"].items():
             rows.append(

@@ -84,6 +84,7 @@ def array_metadata(
     dimension_names: list[str],
     attributes: dict[str, Any],
     compressors: Any,
+    serializer: Any = "auto",
 ) -> ArrayV3Metadata:
     """The metadata ``zarr.create_array`` writes for these arguments (Zarr V3),
     made without touching a store."""
@@ -95,7 +96,7 @@ def array_metadata(
         item_size=zdtype.item_size if isinstance(zdtype, HasItemSize) else 1,
     )
     array_array, array_bytes, bytes_bytes = _parse_chunk_encoding_v3(
-        compressors=compressors, filters="auto", serializer="auto", dtype=zdtype
+        compressors=compressors, filters="auto", serializer=serializer, dtype=zdtype
     )
     codecs: tuple[Any, ...] = (*array_array, array_bytes, *bytes_bytes)
     if shard_shape is not None:
@@ -145,7 +146,8 @@ class StoreMetadata:
             return self._group(path, metadata)
 
     def add_array(self, path: str, **arguments: Any) -> zarr.Array:
-        """Create an array (see :func:`array_metadata` for the arguments)."""
+        """Create an array (see :func:`array_metadata` for the arguments), or
+        make one anew that holds no chunk yet."""
         metadata = array_metadata(**arguments)
         with self.lock:
             self._save(path, metadata)
@@ -176,6 +178,11 @@ class StoreMetadata:
         ``attributes``) and the consolidated metadata of every node."""
         with self.lock:
             self.attributes.update(attributes or {})
+            if not self.store.supports_consolidated_metadata:
+                # Such a store (an Icechunk session) serves every node's
+                # metadata itself: the root holds its attributes only.
+                self._write("zarr.json", GroupMetadata(attributes=self.attributes))
+                return
             members: dict[str, Any] = {
                 path: dataclasses.replace(
                     metadata, consolidated_metadata=ConsolidatedMetadata(metadata={})

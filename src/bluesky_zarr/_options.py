@@ -47,7 +47,7 @@ ON_ERROR = ("raise", "log")
 
 
 #: Values of the ``external=`` option.
-EXTERNAL_MODES = ("fill", "reference")
+EXTERNAL_MODES = ("fill", "reference", "virtual")
 
 
 def _layout_option(label: str, value: Any) -> dict[str, tuple[int, ...]]:

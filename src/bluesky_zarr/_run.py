@@ -75,6 +75,8 @@ class RunWriter(DocumentRouter):
         self._refused_lines: list[bytes] = []
         #: Whether the run has been finished (stopped or closed).
         self.finished = False
+        #: external="virtual": the run's Icechunk repository (``_virtual``).
+        self.virtual: Any = None
         self.external = ExternalData(self)
 
     @property
@@ -107,12 +109,17 @@ class RunWriter(DocumentRouter):
         if isinstance(self.storage, LocalRoot):
             self._lock = self.storage.lock(self.options.name_template, doc)
         try:
-            self.path, store = self.storage.create_store(
-                self.options.name_template,
-                doc,
-                overwrite=self.options.overwrite,
-                metadata=root_metadata(attributes),
-            )
+            if self.options.external == "virtual":  # an Icechunk repository (_virtual)
+                from ._virtual import create_repository
+
+                self.path, store = create_repository(self, doc, root_metadata(attributes))
+            else:
+                self.path, store = self.storage.create_store(
+                    self.options.name_template,
+                    doc,
+                    overwrite=self.options.overwrite,
+                    metadata=root_metadata(attributes),
+                )
             if self.options.store_wrapper is not None:
                 store = self.options.store_wrapper(store)
             self.metadata = StoreMetadata(store, attributes)
@@ -236,6 +243,9 @@ class RunWriter(DocumentRouter):
                 else:
                     # Object storage has no append: the object is rewritten.
                     self._refused_lines.append(line)
+                    if self.virtual is not None:  # beside the repository (_virtual)
+                        self.virtual.put_beside(REFUSED_FILE, b"".join(self._refused_lines))
+                        return
                     sync(
                         self.metadata.store.set(
                             REFUSED_FILE,
@@ -257,6 +267,8 @@ class RunWriter(DocumentRouter):
         while not self._stop_flusher.wait(interval / 2):
             try:
                 self.buffer.spill(self, older_than=interval)
+                if self.virtual is not None:  # readers see the last commit (_virtual)
+                    self.virtual.commit("flush")
             except Exception:  # noqa: BLE001 - logged; the caller sees write failures
                 logger.exception("bluesky-zarr: periodic flush failed")
 
@@ -267,6 +279,8 @@ class RunWriter(DocumentRouter):
         self.buffer.spill(self)
         if self.background is not None:
             self.background.drain()
+        if self.virtual is not None:
+            self.virtual.commit("flush")
 
     def check_health(self) -> None:
         """Raise what went wrong since the last document: a write that failed
@@ -327,6 +341,8 @@ class RunWriter(DocumentRouter):
                 self._flusher.join()
             attempt(self.external.close)
             attempt(lambda: self._record_end(doc, incomplete_reason, errors))
+            if self.virtual is not None:
+                attempt(lambda: self.virtual.commit("stop"))
         finally:
             self._release_lock()
         self._warn_unused_options()

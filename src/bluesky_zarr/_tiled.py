@@ -32,7 +32,7 @@ import numpy as np
 import zarr
 
 from ._errors import MissingDependencyError, OptionError, TiledError
-from ._run import json_safe
+from ._metadata import json_safe
 from ._storage import is_url, open_store
 
 logger = logging.getLogger(__name__)

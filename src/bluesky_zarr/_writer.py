@@ -113,6 +113,10 @@ class ZarrWriter:
         file cannot be read here; ``"reference"`` reads nothing and records
         the documents in each stream group's ``external`` attribute, leaving
         those points unwritten (``_written`` False).
+        ``"virtual"`` makes each run's store an Icechunk repository in which
+        frames in detectors' HDF5 files are referenced in place (virtual
+        chunks, no copy) where their layout allows, and copied otherwise;
+        read it with :func:`open_virtual` (see ``_virtual``).
     handler_registry
         Handler classes by resource ``spec``, added to the default ones
         (``NPY_SEQ``), in the ``event_model.Filler`` convention:
