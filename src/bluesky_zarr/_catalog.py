@@ -244,6 +244,30 @@ def check_run_store(
     )
 
 
+def run_attributes(
+    store: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The root attributes of a bluesky-zarr store; None if it is not one (or missing)."""
+    tree = _tree_of(store, storage_options)
+    raw = tree.read_roots([tree.top])[0]
+    if isinstance(raw, BaseException):
+        return None
+    try:
+        root = json.loads(raw)
+    except ValueError:
+        return None
+    return dict(root["attributes"]) if is_run_root(root) else None
+
+
+def count_written_points(
+    store: str | os.PathLike[str], stream: str, storage_options: Mapping[str, Any] | None = None
+) -> int | None:
+    """Points of ``stream`` whose ``_written`` flag is set; None if it has none yet."""
+    from ._storage import open_store
+
+    return _count_written(open_store(store, storage_options, read_only=True), stream)
+
+
 def _run_stores(tree: _LocalTree | _RemoteTree) -> Iterator[str]:
     """The bluesky-zarr stores below a tree's top, in no particular order."""
     candidates = list(tree.find_candidates())
@@ -331,9 +355,7 @@ class _LocalTree:
         return "unfinished", UNFINISHED_WHY
 
     def count_written(self, store: str, stream: str) -> int | None:
-        from ._storage import open_store
-
-        return _count_written(open_store(store, read_only=True), stream)
+        return count_written_points(store, stream)
 
 
 class _RemoteTree:
@@ -417,9 +439,7 @@ class _RemoteTree:
         return "open", OPEN_WHY  # object storage has no lock to tell writing from killed
 
     def count_written(self, store: str, stream: str) -> int | None:
-        from ._storage import open_store
-
-        return _count_written(open_store(store, self.storage_options, read_only=True), stream)
+        return count_written_points(store, stream, self.storage_options)
 
 
 def _tree_of(

@@ -87,13 +87,13 @@ def _replay(args: argparse.Namespace) -> int:
             name_template=args.name_template,
         )
     except ReplayError as err:
-        print(format_summary(err.report or ReplayReport(), args.out))
+        print(_flag_names(format_summary(err.report or ReplayReport(), args.out)))
         print(f"bluesky-zarr replay: error: {_flag_names(str(err))}", file=sys.stderr)
         return 1
     except BlueskyZarrError as err:
         print(f"bluesky-zarr replay: error: {_flag_names(str(err))}", file=sys.stderr)
         return 1
-    print(format_summary(report, args.out))
+    print(_flag_names(format_summary(report, args.out)))
     return 0
 
 
