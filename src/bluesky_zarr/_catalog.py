@@ -531,7 +531,7 @@ def _count_written(store: Any, stream: str) -> int | None:
 def _shape(shape: Any) -> str:
     if not isinstance(shape, list):
         return "growing" if shape is None else str(shape)
-    return " x ".join(str(n) for n in shape) or "()"
+    return "x".join(str(n) for n in shape) or "()"  # one word: easy to cut or awk
 
 
 def _value(value: Any) -> str:
