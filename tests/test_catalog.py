@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import bluesky.plan_stubs as bps
+import boto3
 import pytest
 import zarr
 from bluesky.plans import count, grid_scan
 from bluesky.utils import Msg, RunEngineInterrupted
+from moto.server import ThreadedMotoServer
 from ophyd.sim import det
 
 from bluesky_zarr import ZarrWriter
@@ -214,3 +218,58 @@ def test_ls_reports_an_unreadable_root_and_lists_the_rest(tmp_path, RE, capsys):
     captured = capsys.readouterr()
     assert "broken.zarr: zarr.json is not valid JSON" in captured.err
     assert writer.stores[0].name in captured.out
+
+
+@pytest.fixture
+def s3(monkeypatch) -> Iterator[dict[str, Any]]:
+    """A moto S3 server on 127.0.0.1, a bucket, and the options to reach it."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for name, value in (
+            ("AWS_ENDPOINT_URL", endpoint),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ):
+            monkeypatch.setenv(name, value)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+            Bucket="runs"
+        )
+        options = {
+            "key": "testing",
+            "secret": "testing",
+            "endpoint_url": endpoint,
+            "client_kwargs": {"region_name": "us-east-1"},
+        }
+        yield {"bucket": "runs", "options": options}
+    finally:
+        server.stop()
+
+
+def test_ls_lists_stores_on_s3(s3, RE, capsys):
+    url = f"s3://{s3['bucket']}/beamtime"
+    writer = ZarrWriter(url, name_template=TEMPLATE, storage_options=s3["options"])
+    RE.subscribe(writer)
+    wavelength, position = motors("wavelength", "position")
+    RE(grid_scan([det], wavelength, 400, 700, 3, position, 0, 5, 2), sample="Si")
+    RE(count([det], num=4), sample="Ge")
+    first, second = writer.stores
+    assert str(first).startswith(f"{url}/Si/")
+
+    entries = list_stores(url, s3["options"])
+    assert [e["store"] for e in entries] == [second, first]
+    assert [e["name"] for e in entries] == [str(second)[len(url) + 1 :], "Si/00001.zarr"]
+    assert [(e["written_points"], e["planned_points"]) for e in entries] == [(4, 4), (6, 6)]
+    assert all(e["state"] == "complete" for e in entries)
+
+    # The command, with the AWS environment variables a user would set.
+    assert main(["ls", "--json", url]) == 0
+    assert [e["store"] for e in json.loads(capsys.readouterr().out)] == [second, first]
+    assert main(["inspect", url]) == 1
+    assert f"list them with: bluesky-zarr ls {url}" in capsys.readouterr().err
+    assert main(["ls", f"s3://{s3['bucket']}/nothing-here"]) == 1
+    assert "does not exist" in capsys.readouterr().err

@@ -217,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, default=argparse.SUPPRESS,
         help="root of the stores: a directory or s3://bucket/prefix (required)",
     )
-    serve.add_argument("--prefix", default="", help="only documents published with this prefix")
+    serve.add_argument(
+        "--prefix",
+        default="",
+        help="only documents published with this prefix (default: %(default)r, every document)",
+    )
     serve.add_argument(
         "--name-template", default=DEFAULT_NAME_TEMPLATE, help="store name over the start doc"
     )
