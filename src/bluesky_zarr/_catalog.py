@@ -112,8 +112,10 @@ def summarise_root(
     still being written, or its writer was killed); ``why`` says why not
     complete.
     """
-    start = attrs.get("start") if isinstance(attrs.get("start"), Mapping) else {}
-    stop = attrs.get("stop") if isinstance(attrs.get("stop"), Mapping) else None
+    found = attrs.get("start")
+    start: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    found = attrs.get("stop")
+    stop: Mapping[str, Any] | None = found if isinstance(found, Mapping) else None
     info = attrs["bluesky_zarr"]
     stream = primary_stream(start)
     ended = isinstance(info.get("streams"), Mapping)
