@@ -10,10 +10,14 @@ its own uid, scan_id and start time in its root ``zarr.json``, and times:
 - for comparison, opening each store's root group with zarr-python
   (consolidated metadata) and reading its attributes.
 
-    python benchmarks/bench_ls.py [--stores N] [--repeat R] [--json]
+    python benchmarks/bench_ls.py [--stores N] [--repeat R] [--s3] [--json]
 
 The page cache is warm (the stores were just written): the figures are the
-cost of listing, parsing and sorting, not of a cold disk.
+cost of listing, parsing and sorting, not of a cold disk. ``--s3`` also
+uploads the stores' root ``zarr.json`` files (all that ``ls`` reads) to a
+moto S3 server on 127.0.0.1 and times ``list_stores`` on the ``s3://`` URL:
+a local server, so it measures the number of requests and their concurrency,
+not a real network's latency.
 """
 
 from __future__ import annotations
@@ -87,10 +91,50 @@ def _open_with_zarr(runs: Path) -> int:
     return found
 
 
+def time_s3(runs: Path, repeat: int, count: int) -> float:
+    """Median seconds of ``list_stores`` over the same stores on a moto server."""
+    import logging
+
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        options = {
+            "key": "bench",
+            "secret": "bench",
+            "endpoint_url": endpoint,
+            "client_kwargs": {"region_name": "us-east-1"},
+        }
+        boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id="bench", aws_secret_access_key="bench",
+        ).create_bucket(Bucket="bench")
+        fs = s3fs.S3FileSystem(**options)
+        fs.pipe(
+            {
+                f"bench/runs/{path.relative_to(runs).as_posix()}": path.read_bytes()
+                for path in runs.glob("*/*.zarr/zarr.json")
+            }
+        )
+        seconds, entries = _timed(lambda: list_stores("s3://bench/runs", options), repeat)
+        assert len(entries) == count, len(entries)
+        s3fs.S3FileSystem.clear_instance_cache()
+        return seconds
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stores", type=int, default=1000, help="stores to list")
     parser.add_argument("--repeat", type=int, default=5, help="timings per figure (median)")
+    parser.add_argument("--s3", action="store_true", help="also list them on a moto S3 server")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
@@ -115,6 +159,7 @@ def main() -> None:
         command_time, _ = _timed(command, args.repeat)
         zarr_time, found = _timed(lambda: _open_with_zarr(runs), max(1, args.repeat // 2))
         assert found == args.stores
+        s3_time = time_s3(runs, args.repeat, args.stores) if args.s3 else None
 
     figures = {
         "stores": args.stores,
@@ -126,6 +171,7 @@ def main() -> None:
         "format_seconds": round(formatted, 4),
         "ls_command_seconds": round(command_time, 3),
         "zarr_open_group_seconds": round(zarr_time, 3),
+        "list_stores_s3_seconds": None if s3_time is None else round(s3_time, 3),
     }
     if args.json:
         print(json.dumps(figures, indent=2))
@@ -136,6 +182,8 @@ def main() -> None:
     print(f"  format the table                        {formatted:8.3f} s")
     print(f"  bluesky-zarr ls, a fresh process        {command_time:8.3f} s")
     print(f"  zarr.open_group + attrs, per store      {zarr_time:8.3f} s (for comparison)")
+    if s3_time is not None:
+        print(f"  list_stores on s3:// (moto, 127.0.0.1)  {s3_time:8.3f} s")
 
 
 if __name__ == "__main__":

@@ -406,32 +406,50 @@ class _RemoteTree:
         return None
 
     def find_candidates(self) -> Iterator[str]:
-        pending = [self.root]
-        while pending:
-            directory = pending.pop()
+        # Level by level: the zarr.json of every directory of a level is asked
+        # for at once (one concurrent batch, kept for read_roots); only the
+        # directories without one are listed, to go a level deeper.
+        self._roots: dict[str, bytes] = {}
+        level = [self.root]
+        while level:
+            keys = [f"{directory}/zarr.json" for directory in level]
             try:
-                entries = self.fs.ls(directory, detail=True, refresh=True)
+                found = self.fs.cat(keys, on_error="return")
             except OSError as err:
-                if directory == self.root:
-                    raise StorageError(f"cannot list {self.url}: {err}") from err
-                continue
-            names = {e["name"].rstrip("/").rpartition("/")[2]: e for e in entries}
-            if "zarr.json" in names and names["zarr.json"]["type"] == "file":
-                yield f"{self.scheme}://{directory}"
-                continue
-            pending.extend(
-                e["name"].rstrip("/")
-                for name, e in sorted(names.items(), reverse=True)
-                if e["type"] == "directory" and not name.startswith(".")
-            )
+                raise StorageError(f"cannot read below {self.url}: {err}") from err
+            deeper: list[str] = []
+            for directory, key in zip(level, keys):
+                raw = found.get(key) if isinstance(found, dict) else found
+                if isinstance(raw, bytes):
+                    store = f"{self.scheme}://{directory}"
+                    self._roots[store] = raw
+                    yield store  # a Zarr node: never searched inside
+                    continue
+                try:
+                    entries = self.fs.ls(directory, detail=True, refresh=True)
+                except OSError as err:
+                    if directory == self.root:
+                        raise StorageError(f"cannot list {self.url}: {err}") from err
+                    continue
+                deeper.extend(
+                    e["name"].rstrip("/")
+                    for e in entries
+                    if e["type"] == "directory"
+                    and not e["name"].rstrip("/").rpartition("/")[2].startswith(".")
+                )
+            level = deeper
 
     def read_roots(self, stores: Sequence[str]) -> list[bytes | BaseException]:
-        if not stores:
-            return []
-        keys = [f"{s.partition('://')[2]}/zarr.json" for s in stores]
-        # One concurrent batch of requests, not one round trip after another.
-        found = self.fs.cat(keys, on_error="return")
-        return [found.get(key, FileNotFoundError(key)) for key in keys]
+        known = getattr(self, "_roots", {})
+        keys = {s: f"{s.partition('://')[2]}/zarr.json" for s in stores if s not in known}
+        found: Any = {}
+        if keys:
+            # One concurrent batch of requests, not one round trip after another.
+            found = self.fs.cat(list(keys.values()), on_error="return")
+        return [
+            known[s] if s in known else found.get(keys[s], FileNotFoundError(keys[s]))
+            for s in stores
+        ]
 
     def relative(self, store: str) -> str:
         name = store[len(self.url) :].lstrip("/")
