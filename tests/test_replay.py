@@ -212,3 +212,20 @@ def test_a_run_in_two_files_is_written_once_and_the_batch_goes_on(recorded, tmp_
     counted_ds = open_stream(stores[1])
     expected = [doc["data"]["det"] for name, doc in recorded["runs"][1] if name == "event"]
     np.testing.assert_array_equal(counted_ds["det"].values, expected)
+
+
+def test_a_run_kept_incomplete_is_skipped_saying_so(recorded, tmp_path, capsys):
+    truncated, _ = _cut_inside_event(recorded["files"]["grid.jsonl"], 6, tmp_path)
+    out = tmp_path / "out"
+    assert main(["replay", str(truncated), "--out", str(out), "--no-progress"]) == 1
+    capsys.readouterr()
+
+    # The whole file later: the store already holds the run, incomplete.
+    grid = recorded["files"]["grid.jsonl"]
+    assert main(["replay", str(grid), "--out", str(out), "--no-progress"]) == 0
+    out_text = capsys.readouterr().out
+    assert "skipped: already written, incomplete: " in out_text
+    assert "(pass --overwrite to write it again)" in out_text
+    assert main(["replay", str(grid), "--out", str(out), "--no-progress", "--overwrite"]) == 0
+    (store,) = out.glob("*.zarr")
+    _check_grid_store(store)

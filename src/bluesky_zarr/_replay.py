@@ -406,7 +406,9 @@ def _start(
             raise  # another run's store: never overwritten
         run.store = store
         report.runs.append(run)
-        batch.skip(run, "already written (pass overwrite=True to write it again)")
+        entry = summarise_root(store, attrs or {}, ())
+        state = "" if entry["state"] == "complete" else f", {entry['state']}: {entry['why']}"
+        batch.skip(run, f"already written{state} (pass overwrite=True to write it again)")
         return
     run.store = batch.writer.stores[-1]
     runs[run.uid] = run
