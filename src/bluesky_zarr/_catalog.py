@@ -494,7 +494,10 @@ def _is_locked(lock: Path) -> bool:
         return False  # writers unlink their lock when they finish
     held = _flock_holders()
     if held is not None:
-        return (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino) in held
+        # By inode alone: overlayfs and btrfs report other device numbers in
+        # /proc/locks than stat() does (another file with the same inode on
+        # another device, flock-ed, is the price).
+        return info.st_ino in held
     # No /proc/locks: ask for a shared lock, at once, and give it back.
     import fcntl
 
@@ -513,8 +516,8 @@ def _is_locked(lock: Path) -> bool:
     return False
 
 
-def _flock_holders() -> set[tuple[int, int, int]] | None:
-    """(major, minor, inode) of every file ``flock``-ed, from Linux's /proc/locks."""
+def _flock_holders() -> set[int] | None:
+    """The inode of every file ``flock``-ed, from Linux's /proc/locks."""
     try:
         text = Path("/proc/locks").read_text()
     except OSError:
@@ -529,7 +532,7 @@ def _flock_holders() -> set[tuple[int, int, int]] | None:
             pieces = part.split(":")
             if len(pieces) == 3 and all(pieces):
                 try:
-                    held.add((int(pieces[0], 16), int(pieces[1], 16), int(pieces[2])))
+                    held.add(int(pieces[2]))
                 except ValueError:
                     pass
     return held
