@@ -10,8 +10,9 @@ import zarr
 from bluesky.plans import grid_scan
 from ophyd.sim import det
 
-from bluesky_zarr import ZarrWriter, export
+from bluesky_zarr import NotAStoreError, ZarrWriter, export
 from bluesky_zarr._cli import main
+from bluesky_zarr._inspect import describe_store
 from bluesky_zarr.sim import PointCamera, motors
 
 
@@ -96,6 +97,35 @@ def test_inspect_shows_an_incomplete_run(scan_docs, tmp_path, capsys):
     assert description["streams"]["primary"]["written_points"] == 5
 
 
-def test_inspect_refuses_what_is_not_a_store(tmp_path, capsys):
+def test_inspect_refuses_what_is_not_a_store(scan_docs, tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 1
     assert f"{tmp_path} is not a Zarr V3 store" in capsys.readouterr().err
+
+    def refused(path: Any) -> str:
+        assert main(["inspect", str(path)]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        return captured.err
+
+    data = tmp_path / "data"
+    (store,) = export(scan_docs, data, name_template="beamtime/run")
+    err = refused(data)
+    assert f"{data} is not a store but a directory holding 1 bluesky-zarr store(s)" in err
+    assert f"list them with: bluesky-zarr ls {data}" in err
+
+    for inner, what in ((store / "primary", "group"), (store / "primary" / "cam_image", "array")):
+        err = refused(inner)
+        assert f"{inner} is a Zarr {what} inside the bluesky-zarr store {store}" in err
+        assert f"bluesky-zarr inspect {store}" in err
+
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(plain, mode="w", zarr_format=3).create_array("a", shape=(2,), dtype="i4")
+    assert f"{plain} is a Zarr group but not a bluesky-zarr store" in refused(plain)
+    v2 = tmp_path / "v2.zarr"
+    zarr.open_group(v2, mode="w", zarr_format=2)
+    assert f"{v2} is a Zarr V2 store" in refused(v2)
+    assert f"{tmp_path / 'missing'} does not exist" in refused(tmp_path / "missing")
+    assert "is a file, not a store" in refused(store / "zarr.json")
+
+    with pytest.raises(NotAStoreError, match="directory holding 1 bluesky-zarr store"):
+        describe_store(data)

@@ -72,8 +72,8 @@ def test_replay_writes_the_recorded_runs(recorded, kind, tmp_path, capsys):
     assert code == 0, captured.err
     assert "100%" in captured.err  # the progress bar ran to the end
     assert "Replayed 2 file(s), 2 run(s)" in captured.out
-    assert "grid_scan" in captured.out and "events=12 success" in captured.out
-    assert "count" in captured.out and "events=3 success" in captured.out
+    assert "grid_scan" in captured.out and "12 of 12 points written, success" in captured.out
+    assert "count" in captured.out and "3 of 3 points written, success" in captured.out
     stores = sorted(out.glob("*.zarr"))
     assert len(stores) == 2
     _check_grid_store(stores[0])
@@ -103,7 +103,10 @@ def test_truncated_jsonl_names_the_line_and_keeps_what_came_before(recorded, tmp
     captured = capsys.readouterr()
     assert code == 1
     assert f"{truncated}, line {line}: not valid JSON (the file ends mid-line" in captured.err
-    assert "count" in captured.out and "INCOMPLETE" in captured.out
+    assert "count" in captured.out and "3 of 3 points written, success" in captured.out
+    # The run the file leaves open: the points written before the cut are counted.
+    assert "grid_scan" in captured.out
+    assert "5 of 12 points written, INCOMPLETE (no stop document)" in captured.out
     stores = {open_tree(s).attrs["start"]["plan_name"]: s for s in out.glob("*.zarr")}
     assert open_tree(stores["count"]).attrs["bluesky_zarr"]["complete"] is True
     partial = stores["grid_scan"]
@@ -151,10 +154,78 @@ def test_truncated_gzip_and_malformed_lines_are_clear_errors(recorded, tmp_path,
         list(read_documents(other))
 
 
-def test_replaying_twice_refuses_to_overwrite(recorded, tmp_path, capsys):
-    grid = recorded["files"]["count.jsonl"]
+def test_replaying_twice_skips_what_is_written_and_refuses_to_overwrite_another_run(
+    recorded, tmp_path, capsys
+):
+    counted = recorded["files"]["count.jsonl"]
     out = tmp_path / "out"
+    assert main(["replay", str(counted), "--out", str(out), "--no-progress"]) == 0
+    (store,) = out.glob("*.zarr")
+    capsys.readouterr()
+
+    # The same run again: reported and skipped, its store untouched.
+    before = (store / "zarr.json").read_bytes()
+    assert main(["replay", str(counted), "--out", str(out), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "0 run(s) into" in captured.out and "1 run(s) skipped" in captured.out
+    assert f"skipped: already written (pass --overwrite to write it again) -> {store}" in (
+        captured.out
+    )
+    assert (store / "zarr.json").read_bytes() == before
+
+    # Another run whose name collides: refused, naming the command's flags.
+    grid = recorded["files"]["grid.jsonl"]
+    fixed = ["--name-template", "run", "--no-progress"]
+    assert main(["replay", str(counted), "--out", str(out), *fixed]) == 0
+    capsys.readouterr()
+    assert main(["replay", str(grid), "--out", str(out), *fixed]) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err
+    assert "pass --overwrite or choose another --name-template" in err
+    assert "overwrite=True" not in err and "name_template" not in err
+
+    assert main(["replay", str(grid), "--out", str(out), *fixed, "--overwrite"]) == 0
+    _check_grid_store(out / "run.zarr")
+
+
+def test_a_run_in_two_files_is_written_once_and_the_batch_goes_on(recorded, tmp_path, capsys):
+    grid = recorded["files"]["grid.jsonl"]
+    gzipped = tmp_path / (grid.name + ".gz")
+    gzipped.write_bytes(gzip.compress(grid.read_bytes()))
+    counted = recorded["files"]["count.jsonl"]
+    out = tmp_path / "out"
+
+    code = main(["replay", str(grid), str(gzipped), str(counted), "--out", str(out)])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Replayed 3 file(s), 2 run(s) into" in captured.out
+    assert "1 run(s) skipped" in captured.out
+    lines = captured.out.splitlines()
+    assert "grid.jsonl: grid_scan" in lines[1] and "12 of 12 points written" in lines[1]
+    assert "grid.jsonl.gz: grid_scan" in lines[2]
+    assert "skipped: already written from grid.jsonl" in lines[2]
+    assert "count.jsonl: count" in lines[3] and "3 of 3 points written" in lines[3]
+    stores = sorted(out.glob("*.zarr"))
+    assert len(stores) == 2
+    _check_grid_store(stores[0])
+    counted_ds = open_stream(stores[1])
+    expected = [doc["data"]["det"] for name, doc in recorded["runs"][1] if name == "event"]
+    np.testing.assert_array_equal(counted_ds["det"].values, expected)
+
+
+def test_a_run_kept_incomplete_is_skipped_saying_so(recorded, tmp_path, capsys):
+    truncated, _ = _cut_inside_event(recorded["files"]["grid.jsonl"], 6, tmp_path)
+    out = tmp_path / "out"
+    assert main(["replay", str(truncated), "--out", str(out), "--no-progress"]) == 1
+    capsys.readouterr()
+
+    # The whole file later: the store already holds the run, incomplete.
+    grid = recorded["files"]["grid.jsonl"]
     assert main(["replay", str(grid), "--out", str(out), "--no-progress"]) == 0
-    assert main(["replay", str(grid), "--out", str(out), "--no-progress"]) == 1
-    assert "already exists" in capsys.readouterr().err
+    out_text = capsys.readouterr().out
+    assert "skipped: already written, incomplete: " in out_text
+    assert "(pass --overwrite to write it again)" in out_text
     assert main(["replay", str(grid), "--out", str(out), "--no-progress", "--overwrite"]) == 0
+    (store,) = out.glob("*.zarr")
+    _check_grid_store(store)

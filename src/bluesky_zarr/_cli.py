@@ -8,7 +8,30 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._catalog import DEFAULT_FIELDS
 from ._plan import DEFAULT_NAME_TEMPLATE
+from ._version import __version__
+
+#: Each option's default in its help (argparse adds it to every option that has one).
+_FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _flag_names(message: str) -> str:
+    """An error message with the command's flags in place of keyword arguments."""
+    return message.replace("pass overwrite=True", "pass --overwrite").replace(
+        "another name_template", "another --name-template"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -64,13 +87,13 @@ def _replay(args: argparse.Namespace) -> int:
             name_template=args.name_template,
         )
     except ReplayError as err:
-        print(format_summary(err.report or ReplayReport(), args.out))
-        print(f"bluesky-zarr replay: error: {err}", file=sys.stderr)
+        print(_flag_names(format_summary(err.report or ReplayReport(), args.out)))
+        print(f"bluesky-zarr replay: error: {_flag_names(str(err))}", file=sys.stderr)
         return 1
     except BlueskyZarrError as err:
-        print(f"bluesky-zarr replay: error: {err}", file=sys.stderr)
+        print(f"bluesky-zarr replay: error: {_flag_names(str(err))}", file=sys.stderr)
         return 1
-    print(format_summary(report, args.out))
+    print(_flag_names(format_summary(report, args.out)))
     return 0
 
 
@@ -84,6 +107,9 @@ def _inspect(args: argparse.Namespace) -> int:
         description = describe_store(args.store)
     except BlueskyZarrError as err:
         print(f"bluesky-zarr inspect: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the storage itself: no such bucket, no permission
+        print(f"bluesky-zarr inspect: error: cannot read {args.store}: {err}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(description, indent=2))
@@ -110,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
             name_template=args.name_template,
         )
     except BlueskyZarrError as err:
-        print(f"bluesky-zarr serve: error: {err}", file=sys.stderr)
+        print(f"bluesky-zarr serve: error: {_flag_names(str(err))}", file=sys.stderr)
         return 2
     service.run()
     return 0
@@ -121,7 +147,7 @@ def _register(args: argparse.Namespace) -> int:
     from ._tiled import connect, register_store
 
     try:
-        node = connect(args.tiled, args.api_key)
+        node = connect(args.tiled, getattr(args, "api_key", None))
     except BlueskyZarrError as err:
         print(f"bluesky-zarr register: error: {err}", file=sys.stderr)
         return 1
@@ -148,29 +174,60 @@ def _register(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _ls(args: argparse.Namespace) -> int:
+    import json
+
+    from ._catalog import format_listing, list_stores
+    from ._errors import BlueskyZarrError
+
+    fields = getattr(args, "fields", None) or list(DEFAULT_FIELDS)
+    problems: list[str] = []
+    try:
+        entries = list_stores(args.location, fields=fields, problems=problems)
+    except (BlueskyZarrError, OSError) as err:
+        print(f"bluesky-zarr ls: error: {err}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(f"bluesky-zarr ls: warning: {problem}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    elif entries:
+        print(format_listing(entries, fields))
+    else:
+        print(f"bluesky-zarr ls: no bluesky-zarr stores under {args.location}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bluesky-zarr",
         description="Write Bluesky runs into Zarr V3 stores shaped like the experiment.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="run a simulated wavelength x position x camera scan and summarise it"
+        "demo",
+        help="run a simulated wavelength x position x camera scan and summarise it",
+        formatter_class=_FORMATTER,
     )
     demo.add_argument("--out", default="bluesky-zarr-demo", help="root directory of the store")
-    demo.add_argument("--wavelengths", type=int, default=10, help="points along wavelength")
-    demo.add_argument("--positions", type=int, default=20, help="points along position")
-    demo.add_argument("--size", type=int, default=256, help="frame height and width")
+    demo.add_argument(
+        "--wavelengths", type=_positive_int, default=10, help="points along wavelength"
+    )
+    demo.add_argument("--positions", type=_positive_int, default=20, help="points along position")
+    demo.add_argument("--size", type=_positive_int, default=256, help="frame height and width")
     demo.set_defaults(func=_demo)
 
     replay = commands.add_parser(
         "replay",
         help="convert recorded runs (suitcase-jsonl .jsonl, suitcase-msgpack .msgpack, "
         "optionally .gz) into stores",
+        formatter_class=_FORMATTER,
     )
     replay.add_argument("files", nargs="+", metavar="FILE", help="recorded document files")
     replay.add_argument(
-        "--out", required=True, help="root of the stores: a directory or s3://bucket/prefix"
+        "--out", required=True, default=argparse.SUPPRESS,
+        help="root of the stores: a directory or s3://bucket/prefix (required)",
     )
     replay.add_argument(
         "--name-template", default=DEFAULT_NAME_TEMPLATE, help="store name over the start doc"
@@ -180,16 +237,23 @@ def build_parser() -> argparse.ArgumentParser:
     replay.set_defaults(func=_replay)
 
     serve = commands.add_parser(
-        "serve", help="write every run published through a bluesky 0MQ proxy, until stopped"
+        "serve",
+        help="write every run published through a bluesky 0MQ proxy, until stopped",
+        formatter_class=_FORMATTER,
     )
     serve.add_argument(
-        "--zmq", required=True, metavar="HOST:PORT",
-        help="the 0MQ proxy's outbound address (bluesky-0MQ-proxy's second port)",
+        "--zmq", required=True, metavar="HOST:PORT", default=argparse.SUPPRESS,
+        help="the 0MQ proxy's outbound address (bluesky-0MQ-proxy's second port; required)",
     )
     serve.add_argument(
-        "--out", required=True, help="root of the stores: a directory or s3://bucket/prefix"
+        "--out", required=True, default=argparse.SUPPRESS,
+        help="root of the stores: a directory or s3://bucket/prefix (required)",
     )
-    serve.add_argument("--prefix", default="", help="only documents published with this prefix")
+    serve.add_argument(
+        "--prefix",
+        default="",
+        help="only documents published with this prefix (default: %(default)r, every document)",
+    )
     serve.add_argument(
         "--name-template", default=DEFAULT_NAME_TEMPLATE, help="store name over the start doc"
     )
@@ -197,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     inspect = commands.add_parser(
-        "inspect", help="show a store's run, streams, arrays and how much is written"
+        "inspect",
+        help="show a store's run, streams, arrays and how much is written",
+        formatter_class=_FORMATTER,
     )
     inspect.add_argument("store", metavar="STORE", help="a store's directory or s3:// URL")
     inspect.add_argument("--json", action="store_true", help="machine-readable JSON")
@@ -207,17 +273,35 @@ def build_parser() -> argparse.ArgumentParser:
         "register",
         help="register stores with a Tiled server, by reference (again: brings them up to "
         "date, changes nothing if they are)",
+        formatter_class=_FORMATTER,
     )
     register.add_argument("stores", nargs="+", metavar="STORE", help="store directories or URLs")
     register.add_argument(
-        "--tiled", required=True, metavar="URI",
+        "--tiled", required=True, metavar="URI", default=argparse.SUPPRESS,
         help="the Tiled container to register the runs in, e.g. "
-        "http://host:8000/api/v1/metadata/raw",
+        "http://host:8000/api/v1/metadata/raw (required)",
     )
     register.add_argument(
-        "--api-key", default=None, help="Tiled API key (default: $TILED_API_KEY)"
+        "--api-key", default=argparse.SUPPRESS,
+        help="Tiled API key (default: $TILED_API_KEY)"
     )
     register.set_defaults(func=_register)
+
+    ls = commands.add_parser(
+        "ls",
+        help="list the runs stored under a directory or s3:// URL, newest first",
+        formatter_class=_FORMATTER,
+    )
+    ls.add_argument(
+        "location", metavar="DIR_OR_URL", help="a directory of stores, or s3://bucket/prefix"
+    )
+    ls.add_argument(
+        "--field", dest="fields", action="append", metavar="NAME", default=argparse.SUPPRESS,
+        help="a start document field to show (repeat for several; "
+        f"default: {', '.join(DEFAULT_FIELDS)})",
+    )
+    ls.add_argument("--json", action="store_true", help="machine-readable JSON")
+    ls.set_defaults(func=_ls)
     return parser
 
 

@@ -53,6 +53,10 @@ class StorageError(BlueskyZarrError, OSError):
     """The storage a store lives in (a bucket, a directory) cannot be used."""
 
 
+class NotAStoreError(StorageError):
+    """A path or URL is not a bluesky-zarr store (a plain Zarr node, a directory of stores)."""
+
+
 class ReplayError(BlueskyZarrError, ValueError):
     """A recorded document file is unreadable, malformed or truncated."""
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ._catalog import check_run_store
 from ._errors import StorageError
 from ._storage import open_store
 
@@ -25,12 +26,19 @@ def describe_store(
         The store's directory, or its ``s3://`` URL.
     storage_options
         For object storage: options of ``s3fs.S3FileSystem``.
+
+    Raises
+    ------
+    NotAStoreError
+        ``location`` is missing, a directory of stores (the message points to
+        ``bluesky-zarr ls``), a group inside a store, or another Zarr node.
     """
     from ._virtual import is_repository, virtual_store
 
     if is_repository(location, storage_options):  # external="virtual": Icechunk (_virtual)
         store = virtual_store(location, storage_options)
     else:
+        check_run_store(location, storage_options)
         store = open_store(location, storage_options, read_only=True)
     try:
         root = zarr.open_group(store, mode="r", zarr_format=3)

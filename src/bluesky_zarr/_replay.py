@@ -5,7 +5,9 @@ replays in bounded memory. A file that cannot be read, holds something other
 than ``(name, document)`` pairs, or ends before the stop document of a run
 raises :class:`~bluesky_zarr.ReplayError` naming the file and the line (JSON
 lines) or byte offset (msgpack); the stores of the runs before it are kept
-and a run it leaves open is kept, marked incomplete.
+and a run it leaves open is kept, marked incomplete. A run already written
+(the same run in two files, or a store that already holds it) is reported
+and skipped.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ._errors import BlueskyZarrError, MissingDependencyError, ReplayError
+from ._catalog import count_written_points, run_attributes, summarise_root
+from ._errors import BlueskyZarrError, MissingDependencyError, ReplayError, StoreExistsError
+from ._plan import store_name, store_path
+from ._storage import LocalRoot
 from ._writer import ZarrWriter
 
 #: File name endings understood, after an optional ``.gz``.
@@ -38,6 +43,11 @@ class ReplayedRun:
     scan_id: Any = None
     num_events: int = 0
     exit_status: str | None = None
+    #: Points of the scan's stream on disk, and the points the plan announced.
+    written_points: int | None = None
+    planned_points: int | None = None
+    #: Why the run was not written again (it already was), else None.
+    skipped: str | None = None
 
 
 @dataclass
@@ -226,11 +236,15 @@ def replay(
         file_format(path)
     writer = ZarrWriter(directory, **options)
     report = ReplayReport()
+    batch = _Batch(writer, options.get("storage_options"))
     for path in paths:
         try:
-            _replay_file(writer, path, report, progress)
+            _replay_file(batch, path, report, progress)
         except BaseException as err:
             writer.close(f"replaying {path} failed before the run stopped")
+            for run in report.runs:
+                if run.written_points is None and run.skipped is None:
+                    batch.count(run)
             if isinstance(err, ReplayError):
                 err.report = report
             raise
@@ -238,8 +252,73 @@ def replay(
     return report
 
 
+class _Batch:
+    """What a replay keeps across its files: the runs written, and those skipped."""
+
+    def __init__(self, writer: ZarrWriter, storage_options: Any) -> None:
+        self.writer = writer
+        self.storage_options = storage_options
+        #: Every run written so far, by start uid.
+        self.written: dict[str, ReplayedRun] = {}
+        self.skipped_runs: set[str] = set()
+        #: Descriptors and (stream) resources of the skipped runs.
+        self.skipped_ids: set[Any] = set()
+
+    def skips(self, name: str, doc: Mapping[str, Any]) -> bool:
+        """Whether a document belongs to a run that is skipped."""
+        try:
+            if name in ("descriptor", "resource", "stream_resource"):
+                if doc.get("run_start") in self.skipped_runs:
+                    self.skipped_ids.add(doc.get("uid"))
+                    return True
+                return False
+            if name == "stop":
+                return doc.get("run_start") in self.skipped_runs
+            if name in ("event", "event_page"):
+                return doc.get("descriptor") in self.skipped_ids
+            if name in ("datum", "datum_page"):
+                return doc.get("resource") in self.skipped_ids
+            if name == "stream_datum":
+                return (
+                    doc.get("stream_resource") in self.skipped_ids
+                    or doc.get("descriptor") in self.skipped_ids
+                )
+        except TypeError:  # an unhashable id: the writer refuses it clearly
+            return False
+        return False
+
+    def skip(self, run: ReplayedRun, why: str) -> None:
+        run.skipped = why
+        self.skipped_runs.add(run.uid)
+
+    def store_of(self, start: Mapping[str, Any]) -> str:
+        """Where the writer puts a run's store (without making anything)."""
+        storage = self.writer.storage
+        template = self.writer.options.name_template
+        if isinstance(storage, LocalRoot):
+            return str(store_path(storage.directory, template, start))
+        return "/".join([str(storage.display), *store_name(template, start)])
+
+    def count(self, run: ReplayedRun) -> None:
+        """Fill in the points the run's store holds, as its root records them."""
+        if run.store is None:
+            return
+        try:
+            attrs = run_attributes(run.store, self.storage_options)
+        except (BlueskyZarrError, OSError):
+            return
+        if attrs is not None:
+            entry = summarise_root(str(run.store), attrs, ())
+            run.written_points = entry["written_points"]
+            run.planned_points = entry["planned_points"]
+            if run.written_points is None:  # the writer never recorded its end
+                run.written_points = count_written_points(
+                    str(run.store), entry["stream"], self.storage_options
+                )
+
+
 def _replay_file(
-    writer: ZarrWriter, path: str | os.PathLike[str], report: ReplayReport, progress: bool
+    batch: _Batch, path: str | os.PathLike[str], report: ReplayReport, progress: bool
 ) -> None:
     try:
         from tqdm import tqdm
@@ -266,25 +345,22 @@ def _replay_file(
             bar.update(position - bar.n)
 
         where = "line 1"
+        writer = batch.writer
         try:
             for name, doc, location in read_documents(path, advance):
                 where = location
-                writer(name, doc)
+                if batch.skips(name, doc):
+                    continue
                 if name == "start":
-                    run = ReplayedRun(
-                        file=str(path),
-                        uid=str(doc["uid"]),
-                        store=writer.stores[-1],
-                        plan_name=str(doc.get("plan_name", "")),
-                        scan_id=doc.get("scan_id"),
-                    )
-                    runs[run.uid] = run
-                    report.runs.append(run)
-                elif name == "stop" and doc.get("run_start") in runs:
+                    _start(batch, path, doc, report, runs)
+                    continue
+                writer(name, doc)
+                if name == "stop" and doc.get("run_start") in runs:
                     run = runs.pop(doc["run_start"])
                     run.exit_status = str(doc.get("exit_status", "unknown"))
                     num_events = doc.get("num_events") or {}
                     run.num_events = int(sum(num_events.values()))
+                    batch.count(run)
         except ReplayError:
             raise
         except BlueskyZarrError as err:
@@ -299,15 +375,66 @@ def _replay_file(
         )
 
 
+def _start(
+    batch: _Batch,
+    path: str | os.PathLike[str],
+    doc: dict[str, Any],
+    report: ReplayReport,
+    runs: dict[str, ReplayedRun],
+) -> None:
+    """Start a run's store, or skip the run if it was already written."""
+    uid = doc.get("uid")
+    run = ReplayedRun(
+        file=str(path),
+        uid=str(uid),
+        plan_name=str(doc.get("plan_name", "")),
+        scan_id=doc.get("scan_id"),
+    )
+    earlier = batch.written.get(uid) if isinstance(uid, str) else None
+    if earlier is not None:
+        run.store = earlier.store
+        report.runs.append(run)
+        batch.skip(run, f"already written from {Path(earlier.file).name}")
+        return
+    try:
+        batch.writer("start", doc)
+    except StoreExistsError:
+        store = batch.store_of(doc)
+        attrs = run_attributes(store, batch.storage_options)
+        start = attrs.get("start") if attrs is not None else None
+        if not isinstance(start, Mapping) or start.get("uid") != uid:
+            raise  # another run's store: never overwritten
+        run.store = store
+        report.runs.append(run)
+        entry = summarise_root(store, attrs or {}, ())
+        state = "" if entry["state"] == "complete" else f", {entry['state']}: {entry['why']}"
+        batch.skip(run, f"already written{state} (pass overwrite=True to write it again)")
+        return
+    run.store = batch.writer.stores[-1]
+    runs[run.uid] = run
+    report.runs.append(run)
+    batch.written[run.uid] = run
+
+
 def format_summary(report: ReplayReport, directory: str | os.PathLike[str]) -> str:
     """A person's summary of a replay: one line per run."""
+    skipped = sum(run.skipped is not None for run in report.runs)
     lines = [
-        f"Replayed {len(report.files)} file(s), {len(report.runs)} run(s) into {directory}:"
+        f"Replayed {len(report.files)} file(s), {len(report.runs) - skipped} run(s) into "
+        f"{directory}" + (f", {skipped} run(s) skipped" if skipped else "") + ":"
     ]
     for run in report.runs:
+        head = (
+            f"  {Path(run.file).name}: {run.plan_name or '?'} scan_id={run.scan_id} "
+            f"uid={run.uid[:8]}"
+        )
+        if run.skipped is not None:
+            lines.append(f"{head} skipped: {run.skipped} -> {run.store}")
+            continue
+        written = "?" if run.written_points is None else run.written_points
+        planned = "?" if run.planned_points is None else run.planned_points
         status = run.exit_status or "INCOMPLETE (no stop document)"
         lines.append(
-            f"  {Path(run.file).name}: {run.plan_name or '?'} scan_id={run.scan_id} "
-            f"uid={run.uid[:8]} events={run.num_events} {status} -> {run.store}"
+            f"{head} {written} of {planned} points written, {status} -> {run.store}"
         )
     return "\n".join(lines)
