@@ -291,18 +291,18 @@ def test_two_instances_share_runs_and_survive_a_kill(broker, instances, tmp_path
     expected[facility.run(facility.grid(4, 3))] = check_grid((4, 3))
     wait_finished(out, list(expected), 120, instances)
     assert_every_run_once_and_complete(out, expected)
-    started = [i.log.count(r"run \w+ started") for i in instances]
+    started = [i.log.count(r"run [\w-]+ started") for i in instances]
     assert sum(started) == len(expected)
 
     # One instance is killed in the middle of a slow run, then started again.
-    before = [i.log.count(r"run \w+ started") for i in instances]
+    before = [i.log.count(r"run [\w-]+ started") for i in instances]
     victim: list[Instance] = []
 
     def kill_the_writer() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not victim:
             for instance, n in zip(instances[:2], before):
-                if instance.log.count(r"run \w+ started") > n:
+                if instance.log.count(r"run [\w-]+ started") > n:
                     victim.append(instance)
                     break
             time.sleep(0.05)
