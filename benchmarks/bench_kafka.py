@@ -94,7 +94,7 @@ def record(n_runs: int, grid: tuple[int, int], size: int) -> tuple[list[Docs], i
         docs: Docs = []
         RE(
             grid_scan([cam, det], wavelength, 400, 700, grid[0], position, 0, 5, grid[1]),
-            lambda name, doc: docs.append((name, doc)),
+            lambda name, doc, docs=docs: docs.append((name, doc)),  # type: ignore[misc]
         )
         runs.append(docs)
     frame_bytes = n_runs * grid[0] * grid[1] * size * size * 2
@@ -222,10 +222,11 @@ def bench_zmq(runs: list[Docs], root: Path) -> float:
     service = None
     try:
         assert proxy.stdout is not None
-        in_port, out_port = proxy.stdout.readline().split()
-        service = serve(["--zmq", f"127.0.0.1:{out_port}", "--out", str(out)])
+        # Printed as tcp://HOST:PORT tcp://HOST:PORT.
+        inbound, outbound = (a.removeprefix("tcp://") for a in proxy.stdout.readline().split())
+        service = serve(["--zmq", outbound, "--out", str(out)])
         service[1].wait_for("listening to the 0MQ proxy")
-        publisher = Publisher(f"127.0.0.1:{in_port}")
+        publisher = Publisher(inbound)
         # 0MQ drops messages until both subscriptions are up: warm up first.
         RE = RunEngine({}, call_returns_result=False)
         for _ in range(120):

@@ -30,6 +30,7 @@ from ophyd.sim import det, motor1, motor2
 
 from bluesky_zarr import ServeError
 from bluesky_zarr._kafka import KafkaDocumentService, decode_message, parse_config
+from bluesky_zarr._storage import StoreLock
 from bluesky_zarr.sim import PointCamera, motors
 
 from conftest import assert_written_points_hold_their_frames, open_stream
@@ -446,6 +447,33 @@ def test_sigterm_finishes_open_runs_and_a_restart_completes_them(broker, instanc
     restarted = instances[1].log
     assert restarted.wait_for(rf"run {unfinished} started .*rewriting", timeout=5) is not None
     assert restarted.count(rf"run {done} ") == 0  # its offsets were committed
+
+
+def test_a_store_held_by_a_live_writer_is_waited_for(broker, instances, tmp_path):
+    topic = make_topic(broker, "locked", partitions=1)
+    out = tmp_path / "stores"
+    out.mkdir()
+    instances.append(Instance(broker, topic, "locked", out))
+    instances[0].wait_assigned()
+    facility = Facility(broker, topic)
+    documents: list[tuple[str, dict[str, Any]]] = []
+    uid = facility.run(facility.grid(), key="x",
+                       publish=lambda p: lambda n, d: documents.append((n, d)))
+    # Another live writer holds the path this run's store will have.
+    lock = StoreLock(out / f"{documents[0][1]['scan_id']:05d}-{uid[:8]}.zarr")
+    try:
+        publisher = facility.publisher("bl")
+        for name, doc in documents:
+            publisher(name, doc)
+        publisher.flush()
+        log = instances[0].log
+        assert log.wait_for(rf"run {uid}: .*another writer.*reading it again", 30), log.text()
+        time.sleep(1.5)  # it keeps waiting
+        assert not list(out.glob("*.zarr"))
+    finally:
+        lock.release()
+    wait_finished(out, [uid], 60, instances)
+    assert_every_run_once_and_complete(out, {uid: check_grid((3, 4))})
 
 
 def test_messages_decode_as_bluesky_kafka_encodes_them():
