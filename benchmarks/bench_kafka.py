@@ -15,6 +15,7 @@ not counted). Prints documents/s and MB/s of frames per case, and the ratios to
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -195,6 +196,7 @@ def bench_kafka(runs: list[Docs], instances: int, root: Path, case: str) -> floa
             log.wait_for(r"assigned \w")
         time.sleep(1.0)
         uids = []
+        publishers = []
         for n, docs in enumerate(runs):
             publisher = Publisher(
                 topic="docs", bootstrap_servers=bootstrap, key=f"run-{n}",
@@ -203,8 +205,11 @@ def bench_kafka(runs: list[Docs], instances: int, root: Path, case: str) -> floa
             for name, doc in docs:
                 publisher(name, doc)
             publisher.flush()
+            publishers.append(publisher)
             uids.append(docs[0][1]["uid"])
         seconds = timed([log for _, log in services], uids)
+        publishers.clear()  # disconnected before the broker stops
+        gc.collect()
         check_stores(out, uids)
         return seconds
     finally:
@@ -243,6 +248,7 @@ def bench_zmq(runs: list[Docs], root: Path) -> float:
             uids.append(docs[0][1]["uid"])
         seconds = timed([service[1]], uids)
         check_stores(out, uids)
+        publisher.close()
         return seconds
     finally:
         if service is not None:

@@ -98,9 +98,6 @@ def _serve(args: argparse.Namespace) -> int:
     from ._errors import BlueskyZarrError
     from ._serve import DocumentService
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s bluesky-zarr serve: %(message)s", force=True
-    )
     if args.kafka is not None:
         return _serve_kafka(args)
     for option in ("topic", "group_id", "kafka_config", "kafka_config_file"):
@@ -110,6 +107,9 @@ def _serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s bluesky-zarr serve: %(message)s", force=True
+    )
     try:
         service = DocumentService(
             args.zmq,
@@ -126,14 +126,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_kafka(args: argparse.Namespace) -> int:
-    from ._errors import BlueskyZarrError
+    import logging
+
+    from ._errors import BlueskyZarrError, ServeError
     from ._kafka import KafkaDocumentService, parse_config, read_config_file
 
     try:
         if not args.topic or not args.group_id:
-            raise BlueskyZarrError("serve --kafka needs --topic (one or more) and --group-id")
+            raise ServeError("serve --kafka needs --topic (one or more) and --group-id")
         if args.overwrite:
-            raise BlueskyZarrError(
+            raise ServeError(
                 "--overwrite does not apply to --kafka: the service replaces only the "
                 "unfinished store of a run it re-reads"
             )
@@ -154,6 +156,9 @@ def _serve_kafka(args: argparse.Namespace) -> int:
     except BlueskyZarrError as err:
         print(f"bluesky-zarr serve: error: {err}", file=sys.stderr)
         return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s bluesky-zarr serve: %(message)s", force=True
+    )
     service.run()
     return 0
 

@@ -437,6 +437,8 @@ class KafkaDocumentService:
             if part is None:
                 continue
             for run in list(part.open_runs):
+                if run not in self._run_partition:
+                    continue  # closed already
                 try:
                     self.writer.close_run(run, reason)
                 except BlueskyZarrError as err:
@@ -518,7 +520,15 @@ class KafkaDocumentService:
             part.next_offset = offset + 1
             return
         self.documents += 1
-        if not self.handle(key, offset, name, doc):
+        try:
+            taken = self.handle(key, offset, name, doc)
+        except Exception:  # noqa: BLE001 - logged loudly; the partition goes on
+            self.refused += 1
+            logger.exception(
+                "failed to handle the %s document at %s[%d] offset %d", name, *key, offset
+            )
+            taken = True
+        if not taken:
             self._rewind(key, offset)
             return
         part.next_offset = offset + 1
