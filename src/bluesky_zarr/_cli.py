@@ -117,6 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
             prefix=args.prefix.encode(),
             overwrite=args.overwrite,
             name_template=args.name_template,
+            durable=args.durable,
         )
     except BlueskyZarrError as err:
         print(f"bluesky-zarr serve: error: {err}", file=sys.stderr)
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--durable", action="store_true",
-        help="fsync every file before a point is marked written (--kafka)",
+        help="fsync every file before a point is marked written",
     )
     serve.add_argument(
         "--out", required=True, help="root of the stores: a directory or s3://bucket/prefix"
