@@ -19,6 +19,7 @@ import bluesky_zarr
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr._storage import StoreLock
 from bluesky_zarr.sim import PointCamera, motors
+from test_s3 import bucket, endpoint, options  # noqa: F401 - fixtures
 
 from conftest import assert_written_points_hold_their_frames
 
@@ -102,3 +103,25 @@ def test_a_store_held_by_a_live_writer_is_not_taken(RE, tmp_path):
 def test_bad_overwrite_value_is_refused(tmp_path):
     with pytest.raises(bluesky_zarr.OptionError, match="incomplete"):
         ZarrWriter(tmp_path, overwrite="sometimes")
+
+
+def test_object_storage_rewrites_only_an_unfinished_store_of_the_run(
+    RE, bucket, options  # noqa: F811 - fixtures from test_s3
+):
+    import zarr
+
+    docs = record_grid(RE)
+    first = ZarrWriter(f"s3://{bucket}", storage_options=options)
+    for name, doc in docs[:8]:
+        first(name, doc)
+    first.close("the service stopped")
+    (url,) = first.stores
+    again = ZarrWriter(f"s3://{bucket}", storage_options=options, overwrite="incomplete")
+    for name, doc in docs:
+        again(name, doc)
+    assert again.stores == [url]
+    root = zarr.open_group(url, mode="r", storage_options=options)
+    assert root.attrs["bluesky_zarr"]["complete"] is True  # type: ignore[index,call-overload]
+    assert bool(root["primary/_written"][:].all())  # type: ignore[index,union-attr]
+    with pytest.raises(bluesky_zarr.StoreExistsError, match="finished"):
+        ZarrWriter(f"s3://{bucket}", storage_options=options, overwrite="incomplete")(*docs[0])
