@@ -532,3 +532,22 @@ def test_cli_refuses_kafka_options_it_cannot_use(tmp_path, capsys):
         "--out", str(tmp_path),
     ]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_store_name_taken_by_another_run_is_refused_at_once(tmp_path, RE):
+    """Handling without a broker: the second run's store name is taken (a
+    name_template without the uid), so the run is refused, not waited for."""
+    wavelength, position = motors("wavelength", "position")
+    cam = PointCamera([wavelength, position], shape=FRAME, name="cam")
+    runs: list[list[tuple[str, dict[str, Any]]]] = [[], []]
+    for docs in runs:
+        RE(grid_scan([cam], wavelength, 400, 700, 2, position, 0, 5, 2),
+           lambda name, doc, docs=docs: docs.append((name, doc)))
+    service = KafkaDocumentService("h:9092", ["t"], "g", tmp_path, name_template="scan")
+    for offset, (name, doc) in enumerate(runs[0] + runs[1]):
+        assert service.handle(("t", 0), offset, name, doc)
+    store = tmp_path / "scan.zarr"
+    assert root_attrs(store)["start"]["uid"] == runs[0][0][1]["uid"]
+    assert_grid_run(store, (2, 2))
+    assert service.runs_started == 1 and service.runs_stopped == 1
+    assert service.refused == len(runs[1])

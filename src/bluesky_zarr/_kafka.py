@@ -320,6 +320,16 @@ class KafkaDocumentService:
             self.runs_skipped += 1
             logger.info("run %s is already written to %s; skipping it", run, location)
             return True
+        if attributes is not None and not same_run:
+            # Another run's store has this name (a name_template without the
+            # uid): refused at once rather than waiting for that run's lock.
+            self.refused += 1
+            logger.error(
+                "refused the start document of run %s: %s holds another run (%s); "
+                "choose a name_template with {uid}",
+                run, location, stored.get("uid") if isinstance(stored, Mapping) else "?",
+            )
+            return True
         try:
             self.writer("start", doc)
         except StoreLockedError as err:
