@@ -124,6 +124,15 @@ def _serve(args: argparse.Namespace) -> int:
     from ._errors import BlueskyZarrError
     from ._serve import DocumentService
 
+    if args.kafka is not None:
+        return _serve_kafka(args)
+    for option in ("topic", "group_id", "kafka_config", "kafka_config_file"):
+        if getattr(args, option):
+            print(
+                f"bluesky-zarr serve: error: --{option.replace('_', '-')} needs --kafka",
+                file=sys.stderr,
+            )
+            return 2
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s bluesky-zarr serve: %(message)s", force=True
     )
@@ -134,6 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
             prefix=args.prefix.encode(),
             overwrite=args.overwrite,
             name_template=args.name_template,
+            durable=args.durable,
         )
     except BlueskyZarrError as err:
         print(f"bluesky-zarr serve: error: {_flag_names(str(err))}", file=sys.stderr)
@@ -198,6 +208,44 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_kafka(args: argparse.Namespace) -> int:
+    import logging
+
+    from ._errors import BlueskyZarrError, ServeError
+    from ._kafka import KafkaDocumentService, parse_config, read_config_file
+
+    try:
+        if not args.topic or not args.group_id:
+            raise ServeError("serve --kafka needs --topic (one or more) and --group-id")
+        if args.overwrite:
+            raise ServeError(
+                "--overwrite does not apply to --kafka: the service replaces only the "
+                "unfinished store of a run it re-reads"
+            )
+        config = {}
+        for path in args.kafka_config_file or []:
+            config.update(read_config_file(path))
+        config.update(parse_config(args.kafka_config or []))
+        service = KafkaDocumentService(
+            args.kafka,
+            args.topic,
+            args.group_id,
+            args.out,
+            config=config,
+            status_interval=args.status_interval,
+            name_template=args.name_template,
+            durable=args.durable,
+        )
+    except BlueskyZarrError as err:
+        print(f"bluesky-zarr serve: error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s bluesky-zarr serve: %(message)s", force=True
+    )
+    service.run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bluesky-zarr",
@@ -238,12 +286,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="write every run published through a bluesky 0MQ proxy, until stopped",
+        help="write every run published through a bluesky 0MQ proxy or Kafka, until stopped",
         formatter_class=_FORMATTER,
     )
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--zmq", metavar="HOST:PORT",
+        help="the 0MQ proxy's outbound address (bluesky-0MQ-proxy's second port)",
+    )
+    source.add_argument(
+        "--kafka", metavar="BOOTSTRAP",
+        help="Kafka bootstrap servers, host:port[,host:port...] (bluesky-kafka Publisher)",
+    )
     serve.add_argument(
-        "--zmq", required=True, metavar="HOST:PORT", default=argparse.SUPPRESS,
-        help="the 0MQ proxy's outbound address (bluesky-0MQ-proxy's second port; required)",
+        "--topic", action="append", metavar="TOPIC", help="Kafka topic to consume (repeatable)"
+    )
+    serve.add_argument(
+        "--group-id", metavar="GROUP", help="Kafka consumer group; instances share its work"
+    )
+    serve.add_argument(
+        "--kafka-config", action="append", metavar="KEY=VALUE",
+        help="a Kafka client (librdkafka) property, e.g. security.protocol=SASL_SSL "
+        "(repeatable)",
+    )
+    serve.add_argument(
+        "--kafka-config-file", action="append", metavar="FILE",
+        help="a file of Kafka client properties, one key=value a line (keeps secrets "
+        "off the command line)",
+    )
+    serve.add_argument(
+        "--status-interval", type=float, default=30.0, metavar="SECONDS",
+        help="seconds between status lines (--kafka)",
+    )
+    serve.add_argument(
+        "--durable", action="store_true",
+        help="fsync every file before a point is marked written",
     )
     serve.add_argument(
         "--out", required=True, default=argparse.SUPPRESS,

@@ -35,7 +35,7 @@ class WriterOptions:
     flush_interval: float | None = 5.0
     workers: int = 2
     name_template: str = DEFAULT_NAME_TEMPLATE
-    overwrite: bool = False
+    overwrite: bool | str = False
     on_error: str = "raise"
     store_wrapper: Callable[[Any], Any] | None = None
     external: str = "fill"
@@ -86,7 +86,7 @@ def make_options(
     flush_interval: float | None = 5.0,
     workers: int = 2,
     name_template: str = DEFAULT_NAME_TEMPLATE,
-    overwrite: bool = False,
+    overwrite: bool | str = False,
     on_error: str = "raise",
     store_wrapper: Callable[[Any], Any] | None = None,
     external: str = "fill",
@@ -119,6 +119,11 @@ def make_options(
     if not isinstance(name_template, str) or not name_template:
         raise OptionError(f"name_template= must be a non-empty string, got {name_template!r}")
     check_name_template(name_template)
+    if overwrite not in (False, True, "incomplete"):
+        raise OptionError(
+            f"overwrite= must be False, True or 'incomplete' (replace only an unfinished "
+            f"store of the same run), got {overwrite!r}"
+        )
     if on_error not in ON_ERROR:
         raise OptionError(f"on_error= must be one of {ON_ERROR}, got {on_error!r}")
     if store_wrapper is not None and not callable(store_wrapper):
@@ -149,7 +154,7 @@ def make_options(
         flush_interval=None if flush_interval is None else float(flush_interval),
         workers=workers,
         name_template=name_template,
-        overwrite=bool(overwrite),
+        overwrite=overwrite if overwrite == "incomplete" else bool(overwrite),
         on_error=on_error,
         store_wrapper=store_wrapper,
         external=external,

@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -46,6 +47,56 @@ from ._plan import store_name, store_path
 
 #: URL schemes served by object storage, and the extra that installs them.
 REMOTE_SCHEMES = {"s3": "s3", "s3a": "s3"}
+
+
+#: ``overwrite=`` value: replace only an unfinished store of the same run.
+INCOMPLETE = "incomplete"
+
+
+def _parse_attributes(metadata: bytes) -> dict[str, Any]:
+    try:
+        attributes = json.loads(metadata).get("attributes", {})
+    except (ValueError, AttributeError):
+        return {}
+    return attributes if isinstance(attributes, dict) else {}
+
+
+def read_root_attributes(path: Path) -> dict[str, Any] | None:
+    """The root attributes of the store whose ``zarr.json`` is ``path``, None if
+    there is none (an unreadable one gives ``{}``)."""
+    try:
+        return _parse_attributes(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise StorageError(f"cannot read {path}: {err}") from err
+
+
+def run_finished(attributes: Mapping[str, Any]) -> bool:
+    """Whether a store's root attributes say its run was finished by its stop
+    document (complete or not): such a store is final."""
+    info = attributes.get("bluesky_zarr")
+    complete = isinstance(info, Mapping) and info.get("complete") is True
+    return complete or "stop" in attributes
+
+
+def check_replaceable(
+    location: str, attributes: Mapping[str, Any] | None, start: Mapping[str, Any]
+) -> None:
+    """Raise :class:`StoreExistsError` unless the existing store at ``location``
+    (root ``attributes``) is an unfinished store of the run ``start`` begins."""
+    stored = (attributes or {}).get("start")
+    stored_uid = stored.get("uid") if isinstance(stored, Mapping) else None
+    if stored_uid != start.get("uid"):
+        raise StoreExistsError(
+            f"{location} already exists and holds another run ({stored_uid!r}, not "
+            f"{start.get('uid')!r}); refusing to overwrite it"
+        )
+    if run_finished(attributes or {}):
+        raise StoreExistsError(
+            f"{location} already holds the finished run {stored_uid!r}; a finished "
+            f"store is never rewritten"
+        )
 
 
 class StoreLock:
@@ -264,6 +315,14 @@ class LocalRoot:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
+    def existing_attributes(
+        self, template: str, start: Mapping[str, Any]
+    ) -> tuple[Path, dict[str, Any] | None]:
+        """The run's store location and the root attributes of a store already
+        there (None: there is none)."""
+        path = store_path(self.directory, template, start)
+        return path, read_root_attributes(path / "zarr.json")
+
     def lock(self, template: str, start: Mapping[str, Any]) -> StoreLock:
         """Lock the path of the run's store (before it is made or replaced)."""
         try:
@@ -273,7 +332,12 @@ class LocalRoot:
         return StoreLock(path)
 
     def create_store(
-        self, template: str, start: Mapping[str, Any], *, overwrite: bool, metadata: bytes
+        self,
+        template: str,
+        start: Mapping[str, Any],
+        *,
+        overwrite: bool | str,
+        metadata: bytes,
     ) -> tuple[Path, Store]:
         """Make the run's store, holding ``metadata`` as its root ``zarr.json``.
 
@@ -283,7 +347,9 @@ class LocalRoot:
         """
         path = self.location(template, start)
         self._remove_leftovers(path)
-        if path.exists() and not overwrite:
+        if path.exists() and overwrite == INCOMPLETE:
+            check_replaceable(str(path), read_root_attributes(path / "zarr.json"), start)
+        elif path.exists() and not overwrite:
             raise StoreExistsError(
                 f"{path} already exists; refusing to overwrite another run "
                 f"(pass overwrite=True or choose another name_template)"
@@ -340,15 +406,38 @@ class FsspecRoot:
     def display(self) -> str:
         return f"{self.scheme}://{self.prefix}"
 
+    def existing_attributes(
+        self, template: str, start: Mapping[str, Any]
+    ) -> tuple[str, dict[str, Any] | None]:
+        """The run's store URL and the root attributes of a store already there
+        (None: there is none)."""
+        key = "/".join([self.prefix, *store_name(template, start)])
+        try:
+            metadata = self.fs.cat_file(f"{key}/zarr.json")
+        except FileNotFoundError:
+            return f"{self.scheme}://{key}", None
+        except OSError as err:
+            raise StorageError(f"cannot read {self.scheme}://{key}: {err}") from err
+        return f"{self.scheme}://{key}", _parse_attributes(metadata)
+
     def create_store(
-        self, template: str, start: Mapping[str, Any], *, overwrite: bool, metadata: bytes
+        self,
+        template: str,
+        start: Mapping[str, Any],
+        *,
+        overwrite: bool | str,
+        metadata: bytes,
     ) -> tuple[str, Store]:
         """Claim the run's prefix with a conditional write of its root
         ``zarr.json`` (``metadata``), then open it."""
         key = "/".join([self.prefix, *store_name(template, start)])
         url = f"{self.scheme}://{key}"
         try:
-            if overwrite and self.fs.exists(f"{key}/zarr.json"):
+            if overwrite == INCOMPLETE and self.fs.exists(f"{key}/zarr.json"):
+                existing = _parse_attributes(self.fs.cat_file(f"{key}/zarr.json"))
+                check_replaceable(url, existing, start)
+                self.fs.rm(key, recursive=True)
+            elif overwrite and self.fs.exists(f"{key}/zarr.json"):
                 self.fs.rm(key, recursive=True)
             # If-None-Match: exactly one writer can create zarr.json.
             self.fs.pipe_file(f"{key}/zarr.json", metadata, mode="create")

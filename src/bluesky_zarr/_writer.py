@@ -97,7 +97,9 @@ class ZarrWriter:
         ``/`` makes subdirectories.
     overwrite
         Replace an existing store of the same name instead of refusing (a
-        store another writer is writing is never replaced).
+        store another writer is writing is never replaced). ``"incomplete"``:
+        replace only an unfinished store of the same run (same start ``uid``,
+        no stop document recorded), as a service re-reading a run does.
     on_error
         ``"raise"`` (default): a failed write raises :class:`WriteError` at
         the next document and at stop. ``"log"``: the scan goes on; failures
@@ -163,7 +165,7 @@ class ZarrWriter:
         flush_interval: float | None = 5.0,
         workers: int = 2,
         name_template: str = DEFAULT_NAME_TEMPLATE,
-        overwrite: bool = False,
+        overwrite: bool | str = False,
         on_error: str = "raise",
         store_wrapper: Callable[[Any], Any] | None = None,
         external: str = "fill",
@@ -435,6 +437,19 @@ class ZarrWriter:
             self._tiled.close()
         if errors:
             raise errors[0]
+
+    def close_run(self, uid: str, reason: str) -> None:
+        """Finish one open run as incomplete (as :meth:`close` does) and forget
+        it, so that its documents may be given again from its start document
+        (which then replaces the unfinished store with ``overwrite="incomplete"``)."""
+        run = self._runs.get(uid)
+        self._seen_starts.discard(uid)
+        if run is None:
+            return
+        try:
+            run.close_incomplete(reason)
+        finally:
+            self._forget(uid)
 
     @property
     def open_runs(self) -> Iterable[Path | str]:
