@@ -531,6 +531,13 @@ def _register_stream(
         specs = [_spec(COORD_SPEC if is_coord else DATA_VAR_SPEC)]
         var_metadata = {"attrs": var_attrs}
         existing = registered.get(key)
+        if existing is not None and [a.data_uri for a in existing.data_sources()[0].assets] != [
+            a.data_uri for a in data_source.assets
+        ]:
+            # Another store's array (the run moved): a data source's assets are
+            # added to, never replaced, by Tiled; the node is made again.
+            node.delete_contents([key], external_only=True)
+            existing = None
         if existing is None:
             node.new(
                 StructureFamily.array,
@@ -543,9 +550,7 @@ def _register_stream(
             continue
         changed = False
         current = existing.data_sources()[0]
-        if _as_json(current.structure) != _as_json(data_source.structure) or [
-            a.data_uri for a in current.assets
-        ] != [a.data_uri for a in data_source.assets]:
+        if _as_json(current.structure) != _as_json(data_source.structure):
             _put_data_source(existing, data_source)
             changed = True
         if not _same_metadata(existing, var_metadata) or [s.name for s in existing.specs] != [
