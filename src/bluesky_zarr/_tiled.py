@@ -428,7 +428,9 @@ def _register(
     try:
         root = zarr.open_group(zstore, mode="r", zarr_format=3)
     except FileNotFoundError as err:
-        raise TiledError(f"{store}: no store there (moved or deleted?)") from err
+        if is_url(store) or not Path(store).exists():
+            raise TiledError(f"{store}: no store there (moved or deleted?)") from err
+        raise TiledError(f"{store} is not a Zarr V3 store: it has no zarr.json") from err
     except (ValueError, TypeError) as err:
         raise TiledError(f"{store} is not a Zarr V3 store: {err!r}") from err
     attrs: dict[str, Any] = dict(root.attrs.asdict())
