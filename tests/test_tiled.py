@@ -475,6 +475,21 @@ def test_replay_with_tiled_registers_each_run(
     assert assert_frames_match(ds, "cam_image", MOTORS_AT, SHAPE) == 12
     assert list(tiled_server.catalog().search(Key("scan_id") == 31)) == [run.item["id"]]
 
+    # Tiled unreachable: the run is written all the same; exit status 1 and
+    # the command that registers it later.
+    import tiled.client.utils
+
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)  # fail fast
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    code = main(["replay", str(recorded), "--out", str(tmp_path / "down"), "--no-progress",
+                 "--tiled", nobody])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "12 of 12 points written, success" in captured.out
+    (down,) = (tmp_path / "down").glob("*.zarr")
+    assert f"register them with: bluesky-zarr register --tiled {nobody} {down}" in captured.err
+    assert assert_frames_match(open_stream(down), "cam_image", MOTORS_AT, SHAPE) == 12
+
     # A key without a server is refused before anything is written.
     with pytest.raises(SystemExit):
         main(["replay", str(recorded), "--out", str(tmp_path / "none"),
