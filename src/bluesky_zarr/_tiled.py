@@ -473,7 +473,12 @@ def _register(
     for stream_name, group in streams.items():
         _register_stream(run, stream_name, group, zstore, base_uri, report)
     # Streams of the run the store no longer holds (a replaced store, or one
-    # moved here from a store that had more).
+    # moved here from a store that had more). Looked for only when the run's
+    # metadata changed: a run written again passes through a state (no stop
+    # document, or a new one) that its old entry did not hold; a registration
+    # of an open run every few seconds needs no listing more.
+    if uid not in report.updated and not report.relocated_from:
+        return report
     for name, node in list(run.items()):
         if name not in streams and _has_spec(node, DATASET_SPEC):
             if report.relocated_from or _ours(node, base_uri):
