@@ -631,6 +631,8 @@ def test_a_store_replaced_by_a_new_run_leaves_the_old_entry_without_data(
     (store,) = writer.stores
     first = _uid(store)
     assert sorted(catalog[first]) == ["baseline", "primary"]
+    backup = root / "backup" / store.name
+    shutil.copytree(store, backup)
 
     # A second run of the same name replaces the store, and its entry.
     RE(grid_scan([cam], wavelength, 400, 700, 2, position, 0, 5, 5), scan_id=70707)
@@ -652,6 +654,21 @@ def test_a_store_replaced_by_a_new_run_leaves_the_old_entry_without_data(
     assert assert_frames_match(ds, "cam_image", MOTORS_AT, SHAPE) == 10
     assert sorted(catalog.search(Key("scan_id") == 70707)) == sorted([first, second])
     assert _files_in(tiled_server.writable) == []
+
+    # The old run kept elsewhere (a backup): registered from there on request only.
+    command = ["register", "--tiled", tiled_server.catalog_uri, "--api-key", API_KEY]
+    assert main([*command, str(backup)]) == 1
+    err = capsys.readouterr().err
+    assert f"kept as a record since its store file://{store} was replaced by run {second}" in err
+    assert "--relocate" in err
+    assert main([*command, "--relocate", str(backup)]) == 0
+    assert f"moved here from file://{store}" in capsys.readouterr().out
+    restored = catalog[first]
+    assert restored.metadata["bluesky_zarr"]["store"] == f"file://{backup}"
+    assert "replaced" not in restored.metadata["bluesky_zarr"]
+    ds = _assert_same_as_zarr(restored, backup)
+    assert assert_frames_match(ds, "cam_image", MOTORS_AT, SHAPE) == 12
+    _assert_same_as_zarr(restored, backup, "baseline")
 
     # Replaced by a writer without Tiled: `register` retires the old entry, says so.
     RE.preprocessors.clear()  # this run has no baseline stream

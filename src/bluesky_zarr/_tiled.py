@@ -463,7 +463,13 @@ def _register(
             if not (relocate and _has_spec(run, RUN_SPEC[0]) and info):
                 raise _elsewhere(uid, run, store)
             _retire_replaced(parent, uid, base_uri, report)
-            report.relocated_from = registered_from
+            # A run kept as a record names the store it was replaced in.
+            replaced = info.get("replaced") if isinstance(info, Mapping) else None
+            report.relocated_from = str(
+                registered_from
+                or (replaced.get("store") if isinstance(replaced, Mapping) else None)
+                or "an unknown store"
+            )
         if not _same_metadata(run, metadata):
             run.replace_metadata(metadata=metadata, drop_revision=True)
             report.updated.append(uid)
