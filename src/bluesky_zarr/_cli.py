@@ -129,6 +129,8 @@ def _replay(args: argparse.Namespace) -> int:
     except ReplayError as err:
         print(_flag_names(format_summary(err.report or ReplayReport(), args.out)))
         print(f"bluesky-zarr replay: error: {_flag_names(str(err))}", file=sys.stderr)
+        if err.report is not None:
+            _tiled_failures("replay", args.tiled, err.report.tiled_failures)
         return 1
     except BlueskyZarrError as err:
         print(f"bluesky-zarr replay: error: {_flag_names(str(err))}", file=sys.stderr)
