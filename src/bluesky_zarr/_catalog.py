@@ -185,7 +185,12 @@ def _planned_points(
 def _iso(timestamp: Any) -> str | None:
     if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
         return None
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    try:
+        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        # No calendar date (a time in milliseconds or nanoseconds, NaN): the
+        # run is listed without one.
+        return None
     return moment.isoformat(timespec="seconds")
 
 
@@ -561,8 +566,16 @@ def _value(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, str):
-        return value
+        return _printable(value)
     return json.dumps(value)
+
+
+def _printable(text: str) -> str:
+    """``text`` on one line, its control characters escaped as in JSON (a
+    newline or a terminal escape from metadata would break the table)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
 def format_listing(entries: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> str:
@@ -573,10 +586,10 @@ def format_listing(entries: Sequence[Mapping[str, Any]], fields: Sequence[str]) 
     for e in entries:
         written = "?" if e["written_points"] is None else str(e["written_points"])
         planned = "?" if e["planned_points"] is None else str(e["planned_points"])
-        status = e["state"] + (f": {e['why']}" if e["why"] else "")
+        status = _printable(e["state"] + (f": {e['why']}" if e["why"] else ""))
         rows.append(
             (
-                e["name"],
+                _printable(e["name"]),
                 _value(e["scan_id"]),
                 _value(e["plan_name"]),
                 (e["started"] or "-").replace("+00:00", "Z"),
