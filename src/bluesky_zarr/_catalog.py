@@ -25,6 +25,9 @@ DEFAULT_FIELDS = ("sample",)
 OPEN_WHY = "no end recorded: still being written, or its writer was killed"
 WRITING_WHY = "a writer holds its lock"
 UNFINISHED_WHY = "no end recorded and no writer holds it: its writer was killed"
+#: The directories of an Icechunk repository (a store written with
+#: ``external="virtual"``), which has no ``zarr.json`` of its own.
+REPOSITORY_DIRS = frozenset({"refs", "snapshots"})
 
 
 def list_stores(
@@ -271,7 +274,15 @@ def count_written_points(
 ) -> int | None:
     """Points of ``stream`` whose ``_written`` flag is set; None if it has none yet."""
     from ._storage import open_store
+    from ._virtual import is_repository
 
+    if is_repository(store, storage_options):
+        from ._virtual import virtual_store
+
+        try:
+            return _count_written(virtual_store(store, storage_options), stream)
+        except StorageError:
+            return None
     return _count_written(open_store(store, storage_options, read_only=True), stream)
 
 
@@ -332,8 +343,11 @@ class _LocalTree:
                 if directory == self.root:
                     raise StorageError(f"cannot list {directory}: {err}") from err
                 continue
-            if any(e.name == "zarr.json" for e in entries):
-                yield str(directory)  # a Zarr node: never searched inside
+            names = {e.name for e in entries}
+            if "zarr.json" in names or REPOSITORY_DIRS <= names:
+                # A Zarr node, or an Icechunk repository (a virtual run's
+                # store): never searched inside.
+                yield str(directory)
                 continue
             pending.extend(
                 Path(e.path)
@@ -346,6 +360,8 @@ class _LocalTree:
         for store in stores:
             try:
                 result.append(Path(store, "zarr.json").read_bytes())
+            except FileNotFoundError as err:
+                result.append(_repository_root(store, None) or err)
             except OSError as err:
                 result.append(err)
         return result
@@ -436,11 +452,15 @@ class _RemoteTree:
                     if directory == self.root:
                         raise StorageError(f"cannot list {self.url}: {err}") from err
                     continue
+                subdirectories = [
+                    e["name"].rstrip("/") for e in entries if e["type"] == "directory"
+                ]
+                names = {d.rpartition("/")[2] for d in subdirectories}
+                if REPOSITORY_DIRS <= names:
+                    yield f"{self.scheme}://{directory}"  # an Icechunk repository
+                    continue
                 deeper.extend(
-                    e["name"].rstrip("/")
-                    for e in entries
-                    if e["type"] == "directory"
-                    and not e["name"].rstrip("/").rpartition("/")[2].startswith(".")
+                    d for d in subdirectories if not d.rpartition("/")[2].startswith(".")
                 )
             level = deeper
 
@@ -451,10 +471,16 @@ class _RemoteTree:
         if keys:
             # One concurrent batch of requests, not one round trip after another.
             found = self.fs.cat(list(keys.values()), on_error="return")
-        return [
-            known[s] if s in known else found.get(keys[s], FileNotFoundError(keys[s]))
-            for s in stores
-        ]
+        result: list[bytes | BaseException] = []
+        for store in stores:
+            raw = known[store] if store in known else found.get(keys[store])
+            if not isinstance(raw, bytes):
+                missing = raw if isinstance(raw, BaseException) else None
+                raw = _repository_root(store, self.storage_options) or (
+                    missing or FileNotFoundError(keys[store])
+                )
+            result.append(raw)
+        return result
 
     def relative(self, store: str) -> str:
         name = store[len(self.url) :].lstrip("/")
@@ -482,6 +508,27 @@ def _tree(
     tree = _tree_of(location, storage_options)
     tree.check()
     return tree
+
+
+def _repository_root(store: str, storage_options: Mapping[str, Any] | None) -> bytes | None:
+    """The root ``zarr.json`` of an Icechunk repository's last commit (a run
+    written with ``external="virtual"``); None if ``store`` is not one."""
+    from ._virtual import is_repository
+
+    if not is_repository(store, storage_options):
+        return None
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from ._virtual import virtual_store
+
+    try:
+        value = sync(
+            virtual_store(store, storage_options).get("zarr.json", default_buffer_prototype())
+        )
+    except Exception:  # noqa: BLE001 - icechunk's own errors: listed as unreadable
+        return None
+    return None if value is None else value.to_bytes()
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:

@@ -1,0 +1,89 @@
+"""Stores written with ``external="virtual"`` (Icechunk repositories) as the
+other commands meet them: ``ls``, ``inspect`` and ``replay``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from bluesky import RunEngine
+from bluesky.plans import count
+from event_model import NumpyEncoder
+from ophyd.sim import det
+
+from bluesky_zarr import ZarrWriter, open_virtual
+from bluesky_zarr._catalog import list_stores
+from bluesky_zarr._cli import main
+from bluesky_zarr._replay import replay
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# A virtual run whose writer dies after its fourth point is committed.
+KILLED_CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from bluesky import RunEngine
+    from bluesky.plans import count
+    from ophyd.sim import det
+    from bluesky_zarr import ZarrWriter
+
+    writer = ZarrWriter(sys.argv[1], external="virtual", flush_interval=None)
+    RE = RunEngine({"scan_id": 7})
+    RE.subscribe(writer)
+
+    def kill(name, doc):
+        if name == "event" and doc["seq_num"] == 4:
+            writer.flush()
+            os._exit(0)
+
+    RE.subscribe(kill)
+    RE(count([det], num=10), sample="killed")
+    """
+)
+
+
+def test_ls_and_inspect_list_virtual_runs_finished_or_killed(
+    tmp_path: Path, RE: RunEngine, capsys
+) -> None:
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_CHILD, str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), *sys.path])},
+    )
+    assert child.returncode == 0, child.stderr
+    writer = ZarrWriter(tmp_path, external="virtual")
+    RE.md["scan_id"] = 8
+    RE(count([det], num=3), writer, sample="done")
+    entries = {e["fields"]["sample"]: e for e in list_stores(tmp_path)}
+    assert set(entries) == {"killed", "done"}
+    assert entries["done"]["state"] == "complete"
+    assert (entries["done"]["written_points"], entries["done"]["planned_points"]) == (3, 3)
+    # The killed run: its last commit holds four points, and no writer holds it.
+    assert entries["killed"]["state"] == "unfinished"
+    assert entries["killed"]["written_points"] == 4
+    capsys.readouterr()
+    assert main(["ls", str(tmp_path)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    killed = tmp_path / entries["killed"]["name"]
+    assert main(["inspect", str(killed)]) == 0
+    assert "written 4 of 4 points" in capsys.readouterr().out
+    written = open_virtual(killed)["primary"]["_written"].values
+    np.testing.assert_array_equal(written, [True] * 4)
+
+
+def test_replaying_a_virtual_run_again_skips_it(tmp_path: Path, RE: RunEngine) -> None:
+    docs: list[tuple[str, dict]] = []
+    RE(count([det], num=3), lambda name, doc: docs.append((name, doc)))
+    recorded = tmp_path / "run.jsonl"
+    recorded.write_text("".join(json.dumps(d, cls=NumpyEncoder) + "\n" for d in docs))
+    first = replay([recorded], tmp_path / "out", progress=False, external="virtual")
+    (run,) = first.runs
+    assert (run.written_points, run.planned_points) == (3, 3)
+    again = replay([recorded], tmp_path / "out", progress=False, external="virtual")
+    (run,) = again.runs
+    assert run.skipped is not None and "already written" in run.skipped
