@@ -11,15 +11,17 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 from bluesky import RunEngine
 from bluesky.plans import count
 from event_model import NumpyEncoder
 from ophyd.sim import det
 
-from bluesky_zarr import ZarrWriter, open_virtual
+from bluesky_zarr import OptionError, TiledError, ZarrWriter, open_virtual
 from bluesky_zarr._catalog import list_stores
 from bluesky_zarr._cli import main
 from bluesky_zarr._replay import replay
+from bluesky_zarr._tiled import register_store
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -87,3 +89,15 @@ def test_replaying_a_virtual_run_again_skips_it(tmp_path: Path, RE: RunEngine) -
     again = replay([recorded], tmp_path / "out", progress=False, external="virtual")
     (run,) = again.runs
     assert run.skipped is not None and "already written" in run.skipped
+
+
+def test_tiled_with_virtual_runs_is_refused_clearly(tmp_path: Path, RE: RunEngine) -> None:
+    # Tiled reads Zarr arrays where they lie; an Icechunk repository holds none:
+    # the combination is refused when the writer is made, not lost in the
+    # background at each run.
+    with pytest.raises(OptionError, match="external='virtual'"):
+        ZarrWriter(tmp_path, external="virtual", tiled="http://127.0.0.1:9/api")
+    writer = ZarrWriter(tmp_path, external="virtual")
+    RE(count([det], num=2), writer)
+    with pytest.raises(TiledError, match="Icechunk repository"):
+        register_store(None, writer.stores[-1])
