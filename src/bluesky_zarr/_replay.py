@@ -1,11 +1,13 @@
 """``replay``: recorded document files (suitcase-jsonl, suitcase-msgpack) to stores.
 
 Files are read as a stream, one document at a time, so a file of any size
-replays in bounded memory. A file that cannot be read, holds something other
-than ``(name, document)`` pairs, or ends before the stop document of a run
-raises :class:`~bluesky_zarr.ReplayError` naming the file and the line (JSON
-lines) or byte offset (msgpack); the stores of the runs before it are kept
-and a run it leaves open is kept, marked incomplete. A run already written
+replays in bounded memory. A file that cannot be read or holds something
+other than ``(name, document)`` pairs raises :class:`~bluesky_zarr.ReplayError`
+naming the file and the line (JSON lines) or byte offset (msgpack); the stores
+of the runs before it are kept and a run it leaves open is kept, marked
+incomplete. A run whose file holds no stop document is kept, marked
+incomplete, and the other files are replayed before a ``ReplayError`` lists
+such runs. A run already written
 (the same run in two files, or a store that already holds it) is reported
 and skipped.
 """
@@ -230,7 +232,8 @@ def replay(
     ------
     ReplayError
         At the first file that is unreadable, malformed or truncated, or whose
-        documents the writer refuses; ``error.report`` holds what was written.
+        documents the writer refuses; after the last file if runs had no stop
+        document. ``error.report`` holds what was written.
     """
     for path in paths:
         file_format(path)
@@ -249,6 +252,16 @@ def replay(
                 err.report = report
             raise
         report.files.append(str(path))
+    if batch.unstopped:
+        listed = "; ".join(f"{path}: {uid}" for path, uid in batch.unstopped)
+        error = ReplayError(
+            f"{len(batch.unstopped)} run(s) have no stop document in their file "
+            f"(truncated, or its RunEngine was killed), kept as incomplete: {listed}",
+            path=batch.unstopped[0][0],
+            location="end of file",
+        )
+        error.report = report
+        raise error
     return report
 
 
@@ -263,6 +276,8 @@ class _Batch:
         self.skipped_runs: set[str] = set()
         #: Descriptors and (stream) resources of the skipped runs.
         self.skipped_ids: set[Any] = set()
+        #: (file, start uid) of the runs whose file holds no stop document.
+        self.unstopped: list[tuple[str, str]] = []
 
     def skips(self, name: str, doc: Mapping[str, Any]) -> bool:
         """Whether a document belongs to a run that is skipped."""
@@ -366,13 +381,13 @@ def _replay_file(
         except BlueskyZarrError as err:
             raise ReplayError(f"{path}, {where}: {err}", path=str(path), location=where) from err
     if runs:
-        uids = ", ".join(sorted(runs))
-        raise ReplayError(
-            f"{path}: the file ends before the stop document of run(s) {uids} "
-            f"(truncated?); kept as incomplete",
-            path=str(path),
-            location="end of file",
-        )
+        # Runs this file never stops (its RunEngine was killed, or the file
+        # was cut at the end of a line): kept, marked incomplete, and the
+        # batch goes on; replay() raises once every file is written.
+        batch.writer.close(f"{Path(path).name} holds no stop document for this run")
+        for run in runs.values():
+            batch.count(run)
+            batch.unstopped.append((str(path), run.uid))
 
 
 def _start(

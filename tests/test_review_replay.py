@@ -1,0 +1,67 @@
+"""``replay`` of recorded files holding runs that never stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bluesky import RunEngine
+from bluesky.plans import count, scan
+from event_model import NumpyEncoder
+from ophyd.sim import det, motor
+
+from bluesky_zarr._cli import main
+
+from conftest import open_stream, open_tree
+
+
+def _record(RE: RunEngine, plan: Any) -> list[tuple[str, dict[str, Any]]]:
+    docs: list[tuple[str, dict[str, Any]]] = []
+    RE(plan, lambda name, doc: docs.append((name, doc)))
+    return docs
+
+
+def _jsonl(path: Path, docs: list[tuple[str, dict[str, Any]]]) -> Path:
+    path.write_text("".join(json.dumps(item, cls=NumpyEncoder) + "\n" for item in docs))
+    return path
+
+
+def test_a_run_without_stop_document_is_kept_and_the_batch_goes_on(
+    tmp_path: Path, RE: RunEngine, capsys
+) -> None:
+    # suitcase-jsonl writes one file per run; the RunEngine of the first was
+    # killed (its file holds no stop document), the next ones ended well.
+    killed = _record(RE, scan([det], motor, 0, 1, 3))[:-1]
+    done = _record(RE, count([det], num=2))
+    later = _record(RE, count([det], num=4))
+    files = [
+        _jsonl(tmp_path / "a-killed.jsonl", killed),
+        _jsonl(tmp_path / "b-done.jsonl", done),
+        # Several runs in one file, the first never stopped.
+        _jsonl(tmp_path / "c-both.jsonl", killed[:3] + later),
+    ]
+    out = tmp_path / "out"
+    assert main(["replay", *map(str, files), "--out", str(out), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert "Replayed 3 file(s)" in captured.out, captured.out
+    assert "no stop document" in captured.err
+    lines = captured.out.splitlines()[1:]
+    assert "a-killed.jsonl: scan" in lines[0]
+    assert "3 of 3 points written, INCOMPLETE (no stop document)" in lines[0]
+    assert "b-done.jsonl: count" in lines[1] and "2 of 2 points written, success" in lines[1]
+    # The killed run again in c-both.jsonl: already written (incomplete).
+    assert "c-both.jsonl: scan" in lines[2] and "skipped: already written" in lines[2]
+    assert "c-both.jsonl: count" in lines[3] and "4 of 4 points written, success" in lines[3]
+    stores = {open_tree(s).attrs["start"]["uid"]: s for s in out.glob("*.zarr")}
+    assert len(stores) == 3
+    killed_store = stores[killed[0][1]["uid"]]
+    info = open_tree(killed_store).attrs["bluesky_zarr"]
+    assert info["complete"] is False
+    assert "no stop document" in info["incomplete_reason"]
+    assert "failed" not in info["incomplete_reason"]
+    np.testing.assert_array_equal(
+        open_stream(stores[later[0][1]["uid"]])["det"].values,
+        [doc["data"]["det"] for name, doc in later if name == "event"],
+    )
