@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -101,3 +102,38 @@ def test_tiled_with_virtual_runs_is_refused_clearly(tmp_path: Path, RE: RunEngin
     RE(count([det], num=2), writer)
     with pytest.raises(TiledError, match="Icechunk repository"):
         register_store(None, writer.stores[-1])
+
+
+@pytest.fixture
+def s3() -> Any:
+    """A moto S3 server on 127.0.0.1 with a bucket; the writer's storage options."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="testing",
+        aws_secret_access_key="testing", region_name="us-east-1",
+    ).create_bucket(Bucket="runs")
+    try:
+        yield {
+            "key": "testing", "secret": "testing", "endpoint_url": endpoint,
+            "client_kwargs": {"region_name": "us-east-1"},
+        }
+    finally:
+        server.stop()
+
+
+def test_ls_lists_virtual_runs_on_object_storage(RE: RunEngine, s3: Any) -> None:
+    virtual = ZarrWriter("s3://runs/beamline", storage_options=s3, external="virtual")
+    RE(count([det], num=3), virtual, sample="virtual")
+    plain = ZarrWriter("s3://runs/beamline", storage_options=s3)
+    RE(count([det], num=2), plain, sample="plain")
+    entries = {e["fields"]["sample"]: e for e in list_stores("s3://runs", s3)}
+    assert set(entries) == {"virtual", "plain"}
+    assert entries["virtual"]["state"] == "complete"
+    assert entries["virtual"]["written_points"] == 3
+    assert entries["virtual"]["name"] == str(virtual.stores[-1]).removeprefix("s3://runs/")
