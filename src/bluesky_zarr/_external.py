@@ -687,7 +687,7 @@ class ExternalData:
                 f"stream_resource {sres['uid']!r} points to {uri!r}; this writer reads "
                 f"file:// URIs only; {_REMOTE_HINT}"
             )
-        path = unquote(parsed.path)
+        path = unquote(_uri_path(uri) if parsed.scheme else uri)
         for old, new in self.root_map.items():
             old = old.rstrip("/")
             if path == old or path.startswith(old + "/"):
@@ -764,3 +764,17 @@ def _range(doc: Mapping[str, Any], name: str, uid: str) -> tuple[int, int]:
     if stop < start:
         raise DocumentError(f"stream_datum {uid!r}: {name} stop {stop} is before start {start}")
     return start, stop
+
+
+def _uri_path(uri: str) -> str:
+    """The path of a ``file:`` URI, whole.
+
+    ophyd-async writes the directory into the URI as it is, without
+    percent-encoding it, so a ``#`` or ``?`` in a directory's name is part of
+    the path, not the start of a fragment or a query (a file URI has neither).
+    """
+    rest = uri.partition(":")[2]
+    if rest.startswith("//"):  # an authority (``localhost``) before the path
+        slash = rest.find("/", 2)
+        rest = "" if slash < 0 else rest[slash:]
+    return rest
