@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlparse
 
@@ -523,7 +524,24 @@ class ExternalData:
                     f"{doc.get('parameters')!r}"
                 )
             source.check_document(doc)
+            self._refuse_own_store(doc)
         self.stream_resources[uid] = doc
+
+    def _refuse_own_store(self, sres: Mapping[str, Any]) -> None:
+        """Refuse a stream_resource whose files lie inside this run's own
+        store: the writer would read back its own arrays (fill values where
+        nothing is on disk yet) as the detector's frames."""
+        store = self.run.path
+        if not isinstance(store, Path):
+            return  # object storage: a file:// URI cannot point into it
+        target = Path(os.path.realpath(self.uri_path(sres)))
+        own = Path(os.path.realpath(store))
+        if target == own or own in target.parents:
+            raise DocumentError(
+                f"stream_resource {sres.get('uid')!r} for data key {sres.get('data_key')!r} "
+                f"points to {sres.get('uri')!r}, inside this run's own store {store}; "
+                f"the detector's files must lie elsewhere"
+            )
 
     def stream_datum(self, doc: Mapping[str, Any]) -> None:
         uid = _field(doc, "uid", "stream_datum")
