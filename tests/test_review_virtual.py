@@ -137,3 +137,15 @@ def test_ls_lists_virtual_runs_on_object_storage(RE: RunEngine, s3: Any) -> None
     assert entries["virtual"]["state"] == "complete"
     assert entries["virtual"]["written_points"] == 3
     assert entries["virtual"]["name"] == str(virtual.stores[-1]).removeprefix("s3://runs/")
+
+
+def test_runs_of_samples_named_like_a_repositorys_directories_are_listed(
+    tmp_path: Path, RE: RunEngine
+) -> None:
+    writer = ZarrWriter(tmp_path, name_template="{sample}/{scan_id:05d}")
+    for sample in ("refs", "snapshots"):
+        RE(count([det], num=2), writer, sample=sample)
+    virtual = ZarrWriter(tmp_path / "refs", external="virtual", name_template="v{scan_id}")
+    RE(count([det], num=2), virtual, sample="v")
+    names = sorted(e["name"] for e in list_stores(tmp_path))
+    assert names == ["refs/00001.zarr", "refs/v3.zarr", "snapshots/00002.zarr"]

@@ -344,7 +344,9 @@ class _LocalTree:
                     raise StorageError(f"cannot list {directory}: {err}") from err
                 continue
             names = {e.name for e in entries}
-            if "zarr.json" in names or REPOSITORY_DIRS <= names:
+            if "zarr.json" in names or (
+                REPOSITORY_DIRS <= names and _has_branch(os.listdir, directory / "refs")
+            ):
                 # A Zarr node, or an Icechunk repository (a virtual run's
                 # store): never searched inside.
                 yield str(directory)
@@ -456,7 +458,7 @@ class _RemoteTree:
                     e["name"].rstrip("/") for e in entries if e["type"] == "directory"
                 ]
                 names = {d.rpartition("/")[2] for d in subdirectories}
-                if REPOSITORY_DIRS <= names:
+                if REPOSITORY_DIRS <= names and _has_branch(self.fs.ls, f"{directory}/refs"):
                     yield f"{self.scheme}://{directory}"  # an Icechunk repository
                     continue
                 deeper.extend(
@@ -508,6 +510,17 @@ def _tree(
     tree = _tree_of(location, storage_options)
     tree.check()
     return tree
+
+
+def _has_branch(list_directory: Any, refs: Any) -> bool:
+    """Whether ``refs`` (listed with ``list_directory``) holds an Icechunk
+    branch: a repository's ``refs``, not a directory of runs that a name
+    template happened to call ``refs``."""
+    try:
+        names = [str(n).rstrip("/").rpartition("/")[2] for n in list_directory(refs)]
+    except OSError:
+        return False
+    return any(name.startswith("branch.") for name in names)
 
 
 def _repository_root(store: str, storage_options: Mapping[str, Any] | None) -> bytes | None:
