@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,24 @@ def test_ls_prints_one_line_per_run_whatever_its_fields_hold(
     assert "\x1b" not in out
     assert any("Si\\nwafer" in line for line in lines), out
     assert any("beam lost" in line and "undulator" in line for line in lines), out
+
+
+def test_ls_reports_a_run_record_it_cannot_read_and_lists_the_rest(
+    tmp_path: Path, capsys
+) -> None:
+    _write_run(tmp_path, 1.7e9)
+    odd = tmp_path / "odd.zarr"
+    odd.mkdir()
+    record = {"streams": {"primary": {"written_points": None}}, "complete": "maybe"}
+    (odd / "zarr.json").write_text(json.dumps({
+        "zarr_format": 3, "node_type": "group",
+        "attributes": {"start": {"uid": "x", "time": 1.7e9}, "bluesky_zarr": record},
+    }))
+    problems: list[str] = []
+    assert len(list_stores(tmp_path, problems=problems)) == 1
+    assert len(problems) == 1 and "odd.zarr" in problems[0]
+    capsys.readouterr()
+    assert main(["ls", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2
+    assert "odd.zarr" in captured.err

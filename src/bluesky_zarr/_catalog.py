@@ -80,7 +80,13 @@ def list_stores(
             continue
         if not is_run_root(root):
             continue  # another Zarr store: not ours to list
-        entry = summarise_root(store, root["attributes"], fields)
+        try:
+            entry = summarise_root(store, root["attributes"], fields)
+        except (TypeError, ValueError, AttributeError) as err:
+            # A record this version does not understand: the others are listed.
+            if problems is not None:
+                problems.append(f"{store}: cannot read its run record: {err!r}")
+            continue
         entry["name"] = tree.relative(store)
         if entry["state"] == "open":
             entry["state"], entry["why"] = tree.open_state(store)
