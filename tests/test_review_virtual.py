@@ -25,6 +25,8 @@ from bluesky_zarr._replay import replay
 from bluesky_zarr._tiled import register_store
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+#: moto keeps one in-memory S3 for the whole process: a bucket of this file's own.
+BUCKET = "review-virtual-runs"
 
 # A virtual run whose writer dies after its fourth point is committed.
 KILLED_CHILD = textwrap.dedent(
@@ -117,7 +119,7 @@ def s3() -> Any:
     boto3.client(
         "s3", endpoint_url=endpoint, aws_access_key_id="testing",
         aws_secret_access_key="testing", region_name="us-east-1",
-    ).create_bucket(Bucket="runs")
+    ).create_bucket(Bucket=BUCKET)
     try:
         yield {
             "key": "testing", "secret": "testing", "endpoint_url": endpoint,
@@ -128,15 +130,15 @@ def s3() -> Any:
 
 
 def test_ls_lists_virtual_runs_on_object_storage(RE: RunEngine, s3: Any) -> None:
-    virtual = ZarrWriter("s3://runs/beamline", storage_options=s3, external="virtual")
+    virtual = ZarrWriter(f"s3://{BUCKET}/beamline", storage_options=s3, external="virtual")
     RE(count([det], num=3), virtual, sample="virtual")
-    plain = ZarrWriter("s3://runs/beamline", storage_options=s3)
+    plain = ZarrWriter(f"s3://{BUCKET}/beamline", storage_options=s3)
     RE(count([det], num=2), plain, sample="plain")
-    entries = {e["fields"]["sample"]: e for e in list_stores("s3://runs", s3)}
+    entries = {e["fields"]["sample"]: e for e in list_stores(f"s3://{BUCKET}", s3)}
     assert set(entries) == {"virtual", "plain"}
     assert entries["virtual"]["state"] == "complete"
     assert entries["virtual"]["written_points"] == 3
-    assert entries["virtual"]["name"] == str(virtual.stores[-1]).removeprefix("s3://runs/")
+    assert entries["virtual"]["name"] == str(virtual.stores[-1]).removeprefix(f"s3://{BUCKET}/")
 
 
 def test_runs_of_samples_named_like_a_repositorys_directories_are_listed(

@@ -83,6 +83,8 @@ class ExternalRun(Protocol):
     #: The run's streams by name, and by the uid of each of their descriptors.
     streams: dict[str, StreamWriter]
     descriptors: dict[str, StreamWriter]
+    #: The run's store: a local path, or a URL on object storage.
+    path: Path | str | None
 
     @property
     def buffer_lock(self) -> threading.RLock: ...
