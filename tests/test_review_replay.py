@@ -65,3 +65,22 @@ def test_a_run_without_stop_document_is_kept_and_the_batch_goes_on(
         open_stream(stores[later[0][1]["uid"]])["det"].values,
         [doc["data"]["det"] for name, doc in later if name == "event"],
     )
+
+
+def test_a_run_cut_short_in_one_file_and_whole_in_the_next_says_how_to_get_it_whole(
+    tmp_path: Path, RE: RunEngine, capsys
+) -> None:
+    docs = _record(RE, scan([det], motor, 0, 1, 3))
+    partial = _jsonl(tmp_path / "a-partial.jsonl", docs[:-2])
+    whole = _jsonl(tmp_path / "b-whole.jsonl", docs)
+    out = tmp_path / "out"
+    assert main(["replay", str(partial), str(whole), "--out", str(out), "--no-progress"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "2 of 3 points written, INCOMPLETE (no stop document)" in lines[1]
+    assert "skipped: already written from a-partial.jsonl, incomplete" in lines[2]
+    assert "--overwrite" in lines[2]
+    # As it says: the whole file alone, with --overwrite.
+    assert main(["replay", str(whole), "--out", str(out), "--no-progress", "--overwrite"]) == 0
+    (store,) = out.glob("*.zarr")
+    assert open_tree(store).attrs["bluesky_zarr"]["complete"] is True
+    assert bool(open_stream(store)["_written"].all())

@@ -409,7 +409,13 @@ def _start(
     if earlier is not None:
         run.store = earlier.store
         report.runs.append(run)
-        batch.skip(run, f"already written from {Path(earlier.file).name}")
+        why = f"already written from {Path(earlier.file).name}"
+        if (earlier.file, uid) in batch.unstopped:
+            why += (
+                ", incomplete: that file holds no stop document for it (replay this file "
+                "alone, and pass overwrite=True to write it whole)"
+            )
+        batch.skip(run, why)
         return
     try:
         batch.writer("start", doc)
