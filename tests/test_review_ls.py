@@ -94,3 +94,26 @@ def test_ls_reports_a_run_record_it_cannot_read_and_lists_the_rest(
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) == 2
     assert "odd.zarr" in captured.err
+
+
+def test_ls_columns_line_up_with_wide_and_combining_letters(tmp_path: Path, capsys) -> None:
+    for sample in ("Si", "硅晶片", "Ge\u0301"):  # wide letters; a combining accent
+        _write_run(tmp_path, 1.7e9, sample=sample)
+    capsys.readouterr()
+    assert main(["ls", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+
+    def column_of_points(line: str) -> int:
+        return _columns(line[: line.index("POINTS" if line.startswith("STORE") else "2/2")])
+
+    assert len({column_of_points(line) for line in lines}) == 1, lines
+
+
+def _columns(text: str) -> int:
+    import unicodedata
+
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) == "W" else 1
+        for c in text
+    )

@@ -665,8 +665,21 @@ def format_listing(entries: Sequence[Mapping[str, Any]], fields: Sequence[str]) 
                 status,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    widths = [max(_width(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join(
-        "  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[-1]]).rstrip()
+        "  ".join([*(c + " " * (w - _width(c)) for c, w in zip(row, widths)), row[-1]]).rstrip()
         for row in rows
+    )
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: two for East Asian wide letters,
+    none for combining marks."""
+    import unicodedata
+
+    if text.isascii():
+        return len(text)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
     )
