@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
+import h5py
 import numpy as np
 from bluesky import RunEngine
 from bluesky.plans import count, scan
@@ -84,3 +85,61 @@ def test_a_run_cut_short_in_one_file_and_whole_in_the_next_says_how_to_get_it_wh
     (store,) = out.glob("*.zarr")
     assert open_tree(store).attrs["bluesky_zarr"]["complete"] is True
     assert bool(open_stream(store)["_written"].all())
+
+
+def _detector_run(RE: RunEngine, directory: Path) -> list[tuple[str, dict[str, Any]]]:
+    """A grid scan of ophyd-async's simulated detector, its frames in HDF5
+    files in ``directory``."""
+    import asyncio
+
+    import bluesky.plan_stubs as bps
+    from bluesky.plans import grid_scan
+    from ophyd_async import sim
+    from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider, init_devices
+
+    async def quick_sleep(seconds: float) -> None:
+        await asyncio.sleep(0.002)
+
+    pattern = sim.PatternGenerator(sleep=quick_sleep)
+    with init_devices():
+        stage = sim.SimStage(pattern)
+        blob = sim.SimBlobDetector(
+            StaticPathProvider(UUIDFilenameProvider(), PurePath(directory)), pattern
+        )
+    RE(bps.mv(stage.x.velocity, 0, stage.y.velocity, 0))
+    return _record(RE, grid_scan([blob], stage.x, -1, 1, 2, stage.y, 0, 1, 2))
+
+
+def test_replay_of_detector_files_moved_or_gone_has_the_flags_it_advises(
+    tmp_path: Path, RE: RunEngine, capsys
+) -> None:
+    written = tmp_path / "beamline"
+    written.mkdir()
+    recorded = _jsonl(tmp_path / "scan.jsonl", _detector_run(RE, written))
+    (h5,) = written.glob("*.h5")
+    with h5py.File(h5, "r") as file:
+        frames = np.asarray(file["/entry/data/data"][()])
+    moved = tmp_path / "mounted here"
+    written.rename(moved)
+
+    out = tmp_path / "out"
+    assert main(["replay", str(recorded), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "--external reference" in err and "--root-map" in err, err
+
+    # Where the files are now...
+    args = ["replay", str(recorded), "--no-progress", "--overwrite"]
+    assert main([*args, "--out", str(out), "--root-map", f"{written}={moved}"]) == 0, (
+        capsys.readouterr().err
+    )
+    ds = open_stream(next(out.glob("*.zarr")))
+    assert bool(ds["_written"].all())
+    for index in np.ndindex(2, 2):
+        np.testing.assert_array_equal(
+            ds["blob"].values[index], frames[int(ds["seq_num"].values[index]) - 1]
+        )
+    # ... or only the references, without reading them.
+    refs = tmp_path / "refs"
+    assert main([*args, "--out", str(refs), "--external", "reference"]) == 0
+    group = open_tree(next(refs.glob("*.zarr")))["primary"]
+    assert group.attrs["external"]["stream_resource"], group.attrs["external"]
