@@ -151,3 +151,26 @@ def test_runs_of_samples_named_like_a_repositorys_directories_are_listed(
     RE(count([det], num=2), virtual, sample="v")
     names = sorted(e["name"] for e in list_stores(tmp_path))
     assert names == ["refs/00001.zarr", "refs/v3.zarr", "snapshots/00002.zarr"]
+
+
+def test_ls_json_stays_json_when_a_repositorys_manifests_are_gone(
+    tmp_path: Path, RE: RunEngine
+) -> None:
+    # As when a repository is deleted while it is listed: its snapshot is read,
+    # its manifests are not there. Icechunk logs such failures on stdout, from
+    # its own threads (so the command runs in a process of its own).
+    writer = ZarrWriter(tmp_path, external="virtual")
+    RE(count([det], num=3), writer)
+    (store,) = writer.stores
+    assert isinstance(store, Path)
+    for manifest in (store / "manifests").iterdir():
+        manifest.unlink()
+    listed = subprocess.run(
+        [sys.executable, "-c", "import sys; from bluesky_zarr._cli import main; "
+         "sys.exit(main(['ls', '--json', sys.argv[1]]))", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), *sys.path])},
+    )
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = json.loads(listed.stdout)
+    assert entry["state"] == "complete"

@@ -283,11 +283,9 @@ def count_written_points(
     from ._virtual import is_repository
 
     if is_repository(store, storage_options):
-        from ._virtual import virtual_store
-
         try:
-            return _count_written(virtual_store(store, storage_options), stream)
-        except StorageError:
+            return _count_written(_repository_store(str(store), storage_options), stream)
+        except Exception:  # noqa: BLE001 - icechunk's own errors: not counted
             return None
     return _count_written(open_store(store, storage_options, read_only=True), stream)
 
@@ -539,15 +537,29 @@ def _repository_root(store: str, storage_options: Mapping[str, Any] | None) -> b
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    from ._virtual import virtual_store
-
     try:
         value = sync(
-            virtual_store(store, storage_options).get("zarr.json", default_buffer_prototype())
+            _repository_store(store, storage_options).get(
+                "zarr.json", default_buffer_prototype()
+            )
         )
     except Exception:  # noqa: BLE001 - icechunk's own errors: listed as unreadable
         return None
     return None if value is None else value.to_bytes()
+
+
+def _repository_store(store: str, storage_options: Mapping[str, Any] | None) -> Any:
+    """A read-only store over the last commit of a run's Icechunk repository,
+    for its metadata and ``_written`` mask: no manifest is loaded ahead (a
+    repository deleted while it is listed would have Icechunk log the failure
+    on stdout, inside ``ls --json``), no detector directory authorized."""
+    from ._virtual import BRANCH, _icechunk, repository_storage
+
+    ic = _icechunk()
+    config = ic.RepositoryConfig.default()
+    config.manifest = ic.ManifestConfig(preload=ic.ManifestPreloadConfig(max_total_refs=0))
+    repo = ic.Repository.open(repository_storage(store, storage_options), config=config)
+    return repo.readonly_session(branch=BRANCH).store
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
