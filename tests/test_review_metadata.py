@@ -22,6 +22,22 @@ SEED = 7
 KILLS = 8
 
 
+@pytest.fixture(autouse=True)
+def time_limit():
+    """The test may not hang on a run that never ends: stopped after two minutes."""
+
+    def expire(signum, frame):
+        raise TimeoutError("the killed-runs test took more than two minutes")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(120)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture
 def forker():
     process = subprocess.Popen(
