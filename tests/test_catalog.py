@@ -15,7 +15,6 @@ from typing import Any
 import bluesky.plan_stubs as bps
 import boto3
 import pytest
-import s3fs
 import zarr
 from bluesky.plans import count, grid_scan
 from bluesky.utils import Msg, RunEngineInterrupted
@@ -248,9 +247,6 @@ def s3(monkeypatch) -> Iterator[dict[str, Any]]:
         }
         yield {"bucket": "runs", "options": options}
     finally:
-        # fsspec keeps filesystems by their options, not by the environment:
-        # those made from this server's variables must not outlive it.
-        s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
 
 

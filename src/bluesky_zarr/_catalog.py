@@ -25,6 +25,9 @@ DEFAULT_FIELDS = ("sample",)
 OPEN_WHY = "no end recorded: still being written, or its writer was killed"
 WRITING_WHY = "a writer holds its lock"
 UNFINISHED_WHY = "no end recorded and no writer holds it: its writer was killed"
+#: The directories of an Icechunk repository (a store written with
+#: ``external="virtual"``), which has no ``zarr.json`` of its own.
+REPOSITORY_DIRS = frozenset({"refs", "snapshots"})
 
 
 def list_stores(
@@ -77,7 +80,13 @@ def list_stores(
             continue
         if not is_run_root(root):
             continue  # another Zarr store: not ours to list
-        entry = summarise_root(store, root["attributes"], fields)
+        try:
+            entry = summarise_root(store, root["attributes"], fields)
+        except (TypeError, ValueError, AttributeError) as err:
+            # A record this version does not understand: the others are listed.
+            if problems is not None:
+                problems.append(f"{store}: cannot read its run record: {err!r}")
+            continue
         entry["name"] = tree.relative(store)
         if entry["state"] == "open":
             entry["state"], entry["why"] = tree.open_state(store)
@@ -185,7 +194,12 @@ def _planned_points(
 def _iso(timestamp: Any) -> str | None:
     if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
         return None
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    try:
+        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        # No calendar date (a time in milliseconds or nanoseconds, NaN): the
+        # run is listed without one.
+        return None
     return moment.isoformat(timespec="seconds")
 
 
@@ -266,7 +280,13 @@ def count_written_points(
 ) -> int | None:
     """Points of ``stream`` whose ``_written`` flag is set; None if it has none yet."""
     from ._storage import open_store
+    from ._virtual import is_repository
 
+    if is_repository(store, storage_options):
+        try:
+            return _count_written(_repository_store(str(store), storage_options), stream)
+        except Exception:  # noqa: BLE001 - icechunk's own errors: not counted
+            return None
     return _count_written(open_store(store, storage_options, read_only=True), stream)
 
 
@@ -327,8 +347,13 @@ class _LocalTree:
                 if directory == self.root:
                     raise StorageError(f"cannot list {directory}: {err}") from err
                 continue
-            if any(e.name == "zarr.json" for e in entries):
-                yield str(directory)  # a Zarr node: never searched inside
+            names = {e.name for e in entries}
+            if "zarr.json" in names or (
+                REPOSITORY_DIRS <= names and _has_branch(os.listdir, directory / "refs")
+            ):
+                # A Zarr node, or an Icechunk repository (a virtual run's
+                # store): never searched inside.
+                yield str(directory)
                 continue
             pending.extend(
                 Path(e.path)
@@ -341,6 +366,8 @@ class _LocalTree:
         for store in stores:
             try:
                 result.append(Path(store, "zarr.json").read_bytes())
+            except FileNotFoundError as err:
+                result.append(_repository_root(store, None) or err)
             except OSError as err:
                 result.append(err)
         return result
@@ -378,7 +405,9 @@ class _RemoteTree:
         self.scheme = scheme
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
-        self.fs = s3fs.S3FileSystem(**self.storage_options)
+        # Not from fsspec's cache: one made from other credentials (or the
+        # environment of another moment) would be handed back for these options.
+        self.fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
         self.root = rest.strip("/")
         self.top = self.url
 
@@ -431,11 +460,15 @@ class _RemoteTree:
                     if directory == self.root:
                         raise StorageError(f"cannot list {self.url}: {err}") from err
                     continue
+                subdirectories = [
+                    e["name"].rstrip("/") for e in entries if e["type"] == "directory"
+                ]
+                names = {d.rpartition("/")[2] for d in subdirectories}
+                if REPOSITORY_DIRS <= names and _has_branch(self.fs.ls, f"{directory}/refs"):
+                    yield f"{self.scheme}://{directory}"  # an Icechunk repository
+                    continue
                 deeper.extend(
-                    e["name"].rstrip("/")
-                    for e in entries
-                    if e["type"] == "directory"
-                    and not e["name"].rstrip("/").rpartition("/")[2].startswith(".")
+                    d for d in subdirectories if not d.rpartition("/")[2].startswith(".")
                 )
             level = deeper
 
@@ -446,10 +479,16 @@ class _RemoteTree:
         if keys:
             # One concurrent batch of requests, not one round trip after another.
             found = self.fs.cat(list(keys.values()), on_error="return")
-        return [
-            known[s] if s in known else found.get(keys[s], FileNotFoundError(keys[s]))
-            for s in stores
-        ]
+        result: list[bytes | BaseException] = []
+        for store in stores:
+            raw = known[store] if store in known else found.get(keys[store])
+            if not isinstance(raw, bytes):
+                missing = raw if isinstance(raw, BaseException) else None
+                raw = _repository_root(store, self.storage_options) or (
+                    missing or FileNotFoundError(keys[store])
+                )
+            result.append(raw)
+        return result
 
     def relative(self, store: str) -> str:
         name = store[len(self.url) :].lstrip("/")
@@ -477,6 +516,52 @@ def _tree(
     tree = _tree_of(location, storage_options)
     tree.check()
     return tree
+
+
+def _has_branch(list_directory: Any, refs: Any) -> bool:
+    """Whether ``refs`` (listed with ``list_directory``) holds an Icechunk
+    branch: a repository's ``refs``, not a directory of runs that a name
+    template happened to call ``refs``."""
+    try:
+        names = [str(n).rstrip("/").rpartition("/")[2] for n in list_directory(refs)]
+    except OSError:
+        return False
+    return any(name.startswith("branch.") for name in names)
+
+
+def _repository_root(store: str, storage_options: Mapping[str, Any] | None) -> bytes | None:
+    """The root ``zarr.json`` of an Icechunk repository's last commit (a run
+    written with ``external="virtual"``); None if ``store`` is not one."""
+    from ._virtual import is_repository
+
+    if not is_repository(store, storage_options):
+        return None
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    try:
+        value = sync(
+            _repository_store(store, storage_options).get(
+                "zarr.json", default_buffer_prototype()
+            )
+        )
+    except Exception:  # noqa: BLE001 - icechunk's own errors: listed as unreadable
+        return None
+    return None if value is None else value.to_bytes()
+
+
+def _repository_store(store: str, storage_options: Mapping[str, Any] | None) -> Any:
+    """A read-only store over the last commit of a run's Icechunk repository,
+    for its metadata and ``_written`` mask: no manifest is loaded ahead (a
+    repository deleted while it is listed would have Icechunk log the failure
+    on stdout, inside ``ls --json``), no detector directory authorized."""
+    from ._virtual import BRANCH, _icechunk, repository_storage
+
+    ic = _icechunk()
+    config = ic.RepositoryConfig.default()
+    config.manifest = ic.ManifestConfig(preload=ic.ManifestPreloadConfig(max_total_refs=0))
+    repo = ic.Repository.open(repository_storage(store, storage_options), config=config)
+    return repo.readonly_session(branch=BRANCH).store
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -561,8 +646,16 @@ def _value(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, str):
-        return value
+        return _printable(value)
     return json.dumps(value)
+
+
+def _printable(text: str) -> str:
+    """``text`` on one line, its control characters escaped as in JSON (a
+    newline or a terminal escape from metadata would break the table)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
 def format_listing(entries: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> str:
@@ -573,10 +666,10 @@ def format_listing(entries: Sequence[Mapping[str, Any]], fields: Sequence[str]) 
     for e in entries:
         written = "?" if e["written_points"] is None else str(e["written_points"])
         planned = "?" if e["planned_points"] is None else str(e["planned_points"])
-        status = e["state"] + (f": {e['why']}" if e["why"] else "")
+        status = _printable(e["state"] + (f": {e['why']}" if e["why"] else ""))
         rows.append(
             (
-                e["name"],
+                _printable(e["name"]),
                 _value(e["scan_id"]),
                 _value(e["plan_name"]),
                 (e["started"] or "-").replace("+00:00", "Z"),
@@ -586,8 +679,21 @@ def format_listing(entries: Sequence[Mapping[str, Any]], fields: Sequence[str]) 
                 status,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    widths = [max(_width(row[i]) for row in rows) for i in range(len(header) - 1)]
     return "\n".join(
-        "  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[-1]]).rstrip()
+        "  ".join([*(c + " " * (w - _width(c)) for c, w in zip(row, widths)), row[-1]]).rstrip()
         for row in rows
+    )
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes in a terminal: two for East Asian wide letters,
+    none for combining marks."""
+    import unicodedata
+
+    if text.isascii():
+        return len(text)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
     )

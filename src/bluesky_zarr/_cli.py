@@ -74,6 +74,27 @@ def _tiled_failures(command: str, uri: str, failures: list[tuple[str, str]]) -> 
     return 1 if failures else 0
 
 
+def _replay_flag_names(message: str) -> str:
+    """:func:`_flag_names`, and the flags only ``replay`` has."""
+    return (
+        _flag_names(message)
+        .replace("pass external='reference'", "pass --external reference")
+        .replace("or root_map= to say", "or --root-map OLD=NEW to say")
+    )
+
+
+def _root_map_entry(text: str) -> tuple[str, str]:
+    """``OLD=NEW`` of ``--root-map``: where a directory the documents name is
+    mounted here."""
+    old, sep, new = text.partition("=")
+    if not sep or not old or not new:
+        raise argparse.ArgumentTypeError(
+            f"expected OLD=NEW (the directory the documents name = where it is here), "
+            f"got {text!r}"
+        )
+    return old, new
+
+
 def _demo(args: argparse.Namespace) -> int:
     import xarray as xr
     from bluesky import RunEngine
@@ -125,18 +146,20 @@ def _replay(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             overwrite=args.overwrite,
             name_template=args.name_template,
+            external=args.external,
+            root_map=dict(args.root_map or []),
             **_tiled_options(args),
         )
     except ReplayError as err:
-        print(_flag_names(format_summary(err.report or ReplayReport(), args.out)))
-        print(f"bluesky-zarr replay: error: {_flag_names(str(err))}", file=sys.stderr)
+        print(_replay_flag_names(format_summary(err.report or ReplayReport(), args.out)))
+        print(f"bluesky-zarr replay: error: {_replay_flag_names(str(err))}", file=sys.stderr)
         if err.report is not None:
             _tiled_failures("replay", args.tiled, err.report.tiled_failures)
         return 1
     except BlueskyZarrError as err:
-        print(f"bluesky-zarr replay: error: {_flag_names(str(err))}", file=sys.stderr)
+        print(f"bluesky-zarr replay: error: {_replay_flag_names(str(err))}", file=sys.stderr)
         return 1
-    print(_flag_names(format_summary(report, args.out)))
+    print(_replay_flag_names(format_summary(report, args.out)))
     return _tiled_failures("replay", args.tiled, report.tiled_failures)
 
 
@@ -334,6 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--overwrite", action="store_true", help="replace existing stores")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
+    replay.add_argument(
+        "--external", choices=("fill", "reference", "virtual"), default="fill",
+        help="detector files: read their frames in (fill), record the references only "
+        "(reference), or reference them in place in an Icechunk store (virtual)",
+    )
+    replay.add_argument(
+        "--root-map", action="append", type=_root_map_entry, metavar="OLD=NEW",
+        help="a directory the documents name, and where it is mounted here (repeatable)",
+    )
     _add_tiled_options(replay)
     replay.set_defaults(func=_replay)
 

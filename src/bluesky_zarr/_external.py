@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlparse
 
@@ -82,6 +83,8 @@ class ExternalRun(Protocol):
     #: The run's streams by name, and by the uid of each of their descriptors.
     streams: dict[str, StreamWriter]
     descriptors: dict[str, StreamWriter]
+    #: The run's store: a local path, or a URL on object storage.
+    path: Path | str | None
 
     @property
     def buffer_lock(self) -> threading.RLock: ...
@@ -523,7 +526,24 @@ class ExternalData:
                     f"{doc.get('parameters')!r}"
                 )
             source.check_document(doc)
+            self._refuse_own_store(doc)
         self.stream_resources[uid] = doc
+
+    def _refuse_own_store(self, sres: Mapping[str, Any]) -> None:
+        """Refuse a stream_resource whose files lie inside this run's own
+        store: the writer would read back its own arrays (fill values where
+        nothing is on disk yet) as the detector's frames."""
+        store = self.run.path
+        if not isinstance(store, Path):
+            return  # object storage: a file:// URI cannot point into it
+        target = Path(os.path.realpath(self.uri_path(sres)))
+        own = Path(os.path.realpath(store))
+        if target == own or own in target.parents:
+            raise DocumentError(
+                f"stream_resource {sres.get('uid')!r} for data key {sres.get('data_key')!r} "
+                f"points to {sres.get('uri')!r}, inside this run's own store {store}; "
+                f"the detector's files must lie elsewhere"
+            )
 
     def stream_datum(self, doc: Mapping[str, Any]) -> None:
         uid = _field(doc, "uid", "stream_datum")
@@ -687,7 +707,7 @@ class ExternalData:
                 f"stream_resource {sres['uid']!r} points to {uri!r}; this writer reads "
                 f"file:// URIs only; {_REMOTE_HINT}"
             )
-        path = unquote(parsed.path)
+        path = unquote(_uri_path(uri) if parsed.scheme else uri)
         for old, new in self.root_map.items():
             old = old.rstrip("/")
             if path == old or path.startswith(old + "/"):
@@ -764,3 +784,17 @@ def _range(doc: Mapping[str, Any], name: str, uid: str) -> tuple[int, int]:
     if stop < start:
         raise DocumentError(f"stream_datum {uid!r}: {name} stop {stop} is before start {start}")
     return start, stop
+
+
+def _uri_path(uri: str) -> str:
+    """The path of a ``file:`` URI, whole.
+
+    ophyd-async writes the directory into the URI as it is, without
+    percent-encoding it, so a ``#`` or ``?`` in a directory's name is part of
+    the path, not the start of a fragment or a query (a file URI has neither).
+    """
+    rest = uri.partition(":")[2]
+    if rest.startswith("//"):  # an authority (``localhost``) before the path
+        slash = rest.find("/", 2)
+        rest = "" if slash < 0 else rest[slash:]
+    return rest

@@ -1,11 +1,13 @@
 """``replay``: recorded document files (suitcase-jsonl, suitcase-msgpack) to stores.
 
 Files are read as a stream, one document at a time, so a file of any size
-replays in bounded memory. A file that cannot be read, holds something other
-than ``(name, document)`` pairs, or ends before the stop document of a run
-raises :class:`~bluesky_zarr.ReplayError` naming the file and the line (JSON
-lines) or byte offset (msgpack); the stores of the runs before it are kept
-and a run it leaves open is kept, marked incomplete. A run already written
+replays in bounded memory. A file that cannot be read or holds something
+other than ``(name, document)`` pairs raises :class:`~bluesky_zarr.ReplayError`
+naming the file and the line (JSON lines) or byte offset (msgpack); the stores
+of the runs before it are kept and a run it leaves open is kept, marked
+incomplete. A run whose file holds no stop document is kept, marked
+incomplete, and the other files are replayed before a ``ReplayError`` lists
+such runs. A run already written
 (the same run in two files, or a store that already holds it) is reported
 and skipped.
 """
@@ -234,7 +236,8 @@ def replay(
     ------
     ReplayError
         At the first file that is unreadable, malformed or truncated, or whose
-        documents the writer refuses; ``error.report`` holds what was written.
+        documents the writer refuses; after the last file if runs had no stop
+        document. ``error.report`` holds what was written.
     """
     for path in paths:
         file_format(path)
@@ -256,6 +259,16 @@ def replay(
         report.files.append(str(path))
     writer.close()  # no run is open: this waits for Tiled and closes its connection
     report.tiled_failures = writer.tiled_failures
+    if batch.unstopped:
+        listed = "; ".join(f"{path}: {uid}" for path, uid in batch.unstopped)
+        error = ReplayError(
+            f"{len(batch.unstopped)} run(s) have no stop document in their file "
+            f"(truncated, or its RunEngine was killed), kept as incomplete: {listed}",
+            path=batch.unstopped[0][0],
+            location="end of file",
+        )
+        error.report = report
+        raise error
     return report
 
 
@@ -270,6 +283,8 @@ class _Batch:
         self.skipped_runs: set[str] = set()
         #: Descriptors and (stream) resources of the skipped runs.
         self.skipped_ids: set[Any] = set()
+        #: (file, start uid) of the runs whose file holds no stop document.
+        self.unstopped: list[tuple[str, str]] = []
 
     def skips(self, name: str, doc: Mapping[str, Any]) -> bool:
         """Whether a document belongs to a run that is skipped."""
@@ -373,13 +388,13 @@ def _replay_file(
         except BlueskyZarrError as err:
             raise ReplayError(f"{path}, {where}: {err}", path=str(path), location=where) from err
     if runs:
-        uids = ", ".join(sorted(runs))
-        raise ReplayError(
-            f"{path}: the file ends before the stop document of run(s) {uids} "
-            f"(truncated?); kept as incomplete",
-            path=str(path),
-            location="end of file",
-        )
+        # Runs this file never stops (its RunEngine was killed, or the file
+        # was cut at the end of a line): kept, marked incomplete, and the
+        # batch goes on; replay() raises once every file is written.
+        batch.writer.close(f"{Path(path).name} holds no stop document for this run")
+        for run in runs.values():
+            batch.count(run)
+            batch.unstopped.append((str(path), run.uid))
 
 
 def _start(
@@ -401,7 +416,13 @@ def _start(
     if earlier is not None:
         run.store = earlier.store
         report.runs.append(run)
-        batch.skip(run, f"already written from {Path(earlier.file).name}")
+        why = f"already written from {Path(earlier.file).name}"
+        if (earlier.file, uid) in batch.unstopped:
+            why += (
+                ", incomplete: that file holds no stop document for it (replay this file "
+                "alone, and pass overwrite=True to write it whole)"
+            )
+        batch.skip(run, why)
         return
     try:
         batch.writer("start", doc)

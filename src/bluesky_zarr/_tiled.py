@@ -424,6 +424,14 @@ def _register(
     storage_options: Mapping[str, Any] | None,
     relocate: bool = False,
 ) -> Registration:
+    from ._virtual import is_repository
+
+    if is_repository(store, storage_options):
+        raise TiledError(
+            f"{store} is a run written with external='virtual' (an Icechunk repository): "
+            f"Tiled reads Zarr arrays from their directories or objects, which such a "
+            f"store does not have; read it with bluesky_zarr.open_virtual"
+        )
     zstore = open_store(store, storage_options, read_only=True)
     try:
         root = zarr.open_group(zstore, mode="r", zarr_format=3)

@@ -196,6 +196,19 @@ def virtual_store(
     return store
 
 
+def _container_directory(directory: str) -> str:
+    """The directory to declare as a virtual chunk container for files in
+    ``directory``: itself, or its nearest parent whose ``file://`` URL needs no
+    percent-encoding. (Icechunk 1.1 matches no chunk against a container
+    whose URL holds an escape such as ``%20``, from a space, ``#`` or a
+    non-ASCII letter; a parent's container serves the files below it.)"""
+    path = Path(directory)
+    for candidate in (path, *path.parents):
+        if candidate.as_uri() == "file://" + candidate.as_posix():
+            return str(candidate)
+    return path.anchor
+
+
 def open_virtual(
     location: str | os.PathLike[str],
     storage_options: Mapping[str, Any] | None = None,
@@ -374,7 +387,7 @@ class VirtualRepository:
         if any(Path(file).as_uri().startswith(p) for p in self.containers):
             return
         ic = _icechunk()
-        directory = os.path.dirname(file)
+        directory = _container_directory(os.path.dirname(file))
         prefix = Path(directory).as_uri().rstrip("/") + "/"
         with self.lock, self.store.gate.alone():
             # Committed first: the new configuration reopens the repository.

@@ -220,6 +220,12 @@ class ZarrWriter:
         #: Stores written so far, in order: paths, or URLs for object storage.
         self.stores: list[Path | str] = []
         self._tiled: TiledRegistrar | None = None
+        if tiled is not None and self.options.external == "virtual":
+            raise OptionError(
+                "tiled= cannot register runs written with external='virtual': Tiled "
+                "reads Zarr arrays from their directories or objects, and an Icechunk "
+                "repository has none; read such runs with open_virtual()"
+            )
         if tiled is not None:
             self._tiled = TiledRegistrar(
                 tiled,
