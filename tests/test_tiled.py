@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import queue
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -431,3 +436,330 @@ def test_a_store_on_object_storage_is_registered_by_reference(
 def test_bad_tiled_options_are_refused(tmp_path: Path, options: dict[str, Any]) -> None:
     with pytest.raises(OptionError, match="tiled"):
         ZarrWriter(tmp_path, **options)
+
+
+# ------------------------------------------------- replay and serve with --tiled
+MOTORS_AT = {"wavelength": "wavelength", "position": "position"}
+
+
+def test_replay_with_tiled_registers_each_run(
+    tiled_server: TiledServer,
+    root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import suitcase.jsonl
+
+    wavelength, position, cam = _grid_setup()
+    documents: list[tuple[str, dict[str, Any]]] = []
+    RunEngine({})(
+        grid_scan([cam], wavelength, 400, 700, 3, position, 0, 5, 4, snake_axes=True),
+        lambda name, doc: documents.append((name, doc)),
+        scan_id=31,
+    )
+    (recorded,) = suitcase.jsonl.export(documents, tmp_path, file_prefix="grid")["all"]
+    # The API key from the environment, as a facility's service sets it.
+    monkeypatch.setenv("TILED_API_KEY", API_KEY)
+    code = main(["replay", str(recorded), "--out", str(root), "--no-progress",
+                 "--tiled", tiled_server.catalog_uri])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "12 of 12 points written, success" in captured.out
+    (store,) = root.glob("*.zarr")
+
+    run = tiled_server.catalog()[documents[0][1]["uid"]]
+    assert run.metadata["stop"]["exit_status"] == "success"
+    ds = _assert_same_as_zarr(run, store)
+    assert ds["cam_image"].dims == ("wavelength", "position", "y", "x")
+    assert assert_frames_match(ds, "cam_image", MOTORS_AT, SHAPE) == 12
+    assert list(tiled_server.catalog().search(Key("scan_id") == 31)) == [run.item["id"]]
+
+    # Tiled unreachable: the run is written all the same; exit status 1 and
+    # the command that registers it later.
+    import tiled.client.utils
+
+    monkeypatch.setattr(tiled.client.utils, "TILED_RETRY_ATTEMPTS", 1)  # fail fast
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    code = main(["replay", str(recorded), "--out", str(tmp_path / "down"), "--no-progress",
+                 "--tiled", nobody])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "12 of 12 points written, success" in captured.out
+    (down,) = (tmp_path / "down").glob("*.zarr")
+    assert f"register them with: bluesky-zarr register --tiled {nobody} {down}" in captured.err
+    assert assert_frames_match(open_stream(down), "cam_image", MOTORS_AT, SHAPE) == 12
+
+    # A key without a server is refused before anything is written.
+    with pytest.raises(SystemExit):
+        main(["replay", str(recorded), "--out", str(tmp_path / "none"),
+              "--tiled-api-key", API_KEY])
+    assert "--tiled-api-key is given without --tiled" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+PROXY = """
+from bluesky.callbacks.zmq import Proxy
+proxy = Proxy(in_address="tcp://127.0.0.1", out_address="tcp://127.0.0.1")
+print(proxy.in_port, proxy.out_port, flush=True)
+proxy.start()
+"""
+
+
+def _lines(pipe: Any) -> Any:
+    """The lines of a subprocess's pipe, read on a thread, as a queue."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        with pipe:
+            for line in pipe:
+                lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def _wait_for(lines: Any, seen: list[str], pattern: str, timeout: float) -> re.Match[str] | None:
+    regex = re.compile(pattern)
+    for line in seen:
+        if match := regex.search(line):
+            return match
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            return None
+        if line is None:
+            return None
+        seen.append(line)
+        if match := regex.search(line):
+            return match
+    return None
+
+
+def _kill(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
+
+
+def test_serve_with_tiled_registers_runs_published_through_the_0mq_proxy(
+    tiled_server: TiledServer, root: Path
+) -> None:
+    from bluesky.callbacks.zmq import Publisher
+    from ophyd.sim import det
+
+    proxy = subprocess.Popen([sys.executable, "-c", PROXY], stdout=subprocess.PIPE, text=True)
+    service = None
+    try:
+        match = _wait_for(_lines(proxy.stdout), [], r"tcp://(\S+) tcp://(\S+)", 60)
+        assert match, "the 0MQ proxy did not start"
+        inbound, outbound = match.group(1), match.group(2)
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [src, *filter(None, [os.environ.get("PYTHONPATH")])]
+        )}
+        service = subprocess.Popen(
+            [sys.executable, "-m", "bluesky_zarr._cli", "serve", "--zmq", outbound,
+             "--out", str(root), "--tiled", tiled_server.catalog_uri,
+             "--tiled-api-key", API_KEY],
+            stderr=subprocess.PIPE, text=True, env=env,
+        )
+        lines, seen = _lines(service.stderr), []
+        assert _wait_for(lines, seen, "registering them with Tiled at", 60), "\n".join(seen)
+
+        RE = RunEngine({}, call_returns_result=False)
+        publisher = Publisher(inbound)
+        try:
+            # 0MQ drops messages until both subscriptions are up: short runs until one arrives.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                (first,) = RE(count([det]), publisher)
+                if _wait_for(lines, seen, f"run {first} stopped", 1.0):
+                    break
+            else:
+                pytest.fail("the service never received a run:\n" + "\n".join(seen))
+            wavelength, position, cam = _grid_setup()
+            (uid,) = RE(
+                grid_scan([cam], wavelength, 400, 700, 3, position, 0, 5, 4, snake_axes=True),
+                publisher,
+            )
+            started = _wait_for(lines, seen, rf"run {uid} started \(scan_id \d+\): writing (\S+)",
+                                60)
+            # The service logs the stop once the run is registered.
+            assert started and _wait_for(lines, seen, rf"run {uid} stopped \(success\)", 60), (
+                "\n".join(seen)
+            )
+        finally:
+            publisher.close()
+        store = Path(started.group(1))
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=60) == 0
+        _wait_for(lines, seen, "stopped on SIGTERM", 10)
+        text = "\n".join(seen)
+        assert "Traceback" not in text and "not registered" not in text, text
+    finally:
+        if service is not None:
+            _kill(service)
+        _kill(proxy)
+
+    catalog = tiled_server.catalog()
+    run = catalog[uid]
+    assert run.metadata["stop"]["exit_status"] == "success"
+    ds = _assert_same_as_zarr(run, store)
+    assert assert_frames_match(ds, "cam_image", MOTORS_AT, SHAPE) == 12
+    assert first in catalog  # the first short run too: every run written is registered
+
+
+# ------------------------------------------------------ replaced and moved stores
+def test_a_store_replaced_by_a_new_run_leaves_the_old_entry_without_data(
+    tiled_server: TiledServer, root: Path, RE: RunEngine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wavelength, position, cam = _grid_setup()
+    (sample,) = motors("sample_z")
+    RE.preprocessors.append(SupplementalData(baseline=[sample]))
+    options: dict[str, Any] = {"name_template": "scan-{scan_id}", "overwrite": True}
+    tiled = {"tiled": tiled_server.catalog_uri, "tiled_api_key": API_KEY}
+    catalog = tiled_server.catalog()
+
+    # The first run, registered from scan-7.zarr.
+    writer = ZarrWriter(root, **options, **tiled)
+    token = RE.subscribe(writer)
+    RE(grid_scan([cam], wavelength, 400, 700, 3, position, 0, 5, 4), scan_id=70707)
+    (store,) = writer.stores
+    first = _uid(store)
+    assert sorted(catalog[first]) == ["baseline", "primary"]
+    backup = root / "backup" / store.name
+    shutil.copytree(store, backup)
+
+    # A second run of the same name replaces the store, and its entry.
+    RE(grid_scan([cam], wavelength, 400, 700, 2, position, 0, 5, 5), scan_id=70707)
+    writer.close()
+    RE.unsubscribe(token)
+    assert writer.tiled_failures == []
+    second = _uid(store)
+    assert second != first
+    old = catalog[first]
+    assert list(old) == []  # nothing reads the new run's arrays as the old run's
+    assert old.metadata["start"]["uid"] == first  # kept as a record
+    assert old.metadata["stop"]["exit_status"] == "success"
+    info = old.metadata["bluesky_zarr"]
+    assert "store" not in info
+    assert info["replaced"] == {"store": f"file://{store}", "by": second}
+    new = catalog[second]
+    ds = _assert_same_as_zarr(new, store)
+    assert ds.sizes["wavelength"] == 2 and ds.sizes["position"] == 5
+    assert assert_frames_match(ds, "cam_image", MOTORS_AT, SHAPE) == 10
+    assert sorted(catalog.search(Key("scan_id") == 70707)) == sorted([first, second])
+    assert _files_in(tiled_server.writable) == []
+
+    # The old run kept elsewhere (a backup): registered from there on request only.
+    command = ["register", "--tiled", tiled_server.catalog_uri, "--api-key", API_KEY]
+    assert main([*command, str(backup)]) == 1
+    err = capsys.readouterr().err
+    assert f"kept as a record since its store file://{store} was replaced by run {second}" in err
+    assert "--relocate" in err
+    assert main([*command, "--relocate", str(backup)]) == 0
+    assert f"moved here from file://{store}" in capsys.readouterr().out
+    restored = catalog[first]
+    assert restored.metadata["bluesky_zarr"]["store"] == f"file://{backup}"
+    assert "replaced" not in restored.metadata["bluesky_zarr"]
+    ds = _assert_same_as_zarr(restored, backup)
+    assert assert_frames_match(ds, "cam_image", MOTORS_AT, SHAPE) == 12
+    _assert_same_as_zarr(restored, backup, "baseline")
+
+    # Replaced by a writer without Tiled: `register` retires the old entry, says so.
+    RE.preprocessors.clear()  # this run has no baseline stream
+    plain = ZarrWriter(root, **options)
+    RE.subscribe(plain)
+    RE(grid_scan([cam], wavelength, 400, 700, 4, position, 0, 5, 2), scan_id=70707)
+    third = _uid(store)
+    assert main(["register", "--tiled", tiled_server.catalog_uri, "--api-key", API_KEY,
+                 str(store)]) == 0
+    out = capsys.readouterr().out
+    assert f"run {second}, registered from this store before it was replaced" in out
+    assert list(catalog[second]) == []
+    assert catalog[second].metadata["bluesky_zarr"]["replaced"]["by"] == third
+    new = catalog[third]
+    assert list(new) == ["primary"]
+    ds = _assert_same_as_zarr(new, store)
+    assert assert_frames_match(ds, "cam_image", MOTORS_AT, SHAPE) == 8
+
+
+def test_the_same_run_written_again_drops_what_the_new_store_lacks(
+    tiled_server: TiledServer, root: Path, RE: RunEngine
+) -> None:
+    wavelength, position, cam = _grid_setup()
+    (sample,) = motors("sample_z")
+    RE.preprocessors.append(SupplementalData(baseline=[sample]))
+    documents: list[tuple[str, dict[str, Any]]] = []
+    RE.subscribe(lambda name, doc: documents.append((name, doc)))
+    RE(grid_scan([cam], wavelength, 400, 700, 3, position, 0, 5, 4))
+    uid = documents[0][1]["uid"]
+    tiled = {"tiled": tiled_server.catalog_uri, "tiled_api_key": API_KEY}
+
+    writer = ZarrWriter(root, **tiled)
+    for name, doc in documents:
+        writer(name, doc)
+    writer.close()
+    assert sorted(tiled_server.catalog()[uid]) == ["baseline", "primary"]
+
+    # Written again over its store, without the baseline stream.
+    baseline = {doc["uid"] for name, doc in documents
+                if name == "descriptor" and doc["name"] == "baseline"}
+    again = ZarrWriter(root, overwrite=True, **tiled)
+    for name, doc in documents:
+        if doc.get("uid") in baseline or doc.get("descriptor") in baseline:
+            continue
+        again(name, doc)
+    again.close()
+    assert again.tiled_failures == []
+    (store,) = again.stores
+    run = tiled_server.catalog()[uid]
+    assert list(run) == ["primary"]
+    ds = _assert_same_as_zarr(run, Path(store))
+    assert assert_frames_match(ds, "cam_image", MOTORS_AT, SHAPE) == 12
+
+
+def test_register_a_moved_store_says_so_and_relocates_on_request(
+    tiled_server: TiledServer, root: Path, RE: RunEngine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wavelength, position, cam = _grid_setup()
+    writer = ZarrWriter(root, tiled=tiled_server.catalog_uri, tiled_api_key=API_KEY)
+    RE.subscribe(writer)
+    RE(grid_scan([cam], wavelength, 400, 700, 3, position, 0, 5, 4))
+    writer.close()
+    (store,) = writer.stores
+    uid = _uid(store)
+    command = ["register", "--tiled", tiled_server.catalog_uri, "--api-key", API_KEY]
+
+    # A copy beside it: the run stays registered from the original.
+    copy = root / "copy.zarr"
+    shutil.copytree(store, copy)
+    assert main([*command, str(copy)]) == 1
+    assert f"which still holds it: {copy} is a copy" in capsys.readouterr().err
+    shutil.rmtree(copy)
+
+    moved = root / "moved" / Path(store).name
+    moved.parent.mkdir()
+    shutil.move(store, moved)
+    assert main([*command, str(store)]) == 1
+    assert "no store there (moved or deleted?)" in capsys.readouterr().err
+    assert main([*command, str(moved)]) == 1
+    err = capsys.readouterr().err
+    assert f"registered from file://{store}, which no longer holds it" in err
+    assert "--relocate" in err
+
+    assert main([*command, "--relocate", str(moved)]) == 0
+    assert f"moved here from file://{store}" in capsys.readouterr().out
+    run = tiled_server.catalog()[uid]
+    assert run.metadata["bluesky_zarr"]["store"] == f"file://{moved}"
+    (source,) = run["primary"]["cam_image"].data_sources()
+    assert [a.data_uri for a in source.assets] == [f"file://{moved}/primary/cam_image"]
+    ds = _assert_same_as_zarr(run, moved)
+    assert assert_frames_match(ds, "cam_image", MOTORS_AT, SHAPE) == 12
+    # Registered where it is now, it is up to date.
+    assert main([*command, str(moved)]) == 0
+    assert "unchanged" in capsys.readouterr().out

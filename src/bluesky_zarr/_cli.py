@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ._catalog import DEFAULT_FIELDS
 from ._plan import DEFAULT_NAME_TEMPLATE
@@ -29,9 +30,48 @@ def _positive_int(text: str) -> int:
 
 def _flag_names(message: str) -> str:
     """An error message with the command's flags in place of keyword arguments."""
-    return message.replace("pass overwrite=True", "pass --overwrite").replace(
-        "another name_template", "another --name-template"
+    return (
+        message.replace("pass overwrite=True", "pass --overwrite")
+        .replace("another name_template", "another --name-template")
+        .replace("tiled_api_key= ", "--tiled-api-key ")
+        .replace("tiled= ", "--tiled ")
     )
+
+
+def _tiled_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``ZarrWriter``'s ``tiled=`` options from ``--tiled`` and ``--tiled-api-key``."""
+    api_key = getattr(args, "tiled_api_key", None)
+    if args.tiled is None:
+        if api_key is not None:
+            args.parser.error("--tiled-api-key is given without --tiled")
+        return {}
+    # Without a key, Tiled's client reads TILED_API_KEY itself.
+    return {"tiled": args.tiled, "tiled_api_key": api_key}
+
+
+def _add_tiled_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tiled", metavar="URI", default=None,
+        help="register every run written with this Tiled container, by reference, e.g. "
+        "http://host:8000/api/v1/metadata/raw (default: %(default)s, no registration)",
+    )
+    parser.add_argument(
+        "--tiled-api-key", metavar="KEY", default=argparse.SUPPRESS,
+        help="Tiled API key (default: $TILED_API_KEY)",
+    )
+    parser.set_defaults(parser=parser)
+
+
+def _tiled_failures(command: str, uri: str, failures: list[tuple[str, str]]) -> int:
+    """Report the stores that could not be registered; the exit status."""
+    for store, error in failures:
+        print(f"bluesky-zarr {command}: error: {store} not registered with Tiled: {error}",
+              file=sys.stderr)
+    if failures:
+        stores = " ".join(store for store, _ in failures)
+        print(f"bluesky-zarr {command}: the stores are written; register them with: "
+              f"bluesky-zarr register --tiled {uri} {stores}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -85,16 +125,19 @@ def _replay(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             overwrite=args.overwrite,
             name_template=args.name_template,
+            **_tiled_options(args),
         )
     except ReplayError as err:
         print(_flag_names(format_summary(err.report or ReplayReport(), args.out)))
         print(f"bluesky-zarr replay: error: {_flag_names(str(err))}", file=sys.stderr)
+        if err.report is not None:
+            _tiled_failures("replay", args.tiled, err.report.tiled_failures)
         return 1
     except BlueskyZarrError as err:
         print(f"bluesky-zarr replay: error: {_flag_names(str(err))}", file=sys.stderr)
         return 1
     print(_flag_names(format_summary(report, args.out)))
-    return 0
+    return _tiled_failures("replay", args.tiled, report.tiled_failures)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -144,6 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             name_template=args.name_template,
             durable=args.durable,
+            **_tiled_options(args),
         )
     except BlueskyZarrError as err:
         print(f"bluesky-zarr serve: error: {_flag_names(str(err))}", file=sys.stderr)
@@ -165,7 +209,7 @@ def _register(args: argparse.Namespace) -> int:
     try:
         for store in args.stores:
             try:
-                report = register_store(node, store)
+                report = register_store(node, store, relocate=args.relocate)
             except BlueskyZarrError as err:
                 print(f"bluesky-zarr register: error: {err}", file=sys.stderr)
                 failed += 1
@@ -177,6 +221,13 @@ def _register(args: argparse.Namespace) -> int:
                     f"{len(report.created)} node(s) created, {len(report.updated)} updated"
                 )
             print(f"{store}: run {report.uid}: {status}")
+            if report.relocated_from:
+                print(f"  moved here from {report.relocated_from}")
+            for path in report.removed:
+                print(f"  removed: {path} (no longer in the store)")
+            for uid in report.retired:
+                print(f"  run {uid}, registered from this store before it was replaced: "
+                      f"its streams removed, its entry kept as a record")
             for path, why in report.skipped.items():
                 print(f"  not registered: {path}: {why}")
     finally:
@@ -235,6 +286,7 @@ def _serve_kafka(args: argparse.Namespace) -> int:
             status_interval=args.status_interval,
             name_template=args.name_template,
             durable=args.durable,
+            **_tiled_options(args),
         )
     except BlueskyZarrError as err:
         print(f"bluesky-zarr serve: error: {err}", file=sys.stderr)
@@ -282,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--overwrite", action="store_true", help="replace existing stores")
     replay.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_tiled_options(replay)
     replay.set_defaults(func=_replay)
 
     serve = commands.add_parser(
@@ -335,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--name-template", default=DEFAULT_NAME_TEMPLATE, help="store name over the start doc"
     )
     serve.add_argument("--overwrite", action="store_true", help="replace existing stores")
+    _add_tiled_options(serve)
     serve.set_defaults(func=_serve)
 
     inspect = commands.add_parser(
@@ -361,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument(
         "--api-key", default=argparse.SUPPRESS,
         help="Tiled API key (default: $TILED_API_KEY)"
+    )
+    register.add_argument(
+        "--relocate", action="store_true",
+        help="a run registered from another store that moved here: point its entry here",
     )
     register.set_defaults(func=_register)
 

@@ -56,6 +56,9 @@ class ReplayReport:
 
     runs: list[ReplayedRun] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    #: ``(store, error)`` of each store that could not be registered with Tiled
+    #: (``tiled=``); the stores are written all the same.
+    tiled_failures: list[tuple[str, str]] = field(default_factory=list)
 
 
 def file_format(path: str | os.PathLike[str]) -> tuple[str, bool]:
@@ -224,7 +227,8 @@ def replay(
     progress
         Show a progress bar (tqdm) per file, on stderr.
     **options
-        Keyword options of :class:`~bluesky_zarr.ZarrWriter`.
+        Keyword options of :class:`~bluesky_zarr.ZarrWriter` (with ``tiled=``,
+        each run is registered with Tiled as it is written).
 
     Raises
     ------
@@ -242,6 +246,7 @@ def replay(
             _replay_file(batch, path, report, progress)
         except BaseException as err:
             writer.close(f"replaying {path} failed before the run stopped")
+            report.tiled_failures = writer.tiled_failures
             for run in report.runs:
                 if run.written_points is None and run.skipped is None:
                     batch.count(run)
@@ -249,6 +254,8 @@ def replay(
                 err.report = report
             raise
         report.files.append(str(path))
+    writer.close()  # no run is open: this waits for Tiled and closes its connection
+    report.tiled_failures = writer.tiled_failures
     return report
 
 

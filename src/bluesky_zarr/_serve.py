@@ -45,7 +45,8 @@ class DocumentService:
     prefix
         Only documents published with this prefix (``Publisher(prefix=...)``).
     **options
-        Keyword options of :class:`~bluesky_zarr.ZarrWriter`.
+        Keyword options of :class:`~bluesky_zarr.ZarrWriter` (with ``tiled=``,
+        every run written is registered with that Tiled server).
     """
 
     def __init__(
@@ -58,6 +59,11 @@ class DocumentService:
     ) -> None:
         self.address = parse_address(address)
         self.writer = ZarrWriter(directory, **options)
+        tiled = options.get("tiled")
+        #: Where runs are registered, for the log (a URI, or a client node's).
+        self.tiled: str | None = (
+            None if tiled is None else tiled if isinstance(tiled, str) else str(tiled.uri)
+        )
         self.prefix = prefix
         self.runs_started = 0
         self.runs_stopped = 0
@@ -115,8 +121,9 @@ class DocumentService:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
         logger.info(
-            "listening to the 0MQ proxy at %s:%s; writing runs to %s",
+            "listening to the 0MQ proxy at %s:%s; writing runs to %s%s",
             host, port, self.writer.directory,
+            f"; registering them with Tiled at {self.tiled}" if self.tiled else "",
         )
         try:
             dispatcher.start()
@@ -132,6 +139,13 @@ class DocumentService:
                 )
             self.writer.close(
                 f"the service stopped ({self.stopped_by or 'error'}) before the run stopped"
+            )
+        failures = self.writer.tiled_failures
+        if failures:
+            logger.warning(
+                "%d store(s) not registered with Tiled (written all the same): "
+                "bluesky-zarr register --tiled %s %s",
+                len(failures), self.tiled, " ".join(store for store, _ in failures),
             )
         logger.info(
             "stopped on %s: %d run(s) started, %d stopped, %d document(s) refused",

@@ -14,11 +14,17 @@ mimetype ``application/x-zarr``, the array's directory or object URL): the
 server reads the store where it is, nothing is copied. Registering is
 idempotent: what Tiled already holds and still matches the store is left
 alone; what changed (the stop document, arrays that grew or appeared) is
-updated.
+updated; what the store no longer holds (it was replaced) is removed.
+
+A store replaced by another run (``overwrite=True``, same name) leaves the
+old run's entry a record without data: its streams are removed (they would
+read the new run's arrays), its start and stop documents stay, and its
+``bluesky_zarr`` metadata says ``replaced: {"store": ..., "by": <new uid>}``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -117,10 +123,19 @@ class Registration:
     updated: list[str] = field(default_factory=list)
     #: Arrays not registered, by path, and why (a data type Tiled cannot serve).
     skipped: dict[str, str] = field(default_factory=dict)
+    #: Nodes removed because the store no longer holds them (it was replaced).
+    removed: list[str] = field(default_factory=list)
+    #: Uids of other runs registered from this store before it was replaced:
+    #: their streams are removed, their entries kept as records.
+    retired: list[str] = field(default_factory=list)
+    #: The store the run was registered from before (``relocate=True``), if another.
+    relocated_from: str | None = None
 
     @property
     def changed(self) -> bool:
-        return bool(self.created or self.updated)
+        return bool(
+            self.created or self.updated or self.removed or self.retired or self.relocated_from
+        )
 
 
 def store_uri(
@@ -227,6 +242,113 @@ def _child(parent: Any, key: str) -> Any | None:
         return None
 
 
+def _search(parent: Any, key: str, value: Any) -> Any:
+    """The children of ``parent`` whose metadata ``key`` equals ``value``.
+
+    A catalog of Bluesky runs (bluesky-tiled-plugins) rewrites a query's key to
+    one of the start document; the plain container search does not.
+    """
+    from tiled.client.container import Container
+    from tiled.queries import Eq
+
+    query = Eq(key, value)
+    if isinstance(parent, Container):
+        return Container.search(parent, query)
+    return parent.search(query)
+
+
+def _points_into(node: Any, base_uri: str) -> bool:
+    """Whether every data source of an array node (from a listing with data
+    sources) references the store at ``base_uri``: a node this registered."""
+    sources = node.data_sources() or []
+    return bool(sources) and all(
+        asset.data_uri.startswith(base_uri + "/")
+        for source in sources
+        for asset in source.assets
+    )
+
+
+def _ours(container: Any, base_uri: str) -> bool:
+    """Whether every array below a stream container references the store."""
+    listing = _plain(container).new_variation(include_data_sources=True)
+    return all(_points_into(node, base_uri) for node in listing.values())
+
+
+def _still_holds(uri: str, uid: str) -> bool | None:
+    """Whether the store at a registered ``file://`` URI still holds run ``uid``
+    (None: not a local store, or not readable from here)."""
+    if not uri.startswith("file://"):
+        return None
+    root = Path(uri[len("file://"):]) / "zarr.json"
+    try:
+        attrs = json.loads(root.read_bytes()).get("attributes") or {}
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError):
+        return None
+    start = attrs.get("start") if isinstance(attrs, Mapping) else None
+    return isinstance(start, Mapping) and start.get("uid") == uid
+
+
+def _elsewhere(uid: str, run: Any, store: str | os.PathLike[str]) -> TiledError:
+    """Why a run Tiled holds from another store is not registered from ``store``."""
+    info = run.metadata.get("bluesky_zarr") or {}
+    registered_from = info.get("store")
+    head = f"Tiled already holds a run with uid {uid!r}"
+    relocate = "pass relocate=True (bluesky-zarr register --relocate)"
+    if not _has_spec(run, RUN_SPEC[0]) or not isinstance(info, Mapping) or not info:
+        return TiledError(
+            f"{head} that is not a bluesky-zarr store (written by another tool, such as "
+            f"TiledWriter); not registering {store}"
+        )
+    if registered_from is None:
+        replaced = info.get("replaced") or {}
+        return TiledError(
+            f"{head}, kept as a record since its store {replaced.get('store')} was replaced "
+            f"by run {replaced.get('by')}; to register it from {store}, {relocate}"
+        )
+    holds = _still_holds(str(registered_from), uid)
+    if holds:
+        return TiledError(
+            f"{head}, registered from {registered_from}, which still holds it: {store} is "
+            f"a copy; a run is registered from one store, not registering {store}"
+        )
+    where = (
+        "which no longer holds it (the store moved or was deleted)"
+        if holds is False
+        else "which this machine cannot check"
+    )
+    return TiledError(
+        f"{head}, registered from {registered_from}, {where}; to point the entry at "
+        f"{store} instead, {relocate}"
+    )
+
+
+def _retire_replaced(parent: Any, uid: str, base_uri: str, report: Registration) -> None:
+    """Other runs registered from this store no longer have their data there:
+    remove their streams, keep their entries (start, stop) as records."""
+    for key, old in list(_search(parent, "bluesky_zarr.store", base_uri).items()):
+        if key == uid or not _has_spec(old, RUN_SPEC[0]):
+            continue
+        old = _plain(old)
+        for name, stream in list(old.items()):
+            if _has_spec(stream, DATASET_SPEC) and _ours(stream, base_uri):
+                # Only the records go: external data is never deleted by Tiled.
+                old.delete_contents([name], recursive=True, external_only=True)
+        metadata = dict(old.metadata)
+        info = dict(metadata.get("bluesky_zarr") or {})
+        info.pop("store", None)
+        info["replaced"] = {"store": base_uri, "by": uid}
+        metadata["bluesky_zarr"] = info
+        old.replace_metadata(metadata=metadata, drop_revision=True)
+        report.retired.append(str(key))
+        logger.info(
+            "bluesky-zarr: run %s was registered from %s, which now holds run %s: "
+            "its streams are removed from Tiled, its entry kept as a record",
+            key, base_uri, uid,
+        )
+
+
 def _as_json(value: Any) -> Any:
     """``value`` as the server gives it back (dataclasses and tuples as JSON)."""
     import orjson
@@ -260,6 +382,7 @@ def register_store(
     store: str | os.PathLike[str],
     *,
     storage_options: Mapping[str, Any] | None = None,
+    relocate: bool = False,
 ) -> Registration:
     """Register (or bring up to date) one store as a BlueskyRun below ``parent``.
 
@@ -271,16 +394,24 @@ def register_store(
         A bluesky-zarr store: a directory, or an ``s3://`` URL (with
         ``storage_options`` to read it here; the Tiled server reads it with its
         own configured credentials).
+    relocate
+        The run is registered from another store that no longer holds it (the
+        store moved): point its entry at ``store``. Without it, such a run is
+        refused.
+
+    Other runs registered from this store's URI before it was replaced
+    (``overwrite=True``) keep their entries as records without streams.
 
     Raises
     ------
     TiledError
-        The store is not a bluesky-zarr store, a run with its uid is registered
-        from another store, or the server refused or could not be reached.
+        The store does not exist or is not a bluesky-zarr store, a run with its
+        uid is registered from another store, or the server refused or could
+        not be reached.
     """
     _tiled()
     try:
-        return _register(parent, store, storage_options)
+        return _register(parent, store, storage_options, relocate)
     except TiledError:
         raise
     except Exception as err:  # noqa: BLE001 - httpx, server and store errors alike
@@ -288,12 +419,19 @@ def register_store(
 
 
 def _register(
-    parent: Any, store: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+    parent: Any,
+    store: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None,
+    relocate: bool = False,
 ) -> Registration:
     zstore = open_store(store, storage_options, read_only=True)
     try:
         root = zarr.open_group(zstore, mode="r", zarr_format=3)
-    except (FileNotFoundError, ValueError, TypeError) as err:
+    except FileNotFoundError as err:
+        if is_url(store) or not Path(store).exists():
+            raise TiledError(f"{store}: no store there (moved or deleted?)") from err
+        raise TiledError(f"{store} is not a Zarr V3 store: it has no zarr.json") from err
+    except (ValueError, TypeError) as err:
         raise TiledError(f"{store} is not a Zarr V3 store: {err!r}") from err
     attrs: dict[str, Any] = dict(root.attrs.asdict())
     start = attrs.get("start")
@@ -311,24 +449,47 @@ def _register(
 
     run = _child(parent, uid)
     if run is None:
+        # A new run in a store that held another one (overwrite=True): that
+        # run's entry must stop reading this store's arrays first.
+        _retire_replaced(parent, uid, base_uri, report)
         run = parent.create_container(
             key=uid, metadata=metadata, specs=[_spec(*RUN_SPEC)]
         )
         report.created.append(uid)
     else:
-        registered_from = (run.metadata.get("bluesky_zarr") or {}).get("store")
-        if not _has_spec(run, RUN_SPEC[0]) or registered_from != base_uri:
-            raise TiledError(
-                f"Tiled already holds a run with uid {uid!r} that is not this store "
-                f"({registered_from or 'not a bluesky-zarr store'}); not registering {store}"
+        info = run.metadata.get("bluesky_zarr") or {}
+        registered_from = info.get("store") if isinstance(info, Mapping) else None
+        if registered_from != base_uri:
+            if not (relocate and _has_spec(run, RUN_SPEC[0]) and info):
+                raise _elsewhere(uid, run, store)
+            _retire_replaced(parent, uid, base_uri, report)
+            # A run kept as a record names the store it was replaced in.
+            replaced = info.get("replaced") if isinstance(info, Mapping) else None
+            report.relocated_from = str(
+                registered_from
+                or (replaced.get("store") if isinstance(replaced, Mapping) else None)
+                or "an unknown store"
             )
         if not _same_metadata(run, metadata):
             run.replace_metadata(metadata=metadata, drop_revision=True)
             report.updated.append(uid)
     run = _plain(run)
 
-    for stream_name, group in sorted(root.groups()):
+    streams = dict(sorted(root.groups()))
+    for stream_name, group in streams.items():
         _register_stream(run, stream_name, group, zstore, base_uri, report)
+    # Streams of the run the store no longer holds (a replaced store, or one
+    # moved here from a store that had more). Looked for only when the run's
+    # metadata changed: a run written again passes through a state (no stop
+    # document, or a new one) that its old entry did not hold; a registration
+    # of an open run every few seconds needs no listing more.
+    if uid not in report.updated and not report.relocated_from:
+        return report
+    for name, node in list(run.items()):
+        if name not in streams and _has_spec(node, DATASET_SPEC):
+            if report.relocated_from or _ours(node, base_uri):
+                run.delete_contents([name], recursive=True, external_only=True)
+                report.removed.append(f"{uid}/{name}")
     return report
 
 
@@ -362,6 +523,12 @@ def _register_stream(
 
     # Every array already registered, with its data source, in one listing.
     registered = dict(_plain(node).new_variation(include_data_sources=True).items())
+    # Arrays registered before that the group no longer holds (the store was
+    # replaced): removed, so that the dataset reads what the store holds.
+    for key in sorted(set(registered) - set(variables)):
+        if _points_into(registered[key], base_uri) or report.relocated_from:
+            node.delete_contents([key], external_only=True)
+            report.removed.append(f"{path}/{key}")
     for key, (dims, is_coord, var_attrs) in sorted(variables.items()):
         array = group[key]
         if not isinstance(array, zarr.Array):  # xarray's variables are arrays
@@ -369,11 +536,21 @@ def _register_stream(
         why_not = _servable(array)
         if why_not is not None:
             report.skipped[f"{path}/{key}"] = why_not
+            if key in registered:  # registered from the store this one replaced
+                node.delete_contents([key], external_only=True)
+                report.removed.append(f"{path}/{key}")
             continue
         data_source = _data_source(array, dims, f"{base_uri}/{name}/{key}")
         specs = [_spec(COORD_SPEC if is_coord else DATA_VAR_SPEC)]
         var_metadata = {"attrs": var_attrs}
         existing = registered.get(key)
+        if existing is not None and [a.data_uri for a in existing.data_sources()[0].assets] != [
+            a.data_uri for a in data_source.assets
+        ]:
+            # Another store's array (the run moved): a data source's assets are
+            # added to, never replaced, by Tiled; the node is made again.
+            node.delete_contents([key], external_only=True)
+            existing = None
         if existing is None:
             node.new(
                 StructureFamily.array,
@@ -386,9 +563,7 @@ def _register_stream(
             continue
         changed = False
         current = existing.data_sources()[0]
-        if _as_json(current.structure) != _as_json(data_source.structure) or [
-            a.data_uri for a in current.assets
-        ] != [a.data_uri for a in data_source.assets]:
+        if _as_json(current.structure) != _as_json(data_source.structure):
             _put_data_source(existing, data_source)
             changed = True
         if not _same_metadata(existing, var_metadata) or [s.name for s in existing.specs] != [
