@@ -332,6 +332,12 @@ class BlockBuffer:
         #: Partially filled blocks, oldest first.
         self._open: dict[tuple[int, tuple[int, ...]], tuple[BlockOwner, ArraySink]] = {}
 
+    def stop(self) -> None:
+        """End the worker and reader threads once their queued jobs are done
+        (the next job starts them again)."""
+        self.workers.stop()
+        self.reader.stop()
+
     def place(
         self, stream: BlockOwner, sink: ArraySink, index: tuple[int, ...], value: Any
     ) -> None:
