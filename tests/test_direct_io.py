@@ -412,13 +412,23 @@ class WriteCounter:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.direct: dict[str, int] = {}
+        #: Points whose chunks were encoded as they arrived, by array.
+        self.on_arrival: dict[str, int] = {}
         self.merges: dict[str, int] = {}
         self.blocks: dict[str, int] = {}
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         direct_write = DirectWriter.write
+        encode_point = DirectWriter.encode_point
         write_block = StreamWriter.write_block
         counter = self
+
+        def counted_encode(self: DirectWriter, *args: Any) -> Any:
+            encoded = encode_point(self, *args)
+            with counter.lock:
+                name = self.path.rsplit("/", 1)[-1]
+                counter.on_arrival[name] = counter.on_arrival.get(name, 0) + 1
+            return encoded
 
         def counted_write(self: DirectWriter, *args: Any, **kwargs: Any) -> None:
             direct_write(self, *args, **kwargs)
@@ -434,6 +444,7 @@ class WriteCounter:
                     counter.merges[sink.name] = counter.merges.get(sink.name, 0) + 1
 
         monkeypatch.setattr(DirectWriter, "write", counted_write)
+        monkeypatch.setattr(DirectWriter, "encode_point", counted_encode)
         monkeypatch.setattr(StreamWriter, "write_block", counted_block)
 
 
@@ -449,6 +460,8 @@ class Scan:
     #: Whether blocks of cam_image must also have merged with what was on disk.
     merges: bool = False
     dtype: str = "uint16"
+    #: Whether cam_image's chunks must have been encoded as their frames came.
+    on_arrival: bool = False
 
 
 SMALL = (16, 24)
@@ -458,10 +471,11 @@ SMALL_BYTES = SMALL[0] * SMALL[1] * 2
 
 SCANS = {
     "default-row-shards": Scan(
-        SMALL, {}, ("cam_image", "det", "seq_num", "time"), (1, 1) + SMALL, (1, N_INNER) + SMALL
+        SMALL, {}, ("cam_image", "det", "seq_num", "time"), (1, 1) + SMALL, (1, N_INNER) + SMALL,
+        on_arrival=True,
     ),
     "large-frames": Scan(
-        LARGE, {}, ("cam_image", "det"), (1, 1) + LARGE, (1, N_INNER) + LARGE
+        LARGE, {}, ("cam_image", "det"), (1, 1) + LARGE, (1, N_INNER) + LARGE, on_arrival=True
     ),
     # Chunks of all wavelengths at a position complete only in the last row;
     # a small buffer spills them early, and later blocks merge.
@@ -484,13 +498,15 @@ SCANS = {
         ("cam_image",),
         (1, 1) + SMALL,
         (N_OUTER, 2) + SMALL,
+        on_arrival=True,
     ),
     "uncompressed": Scan(
         SMALL, {"compressors": None}, ("cam_image", "det"), (1, 1) + SMALL, (1, N_INNER) + SMALL
     ),
     # The camera declares big-endian frames (dtype_numpy '>u2').
     "big-endian-frames": Scan(
-        SMALL, {}, ("cam_image",), (1, 1) + SMALL, (1, N_INNER) + SMALL, dtype=">u2"
+        SMALL, {}, ("cam_image",), (1, 1) + SMALL, (1, N_INNER) + SMALL, dtype=">u2",
+        on_arrival=True,
     ),
 }
 
@@ -566,6 +582,9 @@ def test_a_scan_written_directly_is_the_scan_written_by_zarr_python(
 
     for array in scan.direct:
         assert counter.direct.get(array, 0) > 0, f"{array} never took the direct path"
+    # Frames encoded as they arrived (every point once), or not at all.
+    encoded = counter.on_arrival.get("cam_image", 0)
+    assert encoded == (N_OUTER * N_INNER if scan.on_arrival else 0)
     if scan.merges:
         assert counter.merges.get("cam_image", 0) > 0, "no block of cam_image merged"
         # Merged blocks are read back and written through the direct path too.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import warnings
@@ -50,3 +51,54 @@ def test_consolidation_ignores_warning_scopes_of_other_threads(tmp_path):
     assert isinstance(group, zarr.Group)
     np.testing.assert_array_equal(group["k"][...], np.arange(1.0, 21.0))
     assert bool(group["_written"][...].all())
+
+
+def _writer_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("bluesky-zarr-")}
+
+
+def _wait_until_gone(threads: set[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in threads), "the writer's threads did not end"
+
+
+def _one_run(writer: ZarrWriter, value: float) -> None:
+    bundle = compose_run(metadata={})
+    descriptor = bundle.compose_descriptor(
+        data_keys={"k": {"dtype": "number", "shape": [], "source": "SIM:k"}}, name="primary"
+    )
+    writer("start", dict(bundle.start_doc))
+    writer("descriptor", dict(descriptor.descriptor_doc))
+    event = descriptor.compose_event(data={"k": value}, timestamps={"k": 0.0}, seq_num=1)
+    writer("event", dict(event))
+    writer("stop", dict(bundle.compose_stop()))
+
+
+def test_a_closed_writer_ends_its_threads_and_a_later_run_starts_them_again(tmp_path):
+    before = _writer_threads()
+    writer = ZarrWriter(tmp_path)
+    _one_run(writer, 1.5)
+    started = _writer_threads() - before
+    assert started, "the run wrote through no worker thread"
+    writer.close()
+    _wait_until_gone(started)
+    _one_run(writer, 2.5)
+    values = sorted(
+        float(zarr.open_group(store, mode="r")["primary/k"][0]) for store in writer.stores
+    )
+    assert values == [1.5, 2.5]
+    again = _writer_threads() - before
+    writer.close()
+    _wait_until_gone(again)
+
+
+def test_a_writer_that_is_dropped_ends_its_threads(tmp_path):
+    before = _writer_threads()
+    writer = ZarrWriter(tmp_path)
+    _one_run(writer, 1.0)
+    started = _writer_threads() - before
+    assert started
+    del writer
+    gc.collect()
+    _wait_until_gone(started)

@@ -75,11 +75,22 @@ class Workers:
                     threading.Thread(
                         target=self._work, args=(jobs,), name=f"{self.name}-{n}", daemon=True
                     ).start()
-        self._queues[lane % self.count].put(item)
+            self._queues[lane % self.count].put(item)
+
+    def stop(self) -> None:
+        """Let the threads end once the jobs queued so far are done (a later
+        job starts new ones)."""
+        with self._lock:
+            queues, self._queues = self._queues, []
+            for jobs in queues:
+                jobs.put(None)
 
     def _work(self, jobs: queue.SimpleQueue) -> None:
         while True:
-            owner, job, nbytes, copies, what, done = jobs.get()
+            item = jobs.get()
+            if item is None:
+                return
+            owner, job, nbytes, copies, what, done = item
             self.budget.activate(copies * nbytes)
             failure = None
             try:
@@ -89,9 +100,10 @@ class Workers:
                 failure = Failure(err, what)
             finally:
                 done()
-                # What the job freed leaves the process before the budget
-                # counts it free (see release_free_memory).
-                release_free_memory()
+                if nbytes:
+                    # What the job freed leaves the process before the budget
+                    # counts it free (see release_free_memory).
+                    release_free_memory()
                 self.budget.finish(nbytes, copies)
                 owner.finished(failure)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -70,6 +70,11 @@ class Block:
     expected: int
     born: float
     nbytes: int
+    #: Chunks encoded as their points arrived, by position in the shard
+    #: (sinks that encode on arrival, see ``ArraySink.encodes_on_arrival``).
+    encoded: dict[tuple[int, ...], Any] = field(default_factory=dict)
+    #: Bytes reserved for ``encoded`` besides the block itself.
+    allowance: int = 0
 
 
 class ArraySink:
@@ -103,8 +108,18 @@ class ArraySink:
         #: Copies of a block made while it is written, and while it is merged
         #: with what is on disk (the image read back and the file's bytes too).
         direct = self.io.direct
+        #: Each point's chunks are encoded by the workers as the point
+        #: arrives, so a complete shard is only assembled and written.
+        self.encodes_on_arrival = (
+            direct is not None
+            and direct.encodes_points_apart(n_scan, self.frame_shape)
+            and self.block_shape == tuple(unit[:n_scan])
+        )
         if direct is None:
             self._copies = (ENCODE_COPIES, MERGE_COPIES)
+        elif self.encodes_on_arrival:
+            # The encoded chunks are held beside the block (its allowance).
+            self._copies = (0, 2)
         else:
             encode = direct.copies + (np.dtype(array.dtype) != self.dtype)
             self._copies = (encode, encode + 2)
@@ -197,9 +212,12 @@ class MemoryBudget:
     def _note_peak(self) -> None:
         self.peak = max(self.peak, self.used)
 
-    def try_reserve(self, nbytes: int, copies: tuple[int, int] = (1, 1)) -> bool:
+    def try_reserve(
+        self, nbytes: int, copies: tuple[int, int] = (1, 1), held: int = 0
+    ) -> bool:
         """Reserve a block of ``nbytes`` whose writing makes ``copies``
-        (encoding, merging) of it, if the bound allows."""
+        (encoding, merging) of it, if the bound allows; ``held``: bytes of the
+        same block reserved already."""
         with self._cond:
             # Keep room for the copies the workers will make when they write:
             # each worker encoding a block, or one merging a block (a second
@@ -208,7 +226,7 @@ class MemoryBudget:
             headroom = max(self.headroom, max(merge, encode * self.workers) * nbytes)
             # A block larger than the whole budget is still allowed alone,
             # otherwise it could never be written.
-            if self.reserved + nbytes + headroom > self.limit and self.reserved > 0:
+            if self.reserved + nbytes + headroom > self.limit and self.reserved > held:
                 return False
             self.headroom = headroom
             self.reserved += nbytes
@@ -314,6 +332,12 @@ class BlockBuffer:
         #: Partially filled blocks, oldest first.
         self._open: dict[tuple[int, tuple[int, ...]], tuple[BlockOwner, ArraySink]] = {}
 
+    def stop(self) -> None:
+        """End the worker and reader threads once their queued jobs are done
+        (the next job starts them again)."""
+        self.workers.stop()
+        self.reader.stop()
+
     def place(
         self, stream: BlockOwner, sink: ArraySink, index: tuple[int, ...], value: Any
     ) -> None:
@@ -328,10 +352,18 @@ class BlockBuffer:
                 self._reserve(nbytes, sink.copies(nbytes), stream)
                 data = np.empty(shape, dtype=dtype)
             block = stream.new_block(sink, key, data)
+            if sink.encodes_on_arrival:
+                # Room for the encoded chunks (at most about the block's size).
+                self._reserve(
+                    block.nbytes, sink.copies(block.nbytes), stream, held=block.nbytes
+                )
+                block.allowance = block.nbytes
             sink.blocks[key] = block
             self._open[(id(sink), key)] = (stream, sink)
         local = tuple(i - o for i, o in zip(index, block.origin))
         block.data[local] = value
+        if sink.encodes_on_arrival:
+            self._encode(stream, sink, key, block, local)
         if not block.filled[local]:
             block.filled[local] = True
             block.count += 1
@@ -346,18 +378,51 @@ class BlockBuffer:
         sink.submitted.add(key)
         background = stream.run.background
         assert background is not None
+
+        def done() -> None:
+            self.pool.give(block.data)
+            if block.allowance:
+                self.budget.free(block.allowance)
+
         background.submit(
             hash((id(sink), key)),
             lambda: stream.write_block(sink, block, merge),
             block.nbytes,
             f"writing {stream.name}/{sink.name} at {block.origin}",
-            lambda: self.pool.give(block.data),
+            done,
             copies=sink.copies(block.nbytes)[1 if merge else 0],
         )
 
-    def _reserve(self, nbytes: int, copies: tuple[int, int], stream: BlockOwner) -> None:
-        """Make room for a new block: spill old partial blocks, else wait."""
-        while not self.budget.try_reserve(nbytes, copies):
+    def _encode(
+        self,
+        stream: BlockOwner,
+        sink: ArraySink,
+        key: tuple[int, ...],
+        block: Block,
+        point: tuple[int, ...],
+    ) -> None:
+        """Encode one point's chunks in the background, ahead of the block's
+        write (queued on the same worker, so the write comes after; a point
+        placed again is encoded again, after)."""
+        direct = sink.io.direct
+        assert direct is not None
+        background = stream.run.background
+        assert background is not None
+        background.submit(
+            hash((id(sink), key)),
+            lambda: block.encoded.update(direct.encode_point(block.data, point)),
+            0,
+            f"encoding {stream.name}/{sink.name} at {block.origin}",
+            lambda: None,
+            copies=0,
+        )
+
+    def _reserve(
+        self, nbytes: int, copies: tuple[int, int], stream: BlockOwner, held: int = 0
+    ) -> None:
+        """Make room for a new block (``held``: its bytes reserved already):
+        spill old partial blocks, else wait."""
+        while not self.budget.try_reserve(nbytes, copies, held):
             if self.pool.drop():
                 continue
             if self.budget.in_flight >= nbytes or not self._open:

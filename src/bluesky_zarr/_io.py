@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -176,10 +176,17 @@ class DirectWriter:
         fill = np.asarray(metadata.fill_value, dtype=dtype)
         return cls(store, array.path, unit, fill, encoder, sharding)
 
-    def write(self, origin: tuple[int, ...], data: np.ndarray, shape: tuple[int, ...]) -> None:
+    def write(
+        self,
+        origin: tuple[int, ...],
+        data: np.ndarray,
+        shape: tuple[int, ...],
+        encoded: Mapping[tuple[int, ...], Any] | None = None,
+    ) -> None:
         """Write ``data``, placed at ``origin`` and spanning whole write units
         (or ending at the edge of the array, whose shape is ``shape``), one
-        file per unit."""
+        file per unit. ``encoded`` holds chunks already encoded (see
+        :meth:`encode_point`), by position in the one shard ``data`` spans."""
         origin = tuple(origin) + (0,) * (data.ndim - len(origin))
         # The array's own dtype, byte order included: its bytes are what is encoded.
         data = data.astype(self.encode.dtype, copy=False)
@@ -187,7 +194,33 @@ class DirectWriter:
             range(o // u, -(-(o + n) // u)) for o, n, u in zip(origin, data.shape, self.unit)
         ]
         for key in itertools.product(*ranges):
-            self._write_unit(key, self._unit_data(key, origin, data), shape)
+            self._write_unit(key, self._unit_data(key, origin, data), shape, encoded)
+
+    def encodes_points_apart(self, n_scan: int, frame_shape: tuple[int, ...]) -> bool:
+        """Whether each point's chunks can be encoded on their own, as the
+        point arrives: a compressed shard whose chunks each hold one point
+        and whose frames fill it exactly (no padding at a frame's edge)."""
+        return (
+            self.sharding is not None
+            and self.encode.blosc is not None
+            and all(c == 1 for c in self.chunk[:n_scan])
+            and tuple(self.unit[n_scan:]) == tuple(frame_shape)
+        )
+
+    def encode_point(
+        self, block: np.ndarray, point: tuple[int, ...]
+    ) -> dict[tuple[int, ...], Any]:
+        """The encoded chunks of one point of ``block`` (the scan part of the
+        image of one shard, from its first point), by position in the shard;
+        see :meth:`encodes_points_apart`."""
+        data = block[point].astype(self.encode.dtype, copy=False)
+        frame_chunks = self.per_shard[len(point) :]
+        chunk = self.chunk[len(point) :]
+        out = {}
+        for position in itertools.product(*(range(n) for n in frame_chunks)):
+            part = data[tuple(slice(p * c, (p + 1) * c) for p, c in zip(position, chunk))]
+            out[point + position] = self.encode(part)
+        return out
 
     def read(
         self, origin: tuple[int, ...], size: tuple[int, ...], out: np.ndarray | None = None
@@ -265,16 +298,26 @@ class DirectWriter:
         full[within] = part
         return full
 
-    def _write_unit(self, key: tuple[int, ...], unit: np.ndarray, shape: tuple[int, ...]) -> None:
+    def _write_unit(
+        self,
+        key: tuple[int, ...],
+        unit: np.ndarray,
+        shape: tuple[int, ...],
+        encoded: Mapping[tuple[int, ...], Any] | None = None,
+    ) -> None:
         name = f"{self.path}/c/{'/'.join(str(k) for k in key)}"
         if self.sharding is None:
             self.store.write_parts(name, [self.encode(unit)])
             return
         start = tuple(k * u for k, u in zip(key, self.unit))
-        self.store.write_parts(name, list(self._shard(unit, start, shape)))
+        self.store.write_parts(name, list(self._shard(unit, start, shape, encoded or {})))
 
     def _shard(
-        self, unit: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]
+        self,
+        unit: np.ndarray,
+        start: tuple[int, ...],
+        shape: tuple[int, ...],
+        encoded: Mapping[tuple[int, ...], Any],
     ) -> Iterator[Any]:
         """The parts of a shard file: chunks in zarr-python's order, and the
         index (chunks wholly past the array's edge are left out, as absent)."""
@@ -285,11 +328,15 @@ class DirectWriter:
             corner = tuple(s + p * c for s, p, c in zip(start, position, self.chunk))
             if any(x >= n for x, n in zip(corner, shape)):
                 continue
-            chunk = unit[tuple(slice(p * c, (p + 1) * c) for p, c in zip(position, self.chunk))]
-            encoded = self.encode(chunk)
-            length = memoryview(encoded).nbytes
+            chunk_bytes = encoded.get(position)
+            if chunk_bytes is None:
+                chunk = unit[
+                    tuple(slice(p * c, (p + 1) * c) for p, c in zip(position, self.chunk))
+                ]
+                chunk_bytes = self.encode(chunk)
+            length = memoryview(chunk_bytes).nbytes
             index[position] = (offset, length)
-            parts.append(encoded)
+            parts.append(chunk_bytes)
             offset += length
         if self.index_at_start:
             present = index[..., 0] != _ABSENT
@@ -317,10 +364,17 @@ class UnitIO:
     def __init__(self, array: zarr.Array) -> None:
         self.direct = DirectWriter.of(array)
 
-    def write(self, array: zarr.Array, origin: tuple[int, ...], data: np.ndarray) -> None:
-        """Write ``data`` at ``origin``, spanning whole units (or ending at the array's edge)."""
+    def write(
+        self,
+        array: zarr.Array,
+        origin: tuple[int, ...],
+        data: np.ndarray,
+        encoded: Mapping[tuple[int, ...], Any] | None = None,
+    ) -> None:
+        """Write ``data`` at ``origin``, spanning whole units (or ending at the
+        array's edge); ``encoded``: chunks the direct path encoded already."""
         if self.direct is not None:
-            self.direct.write(origin, data, array.shape)
+            self.direct.write(origin, data, array.shape, encoded)
         else:
             array[_region(origin, data.shape)] = data
 

@@ -394,7 +394,7 @@ class StreamWriter:
                 reused = None
             current[filled] = data[filled]
             data = current
-        sink.io.write(sink.array, block.origin, data)
+        sink.io.write(sink.array, block.origin, data, block.encoded)
         if reused is not None:
             self.run.buffer.pool.give(reused)
 

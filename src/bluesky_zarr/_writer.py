@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,8 @@ class ZarrWriter:
             root_map=root_map,
         )
         self.buffer = BlockBuffer(self.options.max_buffer_bytes, self.options.workers)
+        # The threads end with the writer (or at close()).
+        weakref.finalize(self, self.buffer.stop)
         self._router = RunRouter(
             [self._factory], filler_class=_PassThrough  # type: ignore[arg-type]
         )
@@ -441,6 +444,7 @@ class ZarrWriter:
             self._forget(uid)
         if self._tiled is not None:
             self._tiled.close()
+        self.buffer.stop()
         if errors:
             raise errors[0]
 
