@@ -16,6 +16,7 @@ opens and reads the store.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 from collections.abc import Mapping
@@ -88,7 +89,7 @@ def array_metadata(
 ) -> ArrayV3Metadata:
     """The metadata ``zarr.create_array`` writes for these arguments (Zarr V3),
     made without touching a store."""
-    zdtype = parse_dtype(dtype, zarr_format=3)
+    zdtype = _zarr_dtype(dtype)
     shard_shape, chunk_shape = _auto_partition(
         array_shape=shape,
         shard_shape=shards,
@@ -117,6 +118,13 @@ def array_metadata(
         dimension_names=dimension_names,
         attributes=attributes,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _zarr_dtype(dtype: Any) -> Any:
+    """zarr-python's data type for ``dtype`` (its lookup is slow; the
+    result is immutable, so it is looked up once per dtype)."""
+    return parse_dtype(dtype, zarr_format=3)
 
 
 class StoreMetadata:

@@ -206,7 +206,7 @@ class GuardedLocalStore(LocalStore):
                     _write_all(fd, parts)
                     if self.durable:
                         os.fsync(fd)
-                    else:
+                    elif sum(memoryview(p).nbytes for p in parts) >= WRITEBACK_FROM_BYTES:
                         start_writeback(fd)
                 finally:
                     os.close(fd)
@@ -243,6 +243,11 @@ def _sync_file_range() -> Any:
 _SYNC_FILE_RANGE = _sync_file_range()
 #: ``SYNC_FILE_RANGE_WRITE``: start writing the file's dirty pages, do not wait.
 _SYNC_FILE_RANGE_WRITE = 2
+
+
+#: Files from this size on have their writeback started as they are written
+#: (smaller ones, metadata and masks, go with the kernel's next writeback).
+WRITEBACK_FROM_BYTES = 2**20
 
 
 def start_writeback(fd: int) -> None:
