@@ -89,3 +89,38 @@ def assert_written_points_hold_their_frames(
         )
         assert ds["seq_num"].values[index] > 0
     return written
+
+
+def fly(
+    det: Any,
+    events: int,
+    frames_per_event: int,
+    *,
+    livetime: float = 0.2,
+    deadtime: float = 0.05,
+    flush_period: float = 0.1,
+) -> Any:
+    """A fly scan of an ophyd-async detector: ``events`` points of
+    ``frames_per_event`` frames each, collected as the detector goes."""
+    import bluesky.plan_stubs as bps
+    import bluesky.preprocessors as bpp
+    from ophyd_async.core import TriggerInfo
+
+    @bpp.stage_decorator([det])
+    @bpp.run_decorator()
+    def inner() -> Any:
+        info = TriggerInfo(
+            number_of_events=events,
+            collections_per_event=frames_per_event,
+            livetime=livetime,
+            deadtime=deadtime,
+        )
+        yield from bps.prepare(det, info, wait=True)
+        yield from bps.declare_stream(det, name="primary")
+        yield from bps.kickoff(det, wait=True)
+        yield from bps.collect_while_completing(
+            flyers=[det], dets=[det], flush_period=flush_period
+        )
+
+    return inner()
+

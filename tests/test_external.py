@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import bluesky.plan_stubs as bps
-import bluesky.preprocessors as bpp
 import h5py
 import numpy as np
 import pytest
@@ -31,7 +30,6 @@ from ophyd.sim import SynSignalWithRegistry, hw
 from ophyd_async import sim
 from ophyd_async.core import (
     StaticPathProvider,
-    TriggerInfo,
     UUIDFilenameProvider,
     init_devices,
 )
@@ -49,7 +47,7 @@ from bluesky_zarr import (
 )
 from bluesky_zarr.sim import frame_at, motors
 
-from conftest import assert_frames_match, iter_points, open_stream, open_tree
+from conftest import assert_frames_match, fly, iter_points, open_stream, open_tree
 
 Docs = list[tuple[str, dict[str, Any]]]
 
@@ -368,27 +366,6 @@ def test_ophyd_async_blob_detector_step_scan_over_sim_motors(RE, tmp_path, snake
         "det",
         "det-sum",
     }
-
-
-def fly(det: Any, events: int, frames_per_event: int) -> Any:
-    """Acquire ``events`` points of ``frames_per_event`` frames each, collecting
-    as the detector goes."""
-
-    @bpp.stage_decorator([det])
-    @bpp.run_decorator()
-    def inner() -> Any:
-        info = TriggerInfo(
-            number_of_events=events,
-            collections_per_event=frames_per_event,
-            livetime=0.2,
-            deadtime=0.05,
-        )
-        yield from bps.prepare(det, info, wait=True)
-        yield from bps.declare_stream(det, name="primary")
-        yield from bps.kickoff(det, wait=True)
-        yield from bps.collect_while_completing(flyers=[det], dets=[det], flush_period=0.1)
-
-    return inner()
 
 
 @pytest.mark.parametrize("frames_per_event", [1, 3])

@@ -58,7 +58,7 @@ from bluesky_zarr import (
 )
 from bluesky_zarr.sim import frame_at
 
-from conftest import iter_points, open_stream
+from conftest import fly, iter_points, open_stream
 
 Docs = list[tuple[str, dict[str, Any]]]
 
@@ -253,6 +253,9 @@ class Setup:
     log: list[Written]
 
 
+#: Fly scans of the test detector, quickly.
+FAST = {"livetime": 0.01, "deadtime": 0.01, "flush_period": 0.05}
+
 def make_setup(RE: Any, tmp_path: Path, fmt: str, **logic: Any) -> Setup:
     directory = tmp_path / "detector"
     directory.mkdir(exist_ok=True)
@@ -410,24 +413,6 @@ def test_several_frames_per_point_of_a_snaked_grid(RE, tmp_path, fmt, chunk_shap
         np.testing.assert_array_equal(ds["det"].isel(point).values[0], setup.log[12].frame)
 
 
-def fly(det: Any, events: int, frames_per_event: int) -> Any:
-    @bpp.stage_decorator([det])
-    @bpp.run_decorator()
-    def inner() -> Any:
-        info = TriggerInfo(
-            number_of_events=events,
-            collections_per_event=frames_per_event,
-            livetime=0.01,
-            deadtime=0.01,
-        )
-        yield from bps.prepare(det, info, wait=True)
-        yield from bps.declare_stream(det, name="primary")
-        yield from bps.kickoff(det, wait=True)
-        yield from bps.collect_while_completing(flyers=[det], dets=[det], flush_period=0.05)
-
-    return inner()
-
-
 @pytest.mark.parametrize("fmt", ["tiff", "zarr"])
 def test_fly_scan_reads_many_events_in_batches(RE, tmp_path, monkeypatch, fmt):
     # Two events a read: a stream_datum of many events takes several.
@@ -444,7 +429,7 @@ def test_fly_scan_reads_many_events_in_batches(RE, tmp_path, monkeypatch, fmt):
     docs = record(RE)
     writer = ZarrWriter(tmp_path / "data")
     RE.subscribe(writer)
-    RE(fly(setup.det, 12, 2))
+    RE(fly(setup.det, 12, 2, **FAST))
     spans = [d["indices"]["stop"] - d["indices"]["start"] for d in by_kind(docs, "stream_datum")]
     assert sum(spans) == 12
     ds = open_stream(writer.stores[0])
@@ -511,7 +496,7 @@ def test_multipage_tiffs_joined_by_concat(RE, tmp_path):
     joined along the declared leading dimension."""
     setup = make_setup(RE, tmp_path, "tiff")
     docs = record(RE)
-    RE(fly(setup.det, 3, 4))
+    RE(fly(setup.det, 3, 4, **FAST))
     (sres,) = by_kind(docs, "stream_resource")
     directory = Path(urlparse(sres["uri"]).path)
     frames = np.stack([w.frame for w in setup.log])
@@ -530,7 +515,7 @@ def test_multipage_tiffs_joined_by_concat(RE, tmp_path):
 def test_zarr_rows_joined_by_concat(RE, tmp_path):
     setup = make_setup(RE, tmp_path, "zarr")
     docs = record(RE)
-    RE(fly(setup.det, 4, 3))
+    RE(fly(setup.det, 4, 3, **FAST))
     for doc in by_kind(docs, "stream_resource"):
         doc["parameters"]["join_method"] = "concat"
     writer = ZarrWriter(tmp_path / "data")
@@ -568,7 +553,7 @@ def test_a_missing_file_raises_naming_it_and_earlier_points_stay(RE, tmp_path, f
 def test_a_missing_file_inside_an_event_is_raised_from_the_reader_thread(RE, tmp_path):
     setup = make_setup(RE, tmp_path, "tiff")
     docs = record(RE)
-    RE(fly(setup.det, 4, 3))
+    RE(fly(setup.det, 4, 3, **FAST))
     gone = setup.log[7].where  # the middle frame of event 2
     Path(gone).unlink()
     writer = ZarrWriter(tmp_path / "data")

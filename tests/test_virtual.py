@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import bluesky.plan_stubs as bps
-import bluesky.preprocessors as bpp
 import h5py
 import hdf5plugin
 import numpy as np
@@ -31,7 +30,6 @@ from bluesky.plans import grid_scan
 from ophyd_async import sim
 from ophyd_async.core import (
     StaticPathProvider,
-    TriggerInfo,
     UUIDFilenameProvider,
     init_devices,
 )
@@ -41,6 +39,8 @@ from bluesky_zarr import ZarrWriter, open_virtual
 from bluesky_zarr._cli import main
 from bluesky_zarr._external import AreaDetectorHDF5Handler
 from bluesky_zarr._inspect import describe_store
+
+from conftest import fly
 
 Docs = list[tuple[str, dict[str, Any]]]
 FRAME_BYTES = 240 * 320  # the simulated detector's uint8 frames
@@ -183,24 +183,6 @@ def test_grid_scan_frames_are_referenced_at_their_points(RE, tmp_path, capsys, s
     printed = capsys.readouterr().out
     assert "in place (detector files): det" in printed
     assert "copied det-sum: HDF5 chunks of 1024 rows" in printed
-
-
-def fly(det: Any, events: int, frames_per_event: int) -> Any:
-    @bpp.stage_decorator([det])
-    @bpp.run_decorator()
-    def inner() -> Any:
-        info = TriggerInfo(
-            number_of_events=events,
-            collections_per_event=frames_per_event,
-            livetime=0.2,
-            deadtime=0.05,
-        )
-        yield from bps.prepare(det, info, wait=True)
-        yield from bps.declare_stream(det, name="primary")
-        yield from bps.kickoff(det, wait=True)
-        yield from bps.collect_while_completing(flyers=[det], dets=[det], flush_period=0.1)
-
-    return inner()
 
 
 @pytest.mark.parametrize("frames_per_event", [1, 3])

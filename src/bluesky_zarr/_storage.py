@@ -263,6 +263,19 @@ def start_writeback(fd: int) -> None:
         _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
+def put_in_place(aside: Path, path: Path) -> None:
+    """Rename the store made at ``aside`` to ``path``; a store already there
+    (being overwritten) is moved aside first and then removed, so ``path``
+    holds one whole store or the other at every moment."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+        path.rename(old)
+        aside.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        aside.rename(path)
+
+
 def _fsync_directory(directory: Path) -> None:
     """Make a rename in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -365,13 +378,7 @@ class LocalRoot:
             (aside / "zarr.json").write_bytes(metadata)
             if self.durable:
                 _fsync_directory(aside)
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
-                path.rename(old)
-                aside.rename(path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                aside.rename(path)
+            put_in_place(aside, path)
             if self.durable:
                 _fsync_directory(path.parent)
         except OSError as err:

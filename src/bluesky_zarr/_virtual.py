@@ -425,7 +425,7 @@ def create_repository(
     """Make the run's repository holding ``metadata`` as its root ``zarr.json``;
     sets ``run.virtual``. Locally it is built aside and renamed into place, so
     it appears whole or not at all."""
-    from ._storage import LocalRoot
+    from ._storage import LocalRoot, put_in_place
 
     ic = _icechunk()
     storage = run.storage
@@ -451,13 +451,7 @@ def create_repository(
         aside = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
         try:
             first_commit(ic.Repository.create(ic.local_filesystem_storage(str(aside))))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
-                path.rename(old)
-                aside.rename(path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                aside.rename(path)
+            put_in_place(aside, path)
             ic_storage = ic.local_filesystem_storage(str(path.resolve()))
             repo = ic.Repository.open(ic_storage)
         except OSError as err:
