@@ -127,3 +127,37 @@ def test_a_runs_consolidated_metadata_is_what_zarr_python_consolidates(
                 # Consolidation lists a child group with its (empty) own.
                 assert node.pop("consolidated_metadata")["metadata"] == {}
             assert node == on_disk, path
+
+
+def test_a_descriptor_refused_halfway_leaves_no_half_stream(tmp_path: Path) -> None:
+    from event_model import compose_run
+
+    from bluesky_zarr import BlueskyZarrError
+
+    # The second data key's chunks do not fit its array: the first key's
+    # array (and the group) are made before the descriptor is refused.
+    writer = ZarrWriter(tmp_path, chunks={"b": (1, 2, 3, 4)})
+    bundle = compose_run(metadata={})
+    keys = {
+        "a": {"dtype": "number", "shape": [], "source": "SIM:a"},
+        "b": {"dtype": "number", "shape": [], "source": "SIM:b"},
+    }
+    refused = bundle.compose_descriptor(data_keys=keys, name="primary")
+    kept = bundle.compose_descriptor(
+        data_keys={"c": {"dtype": "number", "shape": [], "source": "SIM:c"}}, name="baseline"
+    )
+    writer("start", dict(bundle.start_doc))
+    with pytest.raises(BlueskyZarrError, match="'b'"):
+        writer("descriptor", dict(refused.descriptor_doc))
+    writer("descriptor", dict(kept.descriptor_doc))
+    event = kept.compose_event(data={"c": 2.5}, timestamps={"c": 0.0}, seq_num=1)
+    writer("event", dict(event))
+    writer("stop", dict(bundle.compose_stop()))
+
+    store = Path(writer.stores[0])
+    assert not (store / "primary").exists(), "the refused stream's nodes stayed on disk"
+    root = json.loads((store / "zarr.json").read_text())
+    assert not [p for p in root["consolidated_metadata"]["metadata"] if p.startswith("primary")]
+    assert float(zarr.open_group(store, mode="r")["baseline/c"][0]) == 2.5
+    assert "refused" in root["attributes"]["bluesky_zarr"]["incomplete_reason"]
+    assert _consolidated_by_zarr(store)["consolidated_metadata"] == root["consolidated_metadata"]

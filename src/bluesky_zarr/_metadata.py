@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
+import shutil
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -42,6 +44,8 @@ from zarr.core.sync import sync
 from zarr.storage._common import StorePath
 
 from ._storage import GuardedLocalStore
+
+logger = logging.getLogger(__name__)
 
 #: Largest array (elements) that metadata attributes hold in full.
 MAX_ATTR_ARRAY = 10_000
@@ -180,6 +184,21 @@ class StoreMetadata:
             metadata = metadata.update_shape(shape)
             self._save(array.path, metadata)
             return self._array(array.path, metadata)
+
+    def discard(self, path: str) -> None:
+        """Forget the node at ``path`` and every node below it, and delete
+        them from the store: what a stream whose making failed had made. The
+        deletion is best effort (the caller raises why the stream failed)."""
+        with self.lock:
+            for key in [k for k in self._nodes if k == path or k.startswith(path + "/")]:
+                del self._nodes[key]
+            try:
+                if isinstance(self.store, GuardedLocalStore):
+                    shutil.rmtree(self.store.root / path, ignore_errors=True)
+                else:
+                    sync(self.store.delete_dir(path))
+            except Exception as err:  # noqa: BLE001 - logged; the cause is raised
+                logger.warning("bluesky-zarr: cannot delete %s from the store: %r", path, err)
 
     def consolidate(self, attributes: Mapping[str, Any] | None = None) -> None:
         """Write the root ``zarr.json``: its attributes (updated with

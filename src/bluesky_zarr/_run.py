@@ -147,7 +147,12 @@ class RunWriter(DocumentRouter):
                     for dim in self.plan.dims:
                         setpoints.update(dim.setpoints)
                 group = self.metadata.add_group(name, {"descriptors": [json_safe(doc)]})
-                stream = StreamWriter(self, group, layout, setpoints)
+                try:
+                    stream = StreamWriter(self, group, layout, setpoints)
+                except BaseException:
+                    # A descriptor refused halfway leaves no half stream.
+                    self.metadata.discard(name)
+                    raise
                 self.streams[name] = stream
             else:
                 if set(doc.get("data_keys", {})) != set(
