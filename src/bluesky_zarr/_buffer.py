@@ -105,8 +105,6 @@ class ArraySink:
         #: Writes whole blocks, without zarr-python's per-write path where
         #: the array's codecs allow (see ``_io``).
         self.io = UnitIO(array)
-        #: Copies of a block made while it is written, and while it is merged
-        #: with what is on disk (the image read back and the file's bytes too).
         direct = self.io.direct
         #: Each point's chunks are encoded by the workers as the point
         #: arrives, so a complete shard is only assembled and written.
@@ -115,6 +113,8 @@ class ArraySink:
             and direct.encodes_points_apart(n_scan, self.frame_shape)
             and self.block_shape == tuple(unit[:n_scan])
         )
+        # Copies of a block made while it is written, and while it is merged
+        # with what is on disk (the image read back and the file's bytes too).
         if direct is None:
             self._copies = (ENCODE_COPIES, MERGE_COPIES)
         elif self.encodes_on_arrival:
