@@ -23,6 +23,7 @@ from bluesky import RunEngine
 from bluesky.plans import count, grid_scan
 from ophyd.sim import det, motor1, motor2
 from zarr.codecs import BloscCodec, GzipCodec
+from zarr.core.buffer import default_buffer_prototype
 
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr._metadata import StoreMetadata
@@ -161,3 +162,39 @@ def test_a_descriptor_refused_halfway_leaves_no_half_stream(tmp_path: Path) -> N
     assert float(zarr.open_group(store, mode="r")["baseline/c"][0]) == 2.5
     assert "refused" in root["attributes"]["bluesky_zarr"]["incomplete_reason"]
     assert _consolidated_by_zarr(store)["consolidated_metadata"] == root["consolidated_metadata"]
+
+
+@pytest.mark.parametrize("indent", [2, None, 0, 4])
+def test_the_root_is_written_as_zarr_python_writes_it(
+    tmp_path: Path, indent: int | None
+) -> None:
+    """The root's text, put together from each node's text, is byte for byte
+    what zarr-python writes for the same consolidated metadata."""
+    with zarr.config.set({"json_indent": indent}):
+        (tmp_path / "s.zarr").mkdir()
+        metadata = StoreMetadata(
+            GuardedLocalStore(tmp_path / "s.zarr"),
+            {"start": {"uid": "x", "sample": "Fe₂O₃ \n\"quoted\"", "n": [1, 2.5, None]}},
+        )
+        for stream in ("primary", "baseline", "Ärger", "b10", "b2"):
+            metadata.add_group(stream, {"descriptors": [{"data_keys": {"k": {"shape": []}}}]})
+            for name, dtype in (("k", "float64"), ("seq_num", "int64"), ("_written", "bool")):
+                metadata.add_array(
+                    f"{stream}/{name}", shape=(3, 4), dtype=dtype, chunks=(1, 4), shards=None,
+                    fill_value=np.nan if dtype == "float64" else 0,
+                    dimension_names=["a", "b"], attributes={"units": "µm"}, compressors="auto",
+                )
+        metadata.set_attributes("primary", {"external": {"resources": [{"uid": "r"}]}})
+        metadata.consolidate({"stop": {"exit_status": "success"}})
+        expected = (
+            metadata.consolidated_root()
+            .to_buffer_dict(default_buffer_prototype())["zarr.json"]
+            .to_bytes()
+        )
+        assert (tmp_path / "s.zarr" / "zarr.json").read_bytes() == expected
+        for path in ("primary", "primary/k", "Ärger/_written"):
+            node = zarr.open_group(tmp_path / "s.zarr", mode="r", use_consolidated=False)[path]
+            assert node.metadata.to_buffer_dict(default_buffer_prototype())[
+                "zarr.json"
+            ].to_bytes() == (tmp_path / "s.zarr" / path / "zarr.json").read_bytes()
+

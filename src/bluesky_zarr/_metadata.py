@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
+import secrets
 import shutil
 import threading
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -147,6 +150,8 @@ class StoreMetadata:
         self.attributes: dict[str, Any] = dict(attributes)
         self.lock = threading.RLock()
         self._nodes: dict[str, ArrayV3Metadata | GroupMetadata] = {}
+        #: Each node's JSON as the root's consolidated metadata holds it.
+        self._member_texts: dict[str, str] = {}
         self.root = self._group("", GroupMetadata(attributes=self.attributes))
 
     # ------------------------------------------------------------------ nodes
@@ -192,6 +197,7 @@ class StoreMetadata:
         with self.lock:
             for key in [k for k in self._nodes if k == path or k.startswith(path + "/")]:
                 del self._nodes[key]
+                del self._member_texts[key]
             try:
                 if isinstance(self.store, GuardedLocalStore):
                     shutil.rmtree(self.store.root / path, ignore_errors=True)
@@ -210,33 +216,76 @@ class StoreMetadata:
                 # metadata itself: the root holds its attributes only.
                 self._write("zarr.json", GroupMetadata(attributes=self.attributes))
                 return
-            members: dict[str, Any] = {
-                path: dataclasses.replace(
-                    metadata, consolidated_metadata=ConsolidatedMetadata(metadata={})
-                )
-                if isinstance(metadata, GroupMetadata)
-                else metadata
-                for path, metadata in self._nodes.items()
-            }
-            ConsolidatedMetadata._flat_to_nested(members)
-            root = GroupMetadata(
-                attributes=self.attributes,
-                consolidated_metadata=ConsolidatedMetadata(metadata=members),
-            )
-            self._write("zarr.json", root)
+            indent = zarr.config.get("json_indent")
+            if indent is not None and not isinstance(indent, int):
+                self._write("zarr.json", self.consolidated_root())
+                return
+            self._put("zarr.json", self._root_text(indent).encode())
+
+    def consolidated_root(self) -> GroupMetadata:
+        """The root's metadata as zarr-python builds it (nested consolidated metadata)."""
+        members: dict[str, Any] = {
+            path: _as_member(metadata) for path, metadata in self._nodes.items()
+        }
+        ConsolidatedMetadata._flat_to_nested(members)
+        return GroupMetadata(
+            attributes=self.attributes,
+            consolidated_metadata=ConsolidatedMetadata(metadata=members),
+        )
+
+    def _root_text(self, indent: int | None) -> str:
+        """The text zarr-python writes for :meth:`consolidated_root`, from each
+        node's text kept when it was saved: only the root's own attributes
+        are encoded again. (JSON's indentation of a value nested at a depth is
+        its text with that depth's indent after each line break.)"""
+        mark = secrets.token_hex(8)
+        paths = sorted(
+            self._nodes,
+            key=lambda p: (p.count("/"), unicodedata.normalize("NFKC", p).casefold()),
+        )
+        frame = {
+            "attributes": self.attributes,
+            "zarr_format": 3,
+            "consolidated_metadata": {
+                "kind": "inline",
+                "must_understand": False,
+                "metadata": {path: f"{mark}{n}" for n, path in enumerate(paths)},
+            },
+            "node_type": "group",
+        }
+        text = json.dumps(frame, indent=indent, allow_nan=True)
+        # Node values sit at depth 3: root, consolidated_metadata, metadata.
+        newline = "\n" + " " * (3 * indent) if indent is not None else None
+        for n, path in enumerate(paths):
+            member = self._member_texts[path]
+            if newline is not None:
+                member = member.replace("\n", newline)
+            text = text.replace(f'"{mark}{n}"', member, 1)
+        return text
 
     # -------------------------------------------------------------- internals
     def _save(self, path: str, metadata: ArrayV3Metadata | GroupMetadata) -> None:
-        self._write(f"{path}/zarr.json", metadata)
+        indent = zarr.config.get("json_indent")
+        own = json.dumps(metadata.to_dict(), indent=indent, allow_nan=True)
+        self._put(f"{path}/zarr.json", own.encode())
         self._nodes[path] = metadata
+        # How the node reads inside the root's consolidated metadata (a group
+        # says that it holds nothing further: its children are listed too).
+        self._member_texts[path] = (
+            json.dumps(_as_member(metadata).to_dict(), indent=indent, allow_nan=True)
+            if isinstance(metadata, GroupMetadata)
+            else own
+        )
 
     def _write(self, key: str, metadata: ArrayV3Metadata | GroupMetadata) -> None:
-        value = metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+        self._put(key, metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
+
+    def _put(self, key: str, value: bytes) -> None:
         if isinstance(self.store, GuardedLocalStore):
             # No event loop: one file written and renamed into place.
-            self.store.write_parts(key, [value.as_buffer_like()])
+            self.store.write_parts(key, [value])
         else:
-            sync(self.store.set(key, value))
+            sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(value)))
 
     def _group(self, path: str, metadata: GroupMetadata) -> zarr.Group:
         return zarr.Group(AsyncGroup(metadata=metadata, store_path=StorePath(self.store, path)))
@@ -249,6 +298,16 @@ class StoreMetadata:
                 config=parse_array_config(ARRAY_CONFIG),
             )
         )
+
+
+def _as_member(metadata: ArrayV3Metadata | GroupMetadata) -> ArrayV3Metadata | GroupMetadata:
+    """A node as consolidated metadata lists it: a group with (empty)
+    consolidated metadata of its own."""
+    if isinstance(metadata, GroupMetadata):
+        return dataclasses.replace(
+            metadata, consolidated_metadata=ConsolidatedMetadata(metadata={})
+        )
+    return metadata
 
 
 def root_metadata(attributes: dict[str, Any]) -> bytes:
