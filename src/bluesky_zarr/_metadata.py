@@ -138,11 +138,13 @@ class StoreMetadata:
     """Every node's metadata of one run's store, and the writes that keep the
     store's ``zarr.json`` files equal to it.
 
-    Each change writes the node's own ``zarr.json`` and then the root's, which
-    holds the consolidated metadata of every node (what xarray reads), so a
-    reader never sees a node the consolidated metadata does not list. Changes
-    are made one at a time (a lock); the nodes handed out are zarr-python
-    objects over the new metadata, and the caller keeps the newest one.
+    A change writes the node's own ``zarr.json`` at once; :meth:`consolidate`,
+    called once after a batch of changes (a descriptor's arrays, a growth),
+    then writes the root's, which holds the consolidated metadata of every
+    node (what xarray reads): the root never lists a node before its own
+    ``zarr.json`` is written. Changes are made one at a time (a lock); the
+    nodes handed out are zarr-python objects over the new metadata, and the
+    caller keeps the newest one.
     """
 
     def __init__(self, store: Store, attributes: Mapping[str, Any]) -> None:
