@@ -124,3 +124,32 @@ def fly(
 
     return inner()
 
+
+def quick_sleep(stepper: Any = None) -> Any:
+    """A fast clock for ophyd-async's pattern generator: a frame every 5 ms
+    whatever the exposure; ``stepper`` runs before each frame (a sample
+    moving in the beam)."""
+    import asyncio
+
+    async def sleep(seconds: float) -> None:
+        if stepper is not None:
+            stepper()
+        await asyncio.sleep(0.005)
+
+    return sleep
+
+
+def blob_detector(tmp_path: Path, pattern: Any) -> Any:
+    """ophyd-async's simulated blob detector, writing HDF5 below ``tmp_path``."""
+    from pathlib import PurePath
+
+    from ophyd_async import sim
+    from ophyd_async.core import StaticPathProvider, UUIDFilenameProvider, init_devices
+
+    directory = tmp_path / "detector"
+    directory.mkdir(exist_ok=True)
+    provider = StaticPathProvider(UUIDFilenameProvider(), PurePath(directory))
+    with init_devices():
+        det = sim.SimBlobDetector(provider, pattern)
+    return det
+

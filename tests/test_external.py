@@ -9,14 +9,13 @@ wrote into its files, at the point where it wrote them.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import itertools
 import json
 import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -29,8 +28,6 @@ from event_model import pack_datum_page, pack_event_page
 from ophyd.sim import SynSignalWithRegistry, hw
 from ophyd_async import sim
 from ophyd_async.core import (
-    StaticPathProvider,
-    UUIDFilenameProvider,
     init_devices,
 )
 
@@ -47,7 +44,15 @@ from bluesky_zarr import (
 )
 from bluesky_zarr.sim import frame_at, motors
 
-from conftest import assert_frames_match, fly, iter_points, open_stream, open_tree
+from conftest import (
+    assert_frames_match,
+    blob_detector,
+    fly,
+    iter_points,
+    open_stream,
+    open_tree,
+    quick_sleep,
+)
 
 Docs = list[tuple[str, dict[str, Any]]]
 
@@ -299,25 +304,6 @@ def test_datum_of_an_unknown_resource_is_refused(tmp_path, RE):
 
 
 # ----------------------------------------------- stream_resource/stream_datum
-def quick_sleep(stepper: Any = None) -> Any:
-    """A fast clock for the pattern generator: a frame every 5 ms whatever the
-    exposure; ``stepper`` runs before each frame (a sample moving in the beam)."""
-
-    async def sleep(seconds: float) -> None:
-        if stepper is not None:
-            stepper()
-        await asyncio.sleep(0.005)
-
-    return sleep
-
-
-def blob_detector(tmp_path: Path, pattern: sim.PatternGenerator) -> Any:
-    directory = tmp_path / "detector"
-    directory.mkdir(exist_ok=True)
-    provider = StaticPathProvider(UUIDFilenameProvider(), PurePath(directory))
-    with init_devices():
-        det = sim.SimBlobDetector(provider, pattern)
-    return det
 
 
 def hdf5_rows(docs: Docs, key: str) -> np.ndarray:

@@ -10,7 +10,6 @@ are copied, and the store says so.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -29,8 +28,6 @@ import xarray as xr
 from bluesky.plans import grid_scan
 from ophyd_async import sim
 from ophyd_async.core import (
-    StaticPathProvider,
-    UUIDFilenameProvider,
     init_devices,
 )
 from ophyd_async.sim import _pattern_generator
@@ -40,28 +37,10 @@ from bluesky_zarr._cli import main
 from bluesky_zarr._external import AreaDetectorHDF5Handler
 from bluesky_zarr._inspect import describe_store
 
-from conftest import fly
+from conftest import blob_detector, fly, quick_sleep
 
 Docs = list[tuple[str, dict[str, Any]]]
 FRAME_BYTES = 240 * 320  # the simulated detector's uint8 frames
-
-
-def quick_sleep(stepper: Any = None) -> Any:
-    async def sleep(seconds: float) -> None:
-        if stepper is not None:
-            stepper()
-        await asyncio.sleep(0.005)
-
-    return sleep
-
-
-def blob_detector(tmp_path: Path, pattern: sim.PatternGenerator) -> Any:
-    directory = tmp_path / "detector"
-    directory.mkdir(exist_ok=True)
-    provider = StaticPathProvider(UUIDFilenameProvider(), PurePath(directory))
-    with init_devices():
-        det = sim.SimBlobDetector(provider, pattern)
-    return det
 
 
 def compressed_pattern_file(filters: dict[str, Any]) -> type:

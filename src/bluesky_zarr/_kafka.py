@@ -46,11 +46,11 @@ from typing import Any
 from ._errors import (
     BlueskyZarrError,
     DocumentError,
-    DocumentOrderError,
     MissingDependencyError,
     ServeError,
     StoreLockedError,
 )
+from ._serve import give_document
 from ._storage import run_finished
 from ._writer import ZarrWriter
 
@@ -356,19 +356,8 @@ class KafkaDocumentService:
 
     def _give(self, name: str, doc: dict[str, Any]) -> None:
         """Hand a document to the writer; a refused document never stops the service."""
-        try:
-            self.writer(name, doc)
-        except DocumentOrderError as err:
-            # Documents of a run whose start was refused, or of one that has
-            # stopped (a duplicate delivered late): nothing to write them to.
-            run = str(doc.get("run_start") or doc.get("descriptor") or "?")
-            if run not in self._ignored_runs:
-                self._ignored_runs.add(run)
-                logger.warning("ignoring documents of a run not being written: %s", err)
+        if not give_document(self.writer, name, doc, self._ignored_runs, logger):
             self.refused += 1
-        except BlueskyZarrError as err:
-            self.refused += 1
-            logger.error("refused a %s document (kept in its run's store): %s", name, err)
 
     def _skip(self, run: str, name: str, doc: Mapping[str, Any]) -> None:
         if name in ("descriptor", "resource", "stream_resource"):

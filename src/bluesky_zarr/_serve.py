@@ -22,6 +22,33 @@ from ._writer import ZarrWriter
 logger = logging.getLogger("bluesky_zarr.serve")
 
 
+def give_document(
+    writer: ZarrWriter,
+    name: str,
+    doc: dict[str, Any],
+    ignored_runs: set[str],
+    log: logging.Logger,
+) -> bool:
+    """Hand one document to a service's writer; False when the writer refused
+    it (logged: a refused document never stops a service, and the writer
+    keeps it in its run's store)."""
+    try:
+        writer(name, doc)
+    except DocumentOrderError as err:
+        # Documents of a run not being written: its start was not seen (the
+        # service started mid-run) or refused, or it has stopped (a duplicate
+        # delivered late). Said once per run.
+        run = str(doc.get("run_start") or doc.get("descriptor") or "?")
+        if run not in ignored_runs:
+            ignored_runs.add(run)
+            log.warning("ignoring documents of a run not being written: %s", err)
+        return False
+    except BlueskyZarrError as err:
+        log.error("refused a %s document (kept in its run's store): %s", name, err)
+        return False
+    return True
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` as a (host, port) pair, or a :class:`ServeError`."""
     host, sep, port = text.rpartition(":")
@@ -74,23 +101,13 @@ class DocumentService:
     def __call__(self, name: str, doc: Mapping[str, Any]) -> None:
         """Hand one document to the writer; a bad run never stops the service."""
         try:
-            self.writer(name, dict(doc))
-        except DocumentOrderError as err:
-            # Documents of a run whose start this service did not see (it
-            # started mid-run) or whose store could not be made.
-            run = str(doc.get("run_start") or doc.get("descriptor") or "?")
-            if run not in self._ignored_runs:
-                self._ignored_runs.add(run)
-                logger.warning("ignoring documents of a run not being written: %s", err)
-            self.refused += 1
-            return
-        except BlueskyZarrError as err:
-            self.refused += 1
-            logger.error("refused a %s document: %s", name, err)
-            return
+            accepted = give_document(self.writer, name, dict(doc), self._ignored_runs, logger)
         except Exception:  # noqa: BLE001 - logged loudly; the other runs go on
             self.refused += 1
             logger.exception("failed to write a %s document", name)
+            return
+        if not accepted:
+            self.refused += 1
             return
         if name == "start":
             self.runs_started += 1
