@@ -153,3 +153,17 @@ def blob_detector(tmp_path: Path, pattern: Any) -> Any:
         det = sim.SimBlobDetector(provider, pattern)
     return det
 
+
+def record(RE: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The documents ``RE`` emits from now on, each copied as it was emitted."""
+    import copy
+
+    docs: list[tuple[str, dict[str, Any]]] = []
+    RE.subscribe(lambda name, doc: docs.append((name, copy.deepcopy(doc))))
+    return docs
+
+
+def by_kind(docs: list[tuple[str, dict[str, Any]]], kind: str) -> list[dict[str, Any]]:
+    """The documents of one kind (``"stream_datum"``, ...), in order."""
+    return [doc for name, doc in docs if name == kind]
+

@@ -9,7 +9,6 @@ wrote into its files, at the point where it wrote them.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import os
@@ -47,24 +46,16 @@ from bluesky_zarr.sim import frame_at, motors
 from conftest import (
     assert_frames_match,
     blob_detector,
+    by_kind,
     fly,
     iter_points,
     open_stream,
     open_tree,
     quick_sleep,
+    record,
 )
 
 Docs = list[tuple[str, dict[str, Any]]]
-
-
-def record(RE: Any) -> Docs:
-    docs: Docs = []
-    RE.subscribe(lambda name, doc: docs.append((name, copy.deepcopy(doc))))
-    return docs
-
-
-def by_kind(docs: Docs, kind: str) -> list[dict[str, Any]]:
-    return [doc for name, doc in docs if name == kind]
 
 
 # ------------------------------------------------------------ resource/datum

@@ -12,7 +12,6 @@ taken, so a frame in the store can be checked against the point it sits at.
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import signal
 import sys
@@ -58,7 +57,7 @@ from bluesky_zarr import (
 )
 from bluesky_zarr.sim import frame_at
 
-from conftest import fly, iter_points, open_stream
+from conftest import by_kind, fly, iter_points, open_stream, record
 
 Docs = list[tuple[str, dict[str, Any]]]
 
@@ -268,16 +267,6 @@ def make_setup(RE: Any, tmp_path: Path, fmt: str, **logic: Any) -> Setup:
         det = FileSeriesDetector(data_logic)
     RE(bps.mv(stage.x.velocity, 0, stage.y.velocity, 0))
     return Setup(stage, det, log)
-
-
-def record(RE: Any) -> Docs:
-    docs: Docs = []
-    RE.subscribe(lambda name, doc: docs.append((name, copy.deepcopy(doc))))
-    return docs
-
-
-def by_kind(docs: Docs, kind: str) -> list[dict[str, Any]]:
-    return [doc for name, doc in docs if name == kind]
 
 
 def with_frames_per_point(plan: Any, det: Any, frames: int) -> Any:
