@@ -6,8 +6,10 @@ import asyncio
 import errno
 import os
 import re
+import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,6 +166,15 @@ class HeldChunkWrites(WrapperStore):
         if "cam_image/c/" in key and not self.release.is_set():
             await asyncio.to_thread(self.release.wait, 30)
         await self._store.set(key, value)
+
+
+def delete_tree(path: Path) -> None:
+    """Delete ``path`` as a user would, but at once: it is renamed away first, so
+    workers still writing into it cannot make the deletion itself fail (a plain
+    ``rmtree`` races them: a directory emptied is refilled before it goes)."""
+    gone = path.with_name(f".deleted-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    path.rename(gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def held_chunk_writes(release: threading.Event) -> Any:

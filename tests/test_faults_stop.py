@@ -8,7 +8,6 @@ writer in the same process writes the same store name.
 from __future__ import annotations
 
 import errno
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from fault_helpers import (
     assert_storage_error,
     assert_written_points_hold_their_frames,
     camera_scan,
+    delete_tree,
     held_chunk_writes,
     mount_tmpfs,
 )
@@ -83,7 +83,7 @@ STOP_FAULTS = {
     # The kernel refuses to remount the whole tmpfs read-only while the writer
     # holds its lock file open for writing, so the store alone becomes read-only.
     "store-read-only": (lambda fs, store: fs.bind_read_only(store), errno.EROFS, None),
-    "store-deleted": (lambda fs, store: shutil.rmtree(store), errno.ENOENT, DELETED),
+    "store-deleted": (lambda fs, store: delete_tree(store), errno.ENOENT, DELETED),
 }
 
 
