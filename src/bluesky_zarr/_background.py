@@ -11,7 +11,7 @@ import ctypes.util
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -50,47 +50,92 @@ class Failure:
     what: str
 
 
+class _Queue:
+    """One worker thread's jobs, and the bytes they cover (its load)."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.load = 0
+
+
 class Workers:
     """The worker threads of one writer, shared by all its runs, each with its
     own FIFO queue (started with the first job).
 
-    Jobs with the same ``lane`` run on the same worker, in order: a partial
-    block written early and the same block completed later are never
-    reordered. Sharing the threads keeps what interleaved runs write, and the
-    memory they write it with, to one set of workers.
+    A job goes to the worker with the least work queued, except that jobs of
+    one ``lane`` go to the same worker, in order, while any of them is
+    queued: a partial block written early and the same block completed later
+    are never reordered. Sharing the threads keeps what interleaved runs
+    write, and the memory they write it with, to one set of workers.
     """
 
     def __init__(self, budget: MemoryBudget, count: int = 2, name: str = "bluesky-zarr") -> None:
         self.budget = budget
         self.count = count
         self.name = name
-        self._queues: list[queue.SimpleQueue] = []
+        self._queues: list[_Queue] = []
+        #: Lanes with queued jobs: their worker's queue, and how many.
+        self._lanes: dict[Hashable, tuple[_Queue, int]] = {}
         self._lock = threading.Lock()
+        #: Bytes of jobs finished since the allocator last gave memory back.
+        self._untrimmed = 0
 
-    def put(self, lane: int, item: tuple[Any, ...]) -> None:
+    def put(self, lane: Hashable | None, cost: int, item: tuple[Any, ...]) -> None:
+        """Queue ``item``, a job covering ``cost`` bytes, in ``lane`` (or none)."""
         with self._lock:
             if not self._queues:
-                self._queues = [queue.SimpleQueue() for _ in range(self.count)]
+                self._queues = [_Queue() for _ in range(self.count)]
                 for n, jobs in enumerate(self._queues):
                     threading.Thread(
                         target=self._work, args=(jobs,), name=f"{self.name}-{n}", daemon=True
                     ).start()
-            self._queues[lane % self.count].put(item)
+            held = self._lanes.get(lane) if lane is not None else None
+            if held is not None:
+                jobs, count = held
+            else:
+                jobs, count = min(self._queues, key=lambda q: q.load), 0
+            if lane is not None:
+                self._lanes[lane] = (jobs, count + 1)
+            jobs.load += cost
+            jobs.jobs.put((lane, cost, item))
 
     def stop(self) -> None:
         """Let the threads end once the jobs queued so far are done (a later
         job starts new ones)."""
         with self._lock:
             queues, self._queues = self._queues, []
+            self._lanes.clear()
             for jobs in queues:
-                jobs.put(None)
+                jobs.jobs.put(None)
 
-    def _work(self, jobs: queue.SimpleQueue) -> None:
-        while True:
-            item = jobs.get()
-            if item is None:
+    def _done(self, jobs: _Queue, lane: Hashable | None, cost: int) -> None:
+        with self._lock:
+            jobs.load -= cost
+            held = self._lanes.get(lane) if lane is not None else None
+            if held is not None and held[0] is jobs:
+                if held[1] == 1:
+                    del self._lanes[lane]
+                else:
+                    self._lanes[lane] = (jobs, held[1] - 1)
+
+    def _release(self, nbytes: int) -> None:
+        """Give what jobs freed back to the system (see release_free_memory)
+        once it adds up to a twentieth of the budget, before the budget counts
+        it free: the process stays within its bound, and the memory the next
+        jobs take is mostly still mapped (each trim costs page faults after)."""
+        with self._lock:
+            self._untrimmed += nbytes
+            if self._untrimmed < self.budget.limit // 20:
                 return
-            owner, job, nbytes, copies, what, done = item
+            self._untrimmed = 0
+        release_free_memory()
+
+    def _work(self, jobs: _Queue) -> None:
+        while True:
+            queued = jobs.jobs.get()
+            if queued is None:
+                return
+            lane, cost, (owner, job, nbytes, copies, what, done) = queued
             self.budget.activate(copies * nbytes)
             failure = None
             try:
@@ -100,11 +145,9 @@ class Workers:
                 failure = Failure(err, what)
             finally:
                 done()
-                if nbytes:
-                    # What the job freed leaves the process before the budget
-                    # counts it free (see release_free_memory).
-                    release_free_memory()
+                self._release(nbytes * (1 + copies))
                 self.budget.finish(nbytes, copies)
+                self._done(jobs, lane, cost)
                 owner.finished(failure)
 
 
@@ -121,20 +164,25 @@ class BackgroundWriter:
 
     def submit(
         self,
-        lane: int,
+        lane: Hashable | None,
         job: Callable[[], None],
         nbytes: int,
         what: str,
         done: Callable[[], None],
         copies: int = 1,
+        cost: int | None = None,
     ) -> None:
         """Queue ``job``, which writes a block of ``nbytes`` and makes
         ``copies`` copies of it meanwhile; ``done`` runs after it (even if it
-        fails) to hand back the block's memory."""
+        fails) to hand back the block's memory. Jobs of one ``lane`` run in
+        order; ``cost``: the bytes the job covers (``nbytes`` if not given),
+        to spread the work over the workers."""
         with self._cond:
             self._pending += 1
         self.workers.budget.hand_over(nbytes)
-        self.workers.put(lane, (self, job, nbytes, copies, what, done))
+        self.workers.put(
+            lane, nbytes if cost is None else cost, (self, job, nbytes, copies, what, done)
+        )
 
     def finished(self, failure: Failure | None) -> None:
         """A job of this run is done (``failure`` if it failed)."""

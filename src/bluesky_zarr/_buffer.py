@@ -17,10 +17,12 @@ until a write finishes (backpressure).
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -70,11 +72,69 @@ class Block:
     expected: int
     born: float
     nbytes: int
-    #: Chunks encoded as their points arrived, by position in the shard
-    #: (sinks that encode on arrival, see ``ArraySink.encodes_on_arrival``).
-    encoded: dict[tuple[int, ...], Any] = field(default_factory=dict)
-    #: Bytes reserved for ``encoded`` besides the block itself.
+    #: Chunks encoded as their points arrive (sinks that encode on arrival,
+    #: see ``ArraySink.encodes_on_arrival``).
+    arrival: ArrivalEncoding | None = None
+    #: Bytes reserved for the encoded chunks besides the block itself.
     allowance: int = 0
+
+
+class ArrivalEncoding:
+    """The chunks of one block encoded as its points arrive, on any worker.
+
+    Each point's encoding is a job of its own, so the workers share the
+    compression of one shard. The block's write then takes what they made
+    (:meth:`take`): it waits for encodings under way, and encodes itself the
+    points whose job has not started (which then does nothing). A point
+    placed again is left to the write, which encodes what the block holds
+    then.
+    """
+
+    def __init__(self, encode: Callable[[tuple[int, ...]], dict[tuple[int, ...], Any]]) -> None:
+        #: Encodes one point of the block: its chunks by position in the shard.
+        self._encode = encode
+        self._cond = threading.Condition()
+        self._chunks: dict[tuple[int, ...], dict[tuple[int, ...], Any]] = {}
+        self._running = 0
+        self._taken = False
+        #: Points placed again after their first encoding was queued.
+        self._again: set[tuple[int, ...]] = set()
+
+    def placed_again(self, point: tuple[int, ...]) -> None:
+        with self._cond:
+            self._again.add(point)
+            self._chunks.pop(point, None)
+
+    def encode(self, point: tuple[int, ...]) -> None:
+        """A worker's job: encode ``point``, unless the write has begun."""
+        with self._cond:
+            if self._taken or point in self._again:
+                return
+            self._running += 1
+        chunks = None
+        try:
+            chunks = self._encode(point)
+        finally:
+            with self._cond:
+                self._running -= 1
+                if chunks is not None and point not in self._again:
+                    self._chunks[point] = chunks
+                self._cond.notify_all()
+
+    def take(self, points: Iterable[tuple[int, ...]]) -> dict[tuple[int, ...], Any]:
+        """The encoded chunks of ``points`` (those the block holds), by
+        position in the shard, for the block's write; no job encodes after."""
+        with self._cond:
+            self._taken = True
+            while self._running:
+                self._cond.wait()
+            done = dict(self._chunks)
+            again = set(self._again)
+        encoded: dict[tuple[int, ...], Any] = {}
+        for point in points:
+            chunks = done.get(point) if point not in again else None
+            encoded.update(chunks if chunks is not None else self._encode(point))
+        return encoded
 
 
 class ArraySink:
@@ -358,12 +418,18 @@ class BlockBuffer:
                     block.nbytes, sink.copies(block.nbytes), stream, held=block.nbytes
                 )
                 block.allowance = block.nbytes
+                direct = sink.io.direct
+                assert direct is not None
+                block.arrival = ArrivalEncoding(functools.partial(direct.encode_point, data))
             sink.blocks[key] = block
             self._open[(id(sink), key)] = (stream, sink)
         local = tuple(i - o for i, o in zip(index, block.origin))
         block.data[local] = value
-        if sink.encodes_on_arrival:
-            self._encode(stream, sink, key, block, local)
+        if block.arrival is not None:
+            if block.filled[local]:
+                block.arrival.placed_again(local)
+            else:
+                self._encode(stream, sink, block, local)
         if not block.filled[local]:
             block.filled[local] = True
             block.count += 1
@@ -385,7 +451,7 @@ class BlockBuffer:
                 self.budget.free(block.allowance)
 
         background.submit(
-            hash((id(sink), key)),
+            (id(sink), key),
             lambda: stream.write_block(sink, block, merge),
             block.nbytes,
             f"writing {stream.name}/{sink.name} at {block.origin}",
@@ -394,27 +460,21 @@ class BlockBuffer:
         )
 
     def _encode(
-        self,
-        stream: BlockOwner,
-        sink: ArraySink,
-        key: tuple[int, ...],
-        block: Block,
-        point: tuple[int, ...],
+        self, stream: BlockOwner, sink: ArraySink, block: Block, point: tuple[int, ...]
     ) -> None:
-        """Encode one point's chunks in the background, ahead of the block's
-        write (queued on the same worker, so the write comes after; a point
-        placed again is encoded again, after)."""
-        direct = sink.io.direct
-        assert direct is not None
+        """Encode one point's chunks in the background, on whichever worker is
+        free, ahead of the block's write (see :class:`ArrivalEncoding`)."""
+        arrival = block.arrival
         background = stream.run.background
-        assert background is not None
+        assert arrival is not None and background is not None
         background.submit(
-            hash((id(sink), key)),
-            lambda: block.encoded.update(direct.encode_point(block.data, point)),
+            None,
+            lambda: arrival.encode(point),
             0,
             f"encoding {stream.name}/{sink.name} at {block.origin}",
             lambda: None,
             copies=0,
+            cost=block.nbytes // max(block.expected, 1),
         )
 
     def _reserve(

@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -169,6 +170,11 @@ class GuardedLocalStore(LocalStore):
     #: fsync each file and its directory before a write returns.
     durable = False
 
+    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
+        super().__init__(root, read_only=read_only)
+        #: Directories (relative to the root) known to exist: made or found.
+        self._made: set[str] = set()
+
     async def _set(self, key: str, value: Buffer, exclusive: bool = False) -> None:
         if not self._is_open:
             await self._open()
@@ -181,51 +187,83 @@ class GuardedLocalStore(LocalStore):
     def write_parts(self, key: str, parts: Sequence[Any], *, exclusive: bool = False) -> None:
         """Write the concatenation of ``parts`` (buffers) as the value of ``key``,
         in one call, to a temporary file renamed into place."""
-        names = key.split("/")
-        if "c" in names:
-            depth = names.index("c")
-        elif names[-1] == "zarr.json":
-            depth = len(names) - 2
-        else:
-            depth = len(names) - 1
-        directory = self.root.joinpath(*names[:depth])
+        directory, _, name = key.rpartition("/")
         try:
-            if not directory.is_dir():
-                raise FileNotFoundError(errno.ENOENT, "no such directory", str(directory))
-            for name in names[depth:-1]:
-                directory = directory / name
-                try:
-                    directory.mkdir()
-                except FileExistsError:
-                    pass
-            path = directory / names[-1]
-            partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
             try:
-                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    _write_all(fd, parts)
-                    if self.durable:
-                        os.fsync(fd)
-                    elif sum(memoryview(p).nbytes for p in parts) >= WRITEBACK_FROM_BYTES:
-                        start_writeback(fd)
-                finally:
-                    os.close(fd)
-                if exclusive:
-                    os.link(partial, path)  # FileExistsError if it exists
-                    partial.unlink()
-                else:
-                    partial.replace(path)
-                if self.durable:
-                    _fsync_directory(directory)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
+                self._write_file(directory, name, parts, exclusive)
+            except FileNotFoundError:
+                if directory not in self._made:
+                    raise
+                # A directory found before is gone: make its part below the
+                # node again (never the node itself), or report the deletion.
+                self._made.discard(directory)
+                self._write_file(directory, name, parts, exclusive)
         except FileNotFoundError as err:
             raise StorageError(
                 errno.ENOENT,
                 f"the store {self.root} has been deleted or damaged during the run "
                 f"({err.filename} is missing); not recreating it",
             ) from err
+
+    def _write_file(
+        self, directory: str, name: str, parts: Sequence[Any], exclusive: bool
+    ) -> None:
+        folder = self._directory(directory, name == "zarr.json")
+        path = os.path.join(folder, name)
+        # Unique within this process (a counter) and among processes (the pid).
+        partial = os.path.join(folder, f".{name}.{os.getpid()}-{next(_PARTIALS)}.partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            try:
+                _write_all(fd, parts)
+                if self.durable:
+                    os.fsync(fd)
+                elif sum(memoryview(p).nbytes for p in parts) >= WRITEBACK_FROM_BYTES:
+                    start_writeback(fd)
+            finally:
+                os.close(fd)
+            if exclusive:
+                os.link(partial, path)  # FileExistsError if it exists
+                os.unlink(partial)
+            else:
+                os.replace(partial, path)
+            if self.durable:
+                _fsync_directory(Path(folder))
+        except BaseException:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
+            raise
+
+    def _directory(self, directory: str, metadata: bool) -> str:
+        """The directory of a key's file, made if missing below the node the
+        key belongs to (a chunk's array, the parent group of a node whose
+        ``zarr.json`` this is, else the directory itself), which must exist.
+        Directories made or found once are remembered: a write into one that
+        has gone since fails, and :meth:`write_parts` looks again."""
+        folder = os.path.join(str(self.root), directory) if directory else str(self.root)
+        if directory in self._made:
+            return folder
+        names = directory.split("/") if directory else []
+        if "c" in names:
+            depth = names.index("c")
+        else:  # the node a zarr.json describes may be new
+            depth = max(len(names) - 1, 0) if metadata else len(names)
+        node = os.path.join(str(self.root), *names[:depth])
+        if not os.path.isdir(node):
+            raise FileNotFoundError(errno.ENOENT, "no such directory", node)
+        for i in range(depth, len(names)):
+            try:
+                os.mkdir(os.path.join(node, *names[depth : i + 1]))
+            except FileExistsError:
+                pass
+        self._made.add(directory)
+        return folder
+
+
+#: Numbers of temporary files, unique in this process.
+_PARTIALS = itertools.count()
 
 
 def _sync_file_range() -> Any:

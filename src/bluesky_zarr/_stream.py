@@ -394,7 +394,11 @@ class StreamWriter:
                 reused = None
             current[filled] = data[filled]
             data = current
-        sink.io.write(sink.array, block.origin, data, block.encoded)
+        encoded = None
+        if block.arrival is not None:
+            points = zip(*np.nonzero(filled))
+            encoded = block.arrival.take(tuple(int(i) for i in point) for point in points)
+        sink.io.write(sink.array, block.origin, data, encoded)
         if reused is not None:
             self.run.buffer.pool.give(reused)
 
