@@ -15,6 +15,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._storage import limit_staging
+
 if TYPE_CHECKING:
     from ._buffer import MemoryBudget
 
@@ -131,6 +133,8 @@ class Workers:
         release_free_memory()
 
     def _work(self, jobs: _Queue) -> None:
+        # The buffer each worker writes shards from: a 64th of the budget.
+        limit_staging(self.budget.limit // 64)
         while True:
             queued = jobs.jobs.get()
             if queued is None:

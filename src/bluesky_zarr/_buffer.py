@@ -32,6 +32,7 @@ from ._background import Workers
 from ._errors import DataShapeError, DataTypeError
 from ._io import UnitIO
 from ._layout import ArraySpec, fill_value_for
+from ._storage import aligned_empty
 
 if TYPE_CHECKING:
     from ._background import BackgroundWriter
@@ -410,7 +411,7 @@ class BlockBuffer:
             if data is None:
                 nbytes = math.prod(shape) * dtype.itemsize
                 self._reserve(nbytes, sink.copies(nbytes), stream)
-                data = np.empty(shape, dtype=dtype)
+                data = aligned_empty(shape, dtype) if dtype.kind != "O" else np.empty(shape, dtype)
             block = stream.new_block(sink, key, data)
             if sink.encodes_on_arrival:
                 # Room for the encoded chunks (at most about the block's size).
