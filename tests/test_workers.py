@@ -3,6 +3,7 @@ encoding of one block's frames without the write ever using a stale encoding."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bluesky_zarr._background import BackgroundWriter, Workers
+from bluesky_zarr._background import WORKER_NICENESS, BackgroundWriter, Workers
 from bluesky_zarr._buffer import ArrivalEncoding, MemoryBudget
 
 
@@ -138,3 +139,25 @@ def test_take_waits_for_encodings_under_way_on_other_workers(seed):
         pool.stop()
     assert encoded == {(k, 0, 0): data[k].tobytes() for k in range(n)}
     assert sorted(calls) == [(k,) for k in range(n)], "a point was encoded twice or never"
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="needs per-thread nice (Linux)")
+def test_workers_yield_the_cpu_to_the_run_engine_thread():
+    """With more busy threads than cores, the RunEngine's thread must not wait
+    a scheduler time slice for the workers: they run at a lower priority."""
+    pool, background = workers()
+    seen: dict[str, int] = {}
+
+    def job() -> None:
+        tid = threading.get_native_id()
+        seen[threading.current_thread().name] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    try:
+        for _ in range(4):
+            background.submit(None, job, 0, "job", lambda: None, cost=1 << 20)
+        background.drain()
+    finally:
+        pool.stop()
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen and all(nice == min(mine + WORKER_NICENESS, 19) for nice in seen.values()), seen
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ logger = logging.getLogger(__name__)
 #: (not a Zarr node).
 REFUSED_FILE = "refused_documents.jsonl"
 
+#: Seconds between looks for the store's directory (see RunWriter.check_health).
+HEALTH_INTERVAL = 0.02
+
 
 def _json_verbatim(value: Any) -> Any:
     """JSON for what the standard encoder cannot take: arrays in full."""
@@ -56,6 +60,7 @@ class RunWriter(DocumentRouter):
         self.options = options
         self.buffer = buffer
         self.meta_lock = threading.RLock()
+        self._health_checked = -HEALTH_INTERVAL
         self.streams: dict[str, StreamWriter] = {}
         self.descriptors: dict[str, StreamWriter] = {}
         self.path: Path | str | None = None
@@ -289,12 +294,20 @@ class RunWriter(DocumentRouter):
 
     def check_health(self) -> None:
         """Raise what went wrong since the last document: a write that failed
-        in the background, or a store that has been deleted."""
-        if isinstance(self.path, Path) and not self.path.is_dir():
+        in the background, or a store that has been deleted (looked for at
+        most every ``HEALTH_INTERVAL`` seconds: a lookup by path can wait
+        on the directory, and writes into a deleted store fail anyway)."""
+        now = time.monotonic()
+        if (
+            isinstance(self.path, Path)
+            and now - self._health_checked >= HEALTH_INTERVAL
+            and not self.path.is_dir()
+        ):
             raise StorageError(
                 f"the store {self.path} has been deleted during the run; the writer "
                 f"does not recreate it"
             )
+        self._health_checked = now
         self.raise_failures()
 
     def raise_failures(self) -> None:
