@@ -143,9 +143,10 @@ class Workers:
 
     def _release(self, nbytes: int) -> None:
         """Give what jobs freed back to the system (see release_free_memory)
-        once it adds up to a twentieth of the budget, before the budget counts
-        it free: the process stays within its bound, and the memory the next
-        jobs take is mostly still mapped (each trim costs page faults after)."""
+        each time it adds up to a twentieth of the budget: the process holds
+        at most that much more than the budget counts, and the memory the
+        next jobs take is mostly still mapped (each trim costs page faults
+        after it)."""
         with self._lock:
             self._untrimmed += nbytes
             if self._untrimmed < self.budget.limit // 20:

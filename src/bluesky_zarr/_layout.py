@@ -16,9 +16,11 @@ from ._validate import MAX_FRAME_ELEMENTS, check_descriptor, check_dtype, checke
 #: Names of the arrays every stream group carries besides its data keys.
 RESERVED = ("time", "seq_num", "_written")
 
-#: Default size target of a shard (bytes): large enough for efficient writes,
-#: small enough that the buffer holding it stays modest.
-DEFAULT_SHARD_BYTES = 64 * 2**20
+#: Default size target of a shard (bytes): large enough for efficient writes
+#: (a few frames of 2048×2048), small enough that the buffer holding it stays
+#: modest and that the RunEngine, when the writing falls behind, waits for one
+#: shard's write (tens of milliseconds), not a much larger one's.
+DEFAULT_SHARD_BYTES = 32 * 2**20
 
 #: Points per chunk along a growing dimension when no frame sets it.
 DEFAULT_GROWING_CHUNK = 1024
