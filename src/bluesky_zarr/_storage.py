@@ -359,7 +359,7 @@ def write_around_cache(fd: int, parts: Sequence[Any]) -> bool:
             if not view.size:
                 continue
         if ready:
-            direct = _write_pages(fd, ready, direct)
+            direct = _write_all(fd, ready, direct)
             ready = []
         while view.size:
             n = min(view.size, stage.size - filled)
@@ -367,13 +367,13 @@ def write_around_cache(fd: int, parts: Sequence[Any]) -> bool:
             filled += n
             view = view[n:]
             if filled == stage.size:
-                direct = _write_pages(fd, [stage.data], direct)
+                direct = _write_all(fd, [stage.data], direct)
                 filled = 0
     if ready:
-        direct = _write_pages(fd, ready, direct)
+        direct = _write_all(fd, ready, direct)
     whole = filled - filled % _ALIGN
     if whole:
-        direct = _write_pages(fd, [stage.data[:whole]], direct)
+        direct = _write_all(fd, [stage.data[:whole]], direct)
     if filled > whole:
         if direct:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
@@ -388,32 +388,6 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
     skip = -raw.ctypes.data % _ALIGN
     return raw[skip : skip + nbytes].view(dtype).reshape(shape)
-
-
-def _write_pages(fd: int, pages: list[Any], direct: bool) -> bool:
-    """Write ``pages`` (buffers of whole pages at page boundaries, unless at
-    the end of the file) around the cache while the kernel takes it, else
-    through it; whether the writes still go around the cache."""
-    views = [memoryview(p) for p in pages]
-    while views:
-        try:
-            written = os.writev(fd, views[:1024])
-        except OSError as err:
-            if not direct or err.errno != errno.EINVAL:
-                raise
-            # Refused (an unaligned remainder, a file system without it): the
-            # rest goes through the page cache.
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
-            direct = False
-            continue
-        while written:
-            if written >= views[0].nbytes:
-                written -= views[0].nbytes
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
-    return direct
 
 
 def start_writeback(fd: int) -> None:
@@ -451,12 +425,23 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, parts: Sequence[Any]) -> None:
-    """Write every byte of ``parts`` to ``fd`` (``writev`` writes may be short)."""
+def _write_all(fd: int, parts: Sequence[Any], around_cache: bool = False) -> bool:
+    """Write every byte of ``parts`` to ``fd`` (``writev`` writes may be
+    short). With ``around_cache`` (``fd`` opened with ``O_DIRECT``, the parts
+    whole pages at page boundaries but at the end of the file), what the
+    kernel refuses to take that way (a file system without it) goes through
+    the page cache; returns whether the writes still go around it."""
     views = [memoryview(p).cast("B") for p in parts]
     views = [v for v in views if v.nbytes]
     while views:
-        written = os.writev(fd, views[:1024])
+        try:
+            written = os.writev(fd, views[:1024])
+        except OSError as err:
+            if not around_cache or err.errno != errno.EINVAL:
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+            around_cache = False
+            continue
         while written:
             if written >= views[0].nbytes:
                 written -= views[0].nbytes
@@ -464,6 +449,7 @@ def _write_all(fd: int, parts: Sequence[Any]) -> None:
             else:
                 views[0] = views[0][written:]
                 written = 0
+    return around_cache
 
 
 def is_url(root: str | os.PathLike[str]) -> bool:
