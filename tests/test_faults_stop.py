@@ -147,8 +147,13 @@ FILL_AT = 8  # the disk fills when the 8th event comes, before the writer sees i
 FREE_AT = 13  # with on_error="log", space comes back at the 13th
 
 
+@pytest.mark.parametrize("around_cache", [False, True], ids=["page-cache", "around-cache"])
 @pytest.mark.parametrize("on_error", ["raise", "log"])
-def test_disk_filling_mid_run(tmpfs, on_error):
+def test_disk_filling_mid_run(tmpfs, on_error, around_cache, monkeypatch):
+    if around_cache:
+        # Every file from 1 KiB (the frames' shards, the metadata) is written
+        # around the page cache (O_DIRECT, which this tmpfs takes).
+        monkeypatch.setattr(bluesky_zarr._storage, "AROUND_CACHE_FROM_BYTES", 1024)
     writer = mid_run_writer(tmpfs.path, on_error)
     events: list[int] = []
 
@@ -188,6 +193,7 @@ def test_disk_filling_mid_run(tmpfs, on_error):
         failures = info["write_failures"]
         assert failures, "writes failed on a full disk but the store records no failure"
         assert any("No space left" in f or "ENOSPC" in f or "28" in f for f in failures)
+    assert not list(store.rglob("*.partial")), "a failed write left its temporary file"
     written = assert_written_points_hold_their_frames(store)
     assert written.ravel()[: FILL_AT - 1].all(), "points written before the disk filled are lost"
     if on_error == "log" and written.sum() < N_POINTS:
