@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -41,6 +43,7 @@ from ophyd.sim import SynSignal, det
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 from zarr.storage import LocalStore
 
+import bluesky_zarr._storage
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr._io import DirectWriter
 from bluesky_zarr._storage import GuardedLocalStore
@@ -91,6 +94,8 @@ class Case:
     region: tuple[slice, ...] | None = None  # None: the whole array
     seed: int = 0
     fortran: bool = False  # data handed over in Fortran order
+    #: Every file written around the page cache (O_DIRECT), however small.
+    around_cache: bool = False
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -198,7 +203,9 @@ def check_case(case: Case) -> None:
         by_zarr[region] = data
         writer = DirectWriter.of(direct_array)
         assert writer is not None, f"no direct writer for {case}"
-        writer.write(origin, data, direct_array.shape)
+        threshold = 1 if case.around_cache else bluesky_zarr._storage.AROUND_CACHE_FROM_BYTES
+        with mock.patch.object(bluesky_zarr._storage, "AROUND_CACHE_FROM_BYTES", threshold):
+            writer.write(origin, data, direct_array.shape)
 
         reference = files_below(Path(tmp) / "zarr" / "array")
         written = files_below(Path(tmp) / "direct" / "array")
@@ -246,6 +253,7 @@ def cases(draw: st.DrawFn) -> Case:
         region=tuple(region),
         seed=draw(st.integers(0, 2**16)),
         fortran=draw(st.booleans()),
+        around_cache=draw(st.booleans()),
     )
     if wholly_outside_chunks(case):
         event("a shard holds chunks wholly past the array's edge")
@@ -292,9 +300,10 @@ EXPLICIT_CASES = {
 }
 
 
+@pytest.mark.parametrize("around_cache", [False, True], ids=["page-cache", "around-cache"])
 @pytest.mark.parametrize("name", list(EXPLICIT_CASES))
-def test_direct_writes_are_zarr_pythons_files_explicit(name: str) -> None:
-    check_case(EXPLICIT_CASES[name])
+def test_direct_writes_are_zarr_pythons_files_explicit(name: str, around_cache: bool) -> None:
+    check_case(dataclasses.replace(EXPLICIT_CASES[name], around_cache=around_cache))
 
 
 def test_the_edge_case_really_has_chunks_outside_the_array() -> None:
@@ -571,10 +580,14 @@ def chunk_files(store: Path) -> dict[str, bytes]:
 MOTORS_AT = {"wavelength": "wavelength", "position": "position"}
 
 
+@pytest.mark.parametrize("around_cache", [False, True], ids=["page-cache", "around-cache"])
 @pytest.mark.parametrize("name", list(SCANS))
 def test_a_scan_written_directly_is_the_scan_written_by_zarr_python(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, around_cache: bool
 ) -> None:
+    if around_cache:
+        # Every file, however small, written around the page cache (O_DIRECT).
+        monkeypatch.setattr(bluesky_zarr._storage, "AROUND_CACHE_FROM_BYTES", 1)
     scan = SCANS[name]
     counter = WriteCounter()
     counter.install(monkeypatch)
