@@ -163,7 +163,8 @@ class Workers:
             if queued is None:
                 return
             lane, cost, (owner, job, nbytes, copies, what, done) = queued
-            self.budget.activate(copies * nbytes)
+            if nbytes:  # a write (an encoding job holds no memory of its own)
+                self.budget.activate(copies * nbytes)
             failure = None
             try:
                 job()
@@ -172,8 +173,9 @@ class Workers:
                 failure = Failure(err, what)
             finally:
                 done()
-                self._release(nbytes * (1 + copies))
-                self.budget.finish(nbytes, copies)
+                if nbytes:
+                    self._release(nbytes * (1 + copies))
+                    self.budget.finish(nbytes, copies)
                 self._done(jobs, lane, cost)
                 owner.finished(failure)
 
