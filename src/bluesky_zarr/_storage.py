@@ -335,10 +335,10 @@ def write_around_cache(fd: int, parts: Sequence[Any]) -> bool:
     this thread's page-aligned buffer first. Returns whether the file system
     took the writes around the cache (else they went through it, the same).
 
-    The kernel's buffered path costs about as much CPU per byte as
-    compressing it (each page allocated, copied, and written back later);
-    here the device reads the memory directly. The file's data is on the
-    device when the call returns (its metadata is not: that is
+    Through the cache, each page is allocated, copied and written back later
+    by the kernel (measured: about 1 s of CPU for 40 files of 10.5 MB from
+    two threads); here the device reads the memory directly. The file's data
+    is on the device when the call returns (its metadata is not: that is
     ``durable=True``).
     """
     stage = getattr(_staging, "buffer", None)
