@@ -45,6 +45,14 @@ def _malloc_trim() -> Callable[[], object]:
 release_free_memory = _malloc_trim()
 
 
+#: The workers give freed memory back to the system each time this part of
+#: the memory bound has been freed (see Workers._release).
+TRIM_PARTS = 40
+
+#: Each worker's buffer for writes around the page cache is this part of the
+#: memory bound (see _storage.write_around_cache).
+STAGING_PARTS = 64
+
 #: How much lower the workers' scheduling priority is than the process's
 #: (``nice`` steps).
 WORKER_NICENESS = 10
@@ -143,20 +151,20 @@ class Workers:
 
     def _release(self, nbytes: int) -> None:
         """Give what jobs freed back to the system (see release_free_memory)
-        each time it adds up to a twentieth of the budget: the process holds
-        at most that much more than the budget counts, and the memory the
-        next jobs take is mostly still mapped (each trim costs page faults
-        after it)."""
+        each time it adds up to a part of the budget (``TRIM_PARTS``): the
+        process holds at most that much more than the budget counts, and the
+        memory the next jobs take is mostly still mapped (each trim costs
+        page faults after it)."""
         with self._lock:
             self._untrimmed += nbytes
-            if self._untrimmed < self.budget.limit // 20:
+            if self._untrimmed < self.budget.limit // TRIM_PARTS:
                 return
             self._untrimmed = 0
         release_free_memory()
 
     def _work(self, jobs: _Queue) -> None:
         # The buffer each worker writes shards from: a 64th of the budget.
-        limit_staging(self.budget.limit // 64)
+        limit_staging(self.budget.limit // STAGING_PARTS)
         yield_to_the_run_engine()
         while True:
             queued = jobs.jobs.get()
