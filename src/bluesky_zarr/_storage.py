@@ -376,9 +376,14 @@ def write_around_cache(fd: int, parts: Sequence[Any]) -> bool:
         direct = _write_all(fd, [stage.data[:whole]], direct)
     if filled > whole:
         if direct:
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+            _through_cache(fd)
         _write_all(fd, [stage[whole:filled]])
     return direct
+
+
+def _through_cache(fd: int) -> None:
+    """Let the next writes to ``fd`` go through the page cache (clear ``O_DIRECT``)."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -439,7 +444,7 @@ def _write_all(fd: int, parts: Sequence[Any], around_cache: bool = False) -> boo
         except OSError as err:
             if not around_cache or err.errno != errno.EINVAL:
                 raise
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+            _through_cache(fd)
             around_cache = False
             continue
         while written:
