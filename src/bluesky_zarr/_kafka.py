@@ -227,6 +227,15 @@ class KafkaDocumentService:
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
         }
+        try:
+            import confluent_kafka  # noqa: F401
+            import msgpack  # noqa: F401
+            import msgpack_numpy  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError(
+                "serve --kafka needs confluent-kafka, msgpack and msgpack-numpy: "
+                'pip install "bluesky-zarr[kafka]"'
+            ) from None
         self.topics = list(topics)
         self.status_interval = float(status_interval)
         self.commit_interval = float(commit_interval)
@@ -564,13 +573,8 @@ class KafkaDocumentService:
 
     def run(self) -> None:
         """Consume and write until SIGINT or SIGTERM, then finish and leave the group."""
-        try:
-            from confluent_kafka import Consumer
-        except ImportError:
-            raise MissingDependencyError(
-                "serve --kafka needs confluent-kafka, msgpack and msgpack-numpy: "
-                "pip install 'bluesky-zarr[kafka]'"
-            ) from None
+        from confluent_kafka import Consumer  # checked in __init__
+
         previous = {
             signum: signal.signal(signum, self._on_signal)
             for signum in (signal.SIGINT, signal.SIGTERM)

@@ -181,7 +181,7 @@ def _read_msgpack(
     except ImportError:
         raise MissingDependencyError(
             "replaying .msgpack files needs msgpack and msgpack-numpy: "
-            "pip install 'bluesky-zarr[replay]'"
+            "pip install \"bluesky-zarr[replay]\""
         ) from None
     counting = _Counting(stream)
     unpacker = msgpack.Unpacker(
@@ -346,7 +346,7 @@ def _replay_file(
         from tqdm import tqdm
     except ImportError:
         raise MissingDependencyError(
-            "replay needs tqdm: pip install 'bluesky-zarr[replay]'"
+            "replay needs tqdm: pip install \"bluesky-zarr[replay]\""
         ) from None
 
     try:

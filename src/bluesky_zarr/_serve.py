@@ -16,7 +16,7 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
-from ._errors import BlueskyZarrError, DocumentOrderError, ServeError
+from ._errors import BlueskyZarrError, DocumentOrderError, MissingDependencyError, ServeError
 from ._writer import ZarrWriter
 
 logger = logging.getLogger("bluesky_zarr.serve")
@@ -85,6 +85,12 @@ class DocumentService:
         **options: Any,
     ) -> None:
         self.address = parse_address(address)
+        try:
+            import zmq  # noqa: F401 - bluesky's RemoteDispatcher needs it
+        except ImportError:
+            raise MissingDependencyError(
+                'serve --zmq needs pyzmq: pip install "bluesky-zarr[zmq]"'
+            ) from None
         self.writer = ZarrWriter(directory, **options)
         tiled = options.get("tiled")
         #: Where runs are registered, for the log (a URI, or a client node's).
