@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -83,10 +84,15 @@ def _tiled_failures(command: str, uri: str, failures: list[tuple[str, str]]) -> 
 
 def _replay_flag_names(message: str) -> str:
     """:func:`_flag_names`, and the flags only ``replay`` has."""
-    return (
+    return re.sub(
+        r"pass handler_registry=\{'([^']*)': HandlerClass\} to ZarrWriter",
+        r"pass --handler \1=module:Class (or install a package that declares one, such "
+        r"as area-detector-handlers)",
         _flag_names(message)
         .replace("pass external='reference'", "pass --external reference")
+        .replace("or external='reference' to", "or --external reference to")
         .replace("or root_map= to say", "or --root-map OLD=NEW to say")
+        .replace("pass overwrite=True", "pass --overwrite"),
     )
 
 
@@ -142,9 +148,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _handler_entry(text: str) -> tuple[str, Any]:
+    """``SPEC=module:Class`` of ``--handler``: the class, imported."""
+    from ._errors import OptionError
+    from ._handlers import parse_handler
+
+    try:
+        return parse_handler(text)
+    except OptionError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _replay(args: argparse.Namespace) -> int:
-    from ._errors import BlueskyZarrError, ReplayError
-    from ._replay import ReplayReport, format_summary, replay
+    from ._errors import BlueskyZarrError, ReplayError, ReplayInterrupted
+    from ._replay import BATCH_END, ReplayReport, format_summary, replay
+
+    def error(message: str) -> None:
+        print(f"bluesky-zarr replay: error: {_replay_flag_names(message)}", file=sys.stderr)
 
     try:
         report = replay(
@@ -155,16 +175,32 @@ def _replay(args: argparse.Namespace) -> int:
             name_template=args.name_template,
             external=args.external,
             root_map=dict(args.root_map or []),
+            handler_registry=dict(getattr(args, "handler", None) or []),
             **_tiled_options(args),
         )
+    except ReplayInterrupted as err:
+        print(_replay_flag_names(format_summary(err.report, args.out)))
+        print(
+            f"bluesky-zarr replay: interrupted ({err.signal_name}): the runs being written "
+            f"are kept, marked incomplete; the files after them were not replayed",
+            file=sys.stderr,
+        )
+        _tiled_failures("replay", args.tiled, err.report.tiled_failures)
+        return EXIT_INTERRUPTED
     except ReplayError as err:
-        print(_replay_flag_names(format_summary(err.report or ReplayReport(), args.out)))
-        print(f"bluesky-zarr replay: error: {_replay_flag_names(str(err))}", file=sys.stderr)
+        report = err.report or ReplayReport()
+        print(_replay_flag_names(format_summary(report, args.out)))
+        # One line per run not replayed whole, then what stopped the replay
+        # (unless that is the list of those runs).
+        for problem in report.problems():
+            error(problem)
+        if err.location != BATCH_END:
+            error(str(err))
         if err.report is not None:
             _tiled_failures("replay", args.tiled, err.report.tiled_failures)
         return 1
     except BlueskyZarrError as err:
-        print(f"bluesky-zarr replay: error: {_replay_flag_names(str(err))}", file=sys.stderr)
+        error(str(err))
         return 1
     print(_replay_flag_names(format_summary(report, args.out)))
     return _tiled_failures("replay", args.tiled, report.tiled_failures)
@@ -377,6 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--root-map", action="append", type=_root_map_entry, metavar="OLD=NEW",
         help="a directory the documents name, and where it is mounted here (repeatable)",
+    )
+    replay.add_argument(
+        "--handler", action="append", type=_handler_entry, metavar="SPEC=module:Class",
+        default=argparse.SUPPRESS,
+        help="the handler class that reads ophyd v1 resources of a spec, e.g. "
+        "AD_HDF5=area_detector_handlers.handlers:AreaDetectorHDF5Handler (repeatable; "
+        "default: NPY_SEQ built in, and the handlers installed packages declare as "
+        "databroker.handlers entry points, such as area-detector-handlers)",
     )
     _add_tiled_options(replay)
     replay.set_defaults(func=_replay)

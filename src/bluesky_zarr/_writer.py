@@ -230,6 +230,8 @@ class ZarrWriter:
         self._refused_descriptors: dict[str, tuple[str, str]] = {}
         #: Run start uid of each resource and stream_resource seen (None: not said).
         self._resources: dict[str, str | None] = {}
+        #: Run start uid and refusal of each resource and stream_resource refused.
+        self._refused_resources: dict[str, tuple[str, str]] = {}
         #: The store of each run that ended (stopped, or closed), and the run
         #: of each of their descriptors and resources: where documents that
         #: come after the end are kept.
@@ -355,6 +357,9 @@ class ZarrWriter:
                 run_start = doc.get("uid")
             elif name in ("descriptor", "stop", "resource", "stream_resource"):
                 run_start = doc.get("run_start")
+                if run_start is None and name == "resource" and len(self._runs) == 1:
+                    # An old resource document names no run: the one open.
+                    run_start = next(iter(self._runs))
             elif name in ("event", "event_page", "stream_datum"):
                 descriptor = doc.get("descriptor")
                 run_start = self._descriptors.get(descriptor)  # type: ignore[arg-type]
@@ -365,6 +370,8 @@ class ZarrWriter:
             elif name in ("datum", "datum_page"):
                 resource = doc.get("resource")
                 run_start = self._resources.get(resource)  # type: ignore[arg-type]
+                if run_start is None and resource in self._refused_resources:
+                    run_start = self._refused_resources[resource][0]
                 if run_start is None:
                     run_start = self._ended_ids.get(resource)  # type: ignore[arg-type]
             else:
@@ -386,9 +393,18 @@ class ZarrWriter:
             return
         run.refuse(name, doc, error)
         uid = doc.get("uid")
+        run_start = next((u for u, r in self._runs.items() if r is run), None)
         if name == "descriptor" and isinstance(uid, str) and uid not in self._descriptors:
             # Its events cannot be placed: they are refused (and kept) too.
             self._refused_descriptors[uid] = (doc["run_start"], repr(error))
+        if (
+            name in ("resource", "stream_resource")
+            and isinstance(uid, str)
+            and uid not in self._resources
+            and run_start is not None
+        ):
+            # Its datums cannot be read: they are refused (and kept) too.
+            self._refused_resources[uid] = (run_start, repr(error))
 
     def _keep_after_end(self, run_uid: str, name: str, doc: Any, error: BaseException) -> None:
         """Keep a document of an ended run in that run's store (see ``_ended``)."""
@@ -413,10 +429,12 @@ class ZarrWriter:
         ids = [u for u, s in self._descriptors.items() if s == run_start]
         ids += [u for u, (s, _) in self._refused_descriptors.items() if s == run_start]
         ids += [u for u, s in self._resources.items() if s == run_start]
+        ids += [u for u, (s, _) in self._refused_resources.items() if s == run_start]
         for uid in ids:
             self._descriptors.pop(uid, None)
             self._refused_descriptors.pop(uid, None)
             self._resources.pop(uid, None)
+            self._refused_resources.pop(uid, None)
         if not ended or run is None or run.path is None:
             return
         self._ended[run_start] = run.path
@@ -464,6 +482,12 @@ class ZarrWriter:
                     )
             elif name in ("datum", "datum_page", "stream_datum"):
                 parent = doc["stream_resource" if name == "stream_datum" else "resource"]
+                refused_parent = self._refused_resources.get(parent)
+                if refused_parent is not None:
+                    raise DocumentOrderError(
+                        f"{name} refers to {'stream_' if name == 'stream_datum' else ''}"
+                        f"resource {parent!r}, which was refused: {refused_parent[1]}"
+                    )
                 if parent not in self._resources:
                     raise DocumentOrderError(
                         f"{name} refers to {'stream_' if name == 'stream_datum' else ''}"
