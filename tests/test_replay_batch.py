@@ -240,7 +240,9 @@ def test_a_batch_with_an_area_detector_run_in_the_middle_uses_the_handler_given(
     fly = summary_line(stdout, "4-fly.jsonl")
     assert "no primary stream; points written: fly 4 of 4, success" in fly
     assert "0 of" not in fly
-    fly_store = stores[json.loads((tmp_path / "4-fly.jsonl").read_text().splitlines()[0])[1]["uid"]]
+    (fly_uid,) = [uid for uid, s in stores.items() if open_tree(s).attrs["start"]["plan_name"]
+                  == "fly"]
+    fly_store = stores[fly_uid]
     assert open_stream(fly_store, "fly")["energy"].values.tolist() == [8000, 8001, 8002, 8003]
 
 
@@ -279,7 +281,8 @@ def test_installed_handlers_are_used_and_a_run_without_one_does_not_stop_the_bat
     errors = stderr.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("bluesky-zarr replay: error: 2-other.jsonl")
     assert "--handler BEAMLINE_EIGER=module:Class" in errors[0]
-    kept = [json.loads(line) for line in (other / "refused_documents.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in (other / "refused_documents.jsonl").read_text()
+            .splitlines()]
     assert [entry["name"] for entry in kept] == ["resource"] + ["datum", "event"] * 6
     info = open_tree(other).attrs["bluesky_zarr"]
     assert info["complete"] is False and info["refused_documents"] == 13

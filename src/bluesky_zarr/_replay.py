@@ -392,6 +392,8 @@ class _Interruption:
         # interrupts the replay anyway.
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
+                if signal.getsignal(signum) == signal.SIG_IGN:
+                    continue  # ignored by whoever started us (a background job)
                 self._previous[signum] = signal.signal(signum, self._received)
         return self
 
