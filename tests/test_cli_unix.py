@@ -8,6 +8,7 @@ real ``head``.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -218,3 +219,18 @@ def test_a_path_beginning_with_tilde_is_in_the_home_directory(tmp_path):
     (again,) = (home / "again").glob("*.zarr")
     assert open_stream(again)["det"].values.tolist() == [1.0, 1.0, 1.0]
     assert not (work / "~").exists()
+
+
+def test_replay_of_a_missing_file_says_so_before_writing_anything(tmp_path):
+    bundle = compose_run(metadata={"scan_id": 1})
+    recorded = tmp_path / "run.jsonl"
+    recorded.write_text(
+        f'["start", {json.dumps(bundle.start_doc)}]\n'
+        f'["stop", {json.dumps(bundle.compose_stop())}]\n'
+    )
+    out = tmp_path / "out"
+    result = run("replay", str(recorded), str(tmp_path / "rnu.jsonl"), "--out", str(out))
+    line = assert_one_line_error(result, "replay")
+    assert "rnu.jsonl: cannot open" in line and "No such file" in line
+    assert result.stdout == ""
+    assert not out.exists()  # the first file was not replayed before the mistake was seen

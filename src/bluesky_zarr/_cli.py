@@ -189,7 +189,8 @@ def _replay(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except ReplayError as err:
         report = err.report or ReplayReport()
-        print(_replay_flag_names(format_summary(report, args.out)))
+        if err.report is not None:  # else nothing was replayed
+            print(_replay_flag_names(format_summary(report, args.out)))
         # One line per run not replayed whole, then what stopped the replay
         # (unless that is the list of those runs).
         for problem in report.problems():

@@ -322,7 +322,14 @@ def replay(
         Ctrl-C raises ``KeyboardInterrupt`` at once.)
     """
     for path in paths:
+        # Every file, before anything is written: a mistyped name among many
+        # is said at once, not after hours of replay.
         file_format(path)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            raise ReplayError(f"{path}: cannot open: {err}", path=str(path)) from err
     if installed_handlers:
         built_in = set(DEFAULT_HANDLERS)
         if options.get("external") == "virtual":

@@ -71,8 +71,9 @@ class ZarrWriter:
     Parameters
     ----------
     directory
-        Root directory of the stores (created if missing), or an object storage
-        URL, ``s3://bucket/prefix`` (needs the ``s3`` extra).
+        Root directory of the stores (created if missing; ``~`` is the home
+        directory), or an object storage URL, ``s3://bucket/prefix`` (needs
+        the ``s3`` extra).
     storage_options
         For object storage: options of ``s3fs.S3FileSystem`` (``key``,
         ``secret``, ``endpoint_url``, ``client_kwargs``, ...), the same that
