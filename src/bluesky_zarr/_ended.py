@@ -24,10 +24,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import zarr
-
+from . import _spec, _zarr
 from ._errors import StorageError
-from ._storage import FsspecRoot, GuardedLocalStore, Root, StoreLock, _fsync_directory
+from ._storage import FsspecRoot, LocalFiles, Root, StoreLock, _fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +87,7 @@ def amended(attributes: Mapping[str, Any], run_uid: str) -> dict[str, Any]:
 
 
 def _root_text(root: Mapping[str, Any]) -> bytes:
-    indent = zarr.config.get("json_indent")
-    return json.dumps(root, indent=indent if isinstance(indent, int) else 2,
-                      allow_nan=True).encode()
+    return _spec.dumps(root, _zarr.json_indent()).encode()
 
 
 def _keep_local(store: Path, run_uid: str, line: bytes, durable: bool) -> None:
@@ -105,9 +102,7 @@ def _keep_local(store: Path, run_uid: str, line: bytes, durable: bool) -> None:
                 os.fsync(file.fileno())
         if durable:
             _fsync_directory(store)
-        writer = GuardedLocalStore(store)
-        writer.durable = durable
-        writer.write_parts("zarr.json", [_root_text(root)])
+        LocalFiles(store, durable=durable).write_parts("zarr.json", [_root_text(root)])
     finally:
         lock.release()
 
@@ -134,7 +129,7 @@ def _keep_in_repository(storage: Root, store: Path | str, run_uid: str, line: by
             repository_storage(store, getattr(storage, "storage_options", None))
         )
         session = repo.writable_session(BRANCH)
-        root = zarr.open_group(session.store, mode="r+", zarr_format=3)
+        root = _zarr.open_group(session.store, mode="r+")
         attributes = amended(dict(root.attrs.asdict()), run_uid)
         if isinstance(store, Path):
             with open(store / REFUSED_FILE, "ab") as file:
