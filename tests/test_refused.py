@@ -377,3 +377,24 @@ def test_documents_of_a_run_delivered_again_after_its_stop_are_kept_in_its_store
     assert "came after it ended" in shortfall_text(inspect_text(store))
     # The lock taken to amend the store is released: another writer may take it.
     assert not list(tmp_path.glob(".*lock"))
+
+
+def test_a_datum_of_a_resource_that_names_no_run_is_kept_with_the_run_open(tmp_path):
+    from event_model import compose_run
+
+    bundle = compose_run(metadata={"scan_id": 8})
+    writer = ZarrWriter(tmp_path, name_template="run")
+    writer("start", bundle.start_doc)
+    # An old resource document: no run_start.
+    resource = {"uid": "res-1", "spec": "NPY_SEQ", "root": str(tmp_path),
+                "resource_path": "frames", "resource_kwargs": {}, "path_semantics": "posix"}
+    writer("resource", resource)
+    broken = {"resource": "res-1", "datum_kwargs": {"index": 0}}  # no datum_id
+    with pytest.raises(bluesky_zarr.DocumentError, match="datum_id"):
+        writer("datum", broken)
+    writer("stop", bundle.compose_stop())
+
+    (entry,) = read_refused(tmp_path / "run.zarr")
+    assert entry["name"] == "datum" and entry["doc"] == broken
+    info = open_tree(tmp_path / "run.zarr").attrs["bluesky_zarr"]
+    assert info["refused_documents"] == 1 and info["complete"] is False

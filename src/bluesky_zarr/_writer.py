@@ -328,7 +328,11 @@ class ZarrWriter:
         if name == "descriptor":
             self._descriptors[doc["uid"]] = doc["run_start"]
         if name in ("resource", "stream_resource"):
-            self._resources[doc["uid"]] = doc.get("run_start")
+            run_start = doc.get("run_start")
+            if run_start is None and len(self._runs) == 1:
+                # An old resource document names no run: the one open.
+                run_start = next(iter(self._runs))
+            self._resources[doc["uid"]] = run_start
         if name == "start":
             path = self._runs[doc["uid"]].path
             if path is not None:
