@@ -197,7 +197,7 @@ class RunWriter(DocumentRouter):
         if stream.name == self.plan.stream:
             return self.plan.index(seq_nums)
         index = (seq_nums.astype(np.int64) - 1,)
-        if index[0].size and index[0].min() < 0:
+        if (index[0] < 0).any():
             raise DocumentError(f"seq_num must be >= 1, got {seq_nums.tolist()!r}")
         return index
 
