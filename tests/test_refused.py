@@ -398,3 +398,24 @@ def test_a_datum_of_a_resource_that_names_no_run_is_kept_with_the_run_open(tmp_p
     assert entry["name"] == "datum" and entry["doc"] == broken
     info = open_tree(tmp_path / "run.zarr").attrs["bluesky_zarr"]
     assert info["refused_documents"] == 1 and info["complete"] is False
+
+
+def test_a_start_delivered_again_after_a_virtual_run_ended_is_kept_beside_it(tmp_path):
+    from bluesky_zarr._catalog import list_stores
+    from bluesky_zarr._inspect import describe_store
+
+    docs = recorded_grid_scan()
+    writer = ZarrWriter(tmp_path, name_template="run", external="virtual")
+    for name, doc in docs:
+        writer(name, doc)
+    with pytest.raises(bluesky_zarr.DocumentOrderError, match="a second start"):
+        writer("start", copy.deepcopy(docs[0][1]))
+
+    store = tmp_path / "run.zarr"
+    (entry,) = read_refused(store)
+    assert entry["name"] == "start" and entry["doc"] == as_json(docs[0][1])
+    (listed,) = list_stores(tmp_path)
+    assert listed["state"] == "incomplete" and "came after it ended" in listed["why"]
+    run = describe_store(store)["run"]
+    assert run["refused_documents"] == 1 and run["complete"] is False
+    assert describe_store(store)["streams"]["primary"]["written_points"] == 6
