@@ -30,6 +30,23 @@ def open_stream(store: Path, stream: str = "primary") -> xr.Dataset:
         return xr.open_zarr(store, group=stream).load()
 
 
+def epoch_seconds(times: Any) -> np.ndarray:
+    """Decoded CF times (datetime64, NaT where unmeasured) as float seconds
+    since the UNIX epoch (NaN where unmeasured): the values the documents gave."""
+    values = np.asarray(times)
+    assert values.dtype.kind == "M", f"time is not decoded to dates: {values.dtype}"
+    seconds = (values - np.datetime64(0, "ns")) / np.timedelta64(1, "s")
+    return np.where(np.isnat(values), np.nan, seconds)
+
+
+def assert_times(times: Any, expected: Any) -> None:
+    """Decoded CF times are the documents' times: to the microsecond (decoding
+    float seconds to nanoseconds rounds them), unmeasured points NaT."""
+    np.testing.assert_allclose(
+        epoch_seconds(times), np.asarray(expected, float), rtol=0, atol=1e-6
+    )
+
+
 def open_tree(store: Path) -> xr.DataTree:
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ._conventions import TIME_ATTRIBUTES, data_key_attributes
 from ._errors import DocumentError, OptionError
 from ._plan import TIME_DIM, ScanPlan, sanitize_name
 from ._validate import MAX_FRAME_ELEMENTS, check_descriptor, check_dtype, checked_shape
@@ -223,6 +224,7 @@ def plan_stream(
         for field_name in ("units", "source", "precision", "object_name"):
             if data_key.get(field_name) is not None:
                 attrs[field_name] = data_key[field_name]
+        attrs.update(data_key_attributes(data_key))
         spec = ArraySpec(name, key, dtype, shape, frame_dims, attrs)
         if data_key.get("external"):
             spec.external = str(data_key["external"])
@@ -233,8 +235,8 @@ def plan_stream(
         dtype = np.dtype("float64") if name == "time" else np.dtype("int64")
         spec = ArraySpec(name, None, dtype, (), [])
         if name == "time":
-            spec.attrs["units"] = "s"
-            spec.attrs["long_name"] = "event time (seconds since the UNIX epoch)"
+            # CF: xarray decodes it to dates; the values stay float seconds.
+            spec.attrs.update(TIME_ATTRIBUTES)
         layout.arrays[name] = spec
     return layout
 

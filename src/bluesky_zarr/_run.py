@@ -17,6 +17,7 @@ from event_model.documents import Event, EventDescriptor, EventPage, RunStart, R
 from . import _zarr
 from ._background import BackgroundWriter
 from ._buffer import BlockBuffer
+from ._conventions import CONVENTIONS
 from ._errors import BlueskyZarrError, DocumentError, StorageError, WriteError
 from ._external import ExternalData
 from ._layout import plan_stream
@@ -106,7 +107,11 @@ class RunWriter(DocumentRouter):
             "scan_dims": [d.name for d in self.plan.dims],
             "scan_shape": self.plan.shape and list(self.plan.shape),
         }
-        attributes = {"start": json_safe(doc), "bluesky_zarr": self.info}
+        attributes = {
+            "Conventions": CONVENTIONS,
+            "start": json_safe(doc),
+            "bluesky_zarr": self.info,
+        }
         # A local store is locked before it is made (or replaced), so two
         # writers never take the same directory; object storage claims its
         # store with a conditional write instead.
@@ -150,7 +155,9 @@ class RunWriter(DocumentRouter):
                 if name == self.plan.stream:
                     for dim in self.plan.dims:
                         setpoints.update(dim.setpoints)
-                group = self.metadata.add_group(name, {"descriptors": [json_safe(doc)]})
+                group = self.metadata.add_group(
+                    name, {"Conventions": CONVENTIONS, "descriptors": [json_safe(doc)]}
+                )
                 try:
                     stream = StreamWriter(self, group, layout, setpoints)
                 except BaseException:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from ._buffer import ArraySink, Block, BlockBuffer, preview
+from ._conventions import WRITTEN_ATTRIBUTES, typed
 from ._errors import DataTypeError, DocumentError
 from ._io import UnitIO
 from ._layout import (
@@ -101,7 +102,7 @@ class StreamWriter:
             else:
                 self.pending[spec.name] = spec
         self.written = self._create_plain(
-            "_written", np.dtype(bool), False, self._mask_chunks(), {}
+            "_written", np.dtype(bool), False, self._mask_chunks(), WRITTEN_ATTRIBUTES
         )
         for name, dim in layout.coords.items():
             axis = layout.scan_dims.index(dim)
@@ -201,7 +202,7 @@ class StreamWriter:
             dimension_names=dims,
             attributes={
                 "_ARRAY_DIMENSIONS": dims,
-                **spec.attrs,
+                **typed(spec.attrs, spec.dtype),
                 **({"coordinates": " ".join(extra)} if extra else {}),
             },
             compressors=options.compressors,
