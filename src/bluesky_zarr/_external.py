@@ -581,6 +581,7 @@ class ExternalData:
         record.add_resource("stream_resource", sres_uid, sres)
         seq_nums = np.arange(seq_start, seq_stop, dtype=np.int64)
         index = self.run.point_index(stream, seq_nums)
+        stream.note_points(index, descriptor)
         if self.mode == "reference":
             record.stream_datum.append(doc)
             record.dirty = True

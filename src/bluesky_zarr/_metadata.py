@@ -16,6 +16,7 @@ writes (:mod:`._zarr`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -234,6 +235,17 @@ class StoreMetadata:
             merged = {**document["attributes"], **attributes}
             self._save(path, _spec.group_metadata(merged))
             return GroupNode(self.store, path, merged)
+
+    def set_array_attributes(self, array: ArrayNode, attributes: Mapping[str, Any]) -> ArrayNode:
+        """Update attributes of ``array``; returns the array over the new metadata."""
+        with self.lock:
+            current = self._arrays[array.path]
+            metadata = dataclasses.replace(
+                current, attributes={**current.attributes, **attributes}
+            )
+            self._save(array.path, metadata.to_dict())
+            self._arrays[array.path] = metadata
+            return ArrayNode(self.store, array.path, metadata)
 
     def resize(self, array: ArrayNode, shape: tuple[int, ...]) -> ArrayNode:
         """Give ``array`` a new shape (growing only: no chunk is deleted)."""

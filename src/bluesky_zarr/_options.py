@@ -8,6 +8,7 @@ from typing import Any
 
 from . import _zarr
 from ._errors import OptionError
+from ._frame_coords import check_frame_coords
 from ._layout import DEFAULT_SHARD_BYTES
 from ._plan import DEFAULT_NAME_TEMPLATE, check_name_template
 from ._spec import DEFAULT_COMPRESSOR
@@ -39,6 +40,8 @@ class WriterOptions:
     external: str = "fill"
     handler_registry: Mapping[str, Any] = field(default_factory=dict)
     root_map: Mapping[str, str] = field(default_factory=dict)
+    #: Frame dimension names to configuration keys (``_frame_coords``).
+    frame_coords: Mapping[str, str] = field(default_factory=dict)
 
 
 ON_ERROR = ("raise", "log")
@@ -90,6 +93,7 @@ def make_options(
     external: str = "fill",
     handler_registry: Mapping[str, Any] | None = None,
     root_map: Mapping[str, str] | None = None,
+    frame_coords: Mapping[str, str] | None = None,
 ) -> WriterOptions:
     """Check the user's options and return them as :class:`WriterOptions`."""
     if dims is not None:
@@ -171,6 +175,7 @@ def make_options(
         external=external,
         handler_registry=handlers,
         root_map=roots,
+        frame_coords=check_frame_coords(frame_coords),
     )
 
 

@@ -159,7 +159,7 @@ class RunWriter(DocumentRouter):
                     name, {"Conventions": CONVENTIONS, "descriptors": [json_safe(doc)]}
                 )
                 try:
-                    stream = StreamWriter(self, group, layout, setpoints)
+                    stream = StreamWriter(self, group, layout, setpoints, descriptor=doc)
                 except BaseException:
                     # A descriptor refused halfway leaves no half stream.
                     self.metadata.discard(name)
@@ -173,6 +173,7 @@ class RunWriter(DocumentRouter):
                         f"a second descriptor for stream {name!r} declares other data "
                         f"keys than the first; one stream must keep its data keys"
                     )
+                stream.add_descriptor(doc)
                 descriptors = list(stream.group.attrs.get("descriptors", []))
                 descriptors.append(json_safe(doc))
                 stream.group = self.metadata.set_attributes(
@@ -451,4 +452,12 @@ class RunWriter(DocumentRouter):
             logger.warning(
                 "bluesky-zarr: chunks=/shards= name keys that run %s does not have: %s",
                 self.path, sorted(unused),
+            )
+        unmatched = set(self.options.frame_coords) - {
+            name for stream in self.streams.values() for name in stream.frame_dim_names
+        }
+        if unmatched:
+            logger.warning(
+                "bluesky-zarr: frame_coords= names dimensions that no frame of run %s has: %s",
+                self.path, sorted(unmatched),
             )

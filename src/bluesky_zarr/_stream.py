@@ -14,6 +14,7 @@ that point on disk.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -25,8 +26,10 @@ import numpy as np
 from ._buffer import ArraySink, Block, BlockBuffer, preview
 from ._conventions import WRITTEN_ATTRIBUTES, typed
 from ._errors import DataTypeError, DocumentError
+from ._frame_coords import PER_POINT_SUFFIX, FrameCoordinate, find_axis
 from ._io import UnitIO
 from ._layout import (
+    RESERVED,
     ArraySpec,
     StreamLayout,
     check_chunking,
@@ -34,11 +37,14 @@ from ._layout import (
     fill_value_for,
 )
 from ._metadata import ArrayNode, GroupNode
+from ._plan import sanitize_name
 
 if TYPE_CHECKING:
     from ._background import BackgroundWriter
     from ._metadata import StoreMetadata
     from ._options import WriterOptions
+
+logger = logging.getLogger(__name__)
 
 
 class StreamRun(Protocol):
@@ -68,6 +74,7 @@ class StreamWriter:
         group: GroupNode,
         layout: StreamLayout,
         setpoints: Mapping[str, np.ndarray],
+        descriptor: Mapping[str, Any] | None = None,
     ) -> None:
         self.run = run
         self.group = group
@@ -96,6 +103,21 @@ class StreamWriter:
                 "setpoint"
             ):
                 self.coord_from_data[name] = source
+        #: The stream's descriptors, in order, and their order by uid.
+        self.descriptors: list[Mapping[str, Any]] = [descriptor] if descriptor else []
+        self.descriptor_number: dict[str, int] = (
+            {str(descriptor.get("uid")): 0} if descriptor else {}
+        )
+        #: Coordinates of frame dimensions from the devices' configuration
+        #: (``_frame_coords``), by dimension; their arrays; the per-point
+        #: coordinates made when a configuration changed; and, per point, the
+        #: number of the descriptor its event came with (-1: none yet).
+        self.frame_coords: dict[str, FrameCoordinate] = {}
+        self.frame_coord_arrays: dict[str, ArrayNode] = {}
+        self.per_point_arrays: dict[str, ArrayNode] = {}
+        self.point_descriptor = np.full(self.scan_shape, -1, dtype=np.int32)
+        #: Every name the frame dimensions of this stream go by (frame_coords= keys).
+        self.frame_dim_names: set[str] = set()
         for spec in layout.arrays.values():
             if spec.ready:
                 self._create(spec)
@@ -188,10 +210,14 @@ class StreamWriter:
                     -(-min(s, max(1, n)) // c) * c
                     for s, n, c in zip(shards, self.scan_shape, chunks)
                 ) + tuple(shards[self.n_scan :])
+        self._claim_frame_coords(spec)
         dims = list(self.layout.scan_dims) + list(spec.frame_dims)
         dtype: Any = str if spec.dtype.kind in "OU" else spec.dtype
         # Tell xarray (CF ``coordinates``) which variables are coordinates.
-        extra = [c for c, d in self.layout.coords.items() if c != d]
+        extra = [c for c, d in self.layout.coords.items() if c != d] + [
+            self.frame_coords[d].per_point or "" for d in spec.frame_dims
+            if d in self.frame_coords and self.frame_coords[d].per_point
+        ]
         array = self.run.metadata.add_array(
             f"{self.name}/{spec.name}",
             shape=self.scan_shape + spec.frame_shape,
@@ -233,6 +259,168 @@ class StreamWriter:
             self.run.metadata.consolidate()
         return sink
 
+    # ---------------------------------------------------- frame coordinates
+    def _claim_frame_coords(self, spec: ArraySpec) -> None:
+        """Give the frame dimensions of ``spec`` their coordinates from the
+        devices' configuration (``_frame_coords``), making their arrays; a
+        dimension whose name another coordinate of other values (or another
+        array) holds is renamed for this array."""
+        if not spec.frame_dims or not self.descriptors or spec.key is None:
+            return
+        assert spec.frame_shape is not None
+        first = self.descriptors[0]
+        data_keys = first.get("data_keys")
+        data_key = data_keys.get(spec.key) if isinstance(data_keys, Mapping) else None
+        if not isinstance(data_key, Mapping):
+            return
+        declared = data_key.get("dims")
+        declared = list(declared) if isinstance(declared, (list, tuple)) else []
+        for axis, size in enumerate(spec.frame_shape):
+            dim = spec.frame_dims[axis]
+            names = (dim,) + tuple(
+                str(d) for d in declared[axis : axis + 1] if isinstance(d, str) and d != dim
+            )
+            self.frame_dim_names.update(names)
+            found, why = find_axis(first, data_key, names, size, self.run.options.frame_coords)
+            if why is not None:
+                logger.warning("bluesky-zarr: stream %r: %s", self.name, why)
+            if found is None:
+                continue
+            existing = self.frame_coords.get(dim)
+            if existing is not None and existing.key == found.key and np.array_equal(
+                existing.values, found.values, equal_nan=True
+            ):
+                continue  # the same axis: shared
+            if existing is not None or self._name_taken(dim):
+                dim = self._own_dim_name(spec, dim, size)
+                spec.frame_dims[axis] = dim
+            coordinate = FrameCoordinate(
+                dim, found.object_name, found.key, found.units, [found.values]
+            )
+            for later in self.descriptors[1:]:
+                coordinate.add_descriptor(later)
+            self.frame_coords[dim] = coordinate
+            array = self.run.metadata.add_array(
+                f"{self.name}/{dim}",
+                shape=(size,),
+                dtype="float64",
+                chunks=(max(1, size),),
+                shards=None,
+                fill_value=np.nan,
+                dimension_names=[dim],
+                attributes=coordinate.attributes(),
+                compressors=self.run.options.compressors,
+            )
+            self.frame_coord_arrays[dim] = array
+            if size:
+                self._update(array, (slice(0, size),), coordinate.values)
+            if len(coordinate.configurations) > 1:
+                self._make_per_point(coordinate)
+
+    def _name_taken(self, name: str) -> bool:
+        """Whether an array or coordinate of the stream is called ``name``."""
+        return (
+            name in self.layout.arrays
+            or name in self.layout.coords
+            or name in self.layout.scan_dims
+            or name in RESERVED
+            or name in self.frame_coords
+        )
+
+    def _own_dim_name(self, spec: ArraySpec, dim: str, size: int) -> str:
+        name = f"{sanitize_name(spec.key or spec.name)}_{dim}"
+        while self._name_taken(name) or (
+            name in self.layout.dim_sizes and self.layout.dim_sizes[name] != size
+        ):
+            name = f"{name}_"
+        self.layout.dim_sizes[name] = size
+        return name
+
+    def add_descriptor(self, doc: Mapping[str, Any]) -> None:
+        """Another descriptor of this stream: a configuration that changed
+        gives its frame coordinates a per-point coordinate (``_frame_coords``).
+        Called under the run's metadata lock; the caller consolidates."""
+        self.descriptor_number[str(doc.get("uid"))] = len(self.descriptors)
+        self.descriptors.append(doc)
+        for coordinate in self.frame_coords.values():
+            if coordinate.add_descriptor(doc) and coordinate.per_point is None:
+                with self.lock:
+                    self._make_per_point(coordinate)
+
+    def _make_per_point(self, coordinate: FrameCoordinate) -> None:
+        """The per-point coordinate of a frame dimension whose configuration
+        changed, written for every point so far (under ``self.lock``)."""
+        name = f"{coordinate.dim}{PER_POINT_SUFFIX}"
+        while self._name_taken(name):
+            name = f"{name}_"
+        coordinate.per_point = name
+        logger.warning(
+            "bluesky-zarr: stream %r: the configuration %r of %r changed during the run; "
+            "%r holds the values each point was measured with",
+            self.name, coordinate.key, coordinate.object_name, name,
+        )
+        metadata = self.run.metadata
+        size = coordinate.values.shape[0]
+        dims = list(self.layout.scan_dims) + [coordinate.dim]
+        chunks = self._mask_chunks() + (max(1, size),)
+        array = metadata.add_array(
+            f"{self.name}/{name}",
+            shape=self.scan_shape + (size,),
+            dtype="float64",
+            chunks=chunks,
+            shards=None,
+            fill_value=np.nan,
+            dimension_names=dims,
+            attributes=coordinate.per_point_attributes(dims),
+            compressors=self.run.options.compressors,
+        )
+        self.per_point_arrays[coordinate.dim] = array
+        index = self.frame_coord_arrays[coordinate.dim]
+        self.frame_coord_arrays[coordinate.dim] = metadata.set_array_attributes(
+            index, coordinate.attributes()
+        )
+        # The arrays along the dimension name the new coordinate (CF
+        # ``coordinates``), so that xarray shows it with them.
+        for sink in self.sinks.values():
+            if coordinate.dim in sink.spec.frame_dims:
+                named = str(sink.array.attrs.get("coordinates", "")).split()
+                sink.array = metadata.set_array_attributes(
+                    sink.array, {"coordinates": " ".join(named + [name])}
+                )
+        if array.size:
+            region = tuple(slice(0, n) for n in self.scan_shape)
+            self._update(
+                array,
+                region + (slice(0, size),),
+                coordinate.at_points(self._point_descriptors(region)),
+            )
+
+    def note_points(self, index: Sequence[np.ndarray], descriptor: Any) -> None:
+        """Record the descriptor the events at ``index`` came with (for the
+        per-point values of frame coordinates whose configuration changes)."""
+        if not self.frame_coords:
+            return
+        number = self.descriptor_number.get(str(descriptor), 0)
+        with self.lock:
+            if self.growing and index[0].size:
+                needed = int(index[0].max()) + 1
+                current = self.point_descriptor
+                if needed > current.shape[0]:
+                    grown = np.full(max(needed, 2 * current.shape[0]), -1, dtype=np.int32)
+                    grown[: current.shape[0]] = current
+                    self.point_descriptor = grown
+            self.point_descriptor[tuple(index)] = number
+
+    def _point_descriptors(self, region: tuple[slice, ...]) -> np.ndarray:
+        """The descriptor numbers of the points in ``region`` (-1 past those known)."""
+        shape = tuple(r.stop - r.start for r in region)
+        known = self.point_descriptor[region]
+        if known.shape == shape:
+            return known
+        padded = np.full(shape, -1, dtype=np.int32)
+        padded[tuple(slice(0, n) for n in known.shape)] = known
+        return padded
+
     # ----------------------------------------------------------------- events
     def put_page(self, page: Mapping[str, Any], index: Sequence[np.ndarray]) -> None:
         """Copy the events of a page into their blocks (the RunEngine's thread)."""
@@ -266,6 +454,7 @@ class StreamWriter:
         # Validate every value before touching any block: a bad event is
         # refused whole and nothing already buffered is disturbed.
         checked = [(spec, self._check_column(spec, values)) for spec, values in columns]
+        self.note_points(index, page.get("descriptor"))
         for name, source in self.coord_from_data.items():
             if source not in data:
                 continue
@@ -420,6 +609,10 @@ class StreamWriter:
                 self.written = metadata.resize(self.written, (length,))
                 for name, array in self.coord_arrays.items():
                     self.coord_arrays[name] = metadata.resize(array, (length,))
+                for dim, array in self.per_point_arrays.items():
+                    self.per_point_arrays[dim] = metadata.resize(
+                        array, (length,) + array.shape[1:]
+                    )
                 self.length = length
                 self.scan_shape = (length,)
             metadata.consolidate()
@@ -441,6 +634,13 @@ class StreamWriter:
                 stop = min(part.stop, values.shape[0], array.shape[0])
                 if part.start < stop:
                     self._update(array, (slice(part.start, stop),), values[part.start : stop])
+            for dim, array in self.per_point_arrays.items():
+                coordinate = self.frame_coords[dim]
+                self._update(
+                    array,
+                    region + (slice(0, array.shape[-1]),),
+                    coordinate.at_points(self._point_descriptors(region)),
+                )
 
     def _update(self, array: ArrayNode, region: tuple[slice, ...], values: np.ndarray) -> None:
         """Write ``values`` over ``region`` of the mask or a coordinate (under

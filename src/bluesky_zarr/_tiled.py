@@ -508,8 +508,11 @@ def _register_stream(
 
     path = f"{report.uid}/{name}"
     # What xr.open_zarr makes of the group: which arrays are coordinates, their
-    # dims and attributes (nothing is read but metadata).
-    with xr.open_zarr(zstore, group=name, chunks=None) as ds:
+    # dims and attributes (nothing is read but metadata). Times are not
+    # decoded: Tiled serves the float seconds stored, so their CF ``units``
+    # and ``calendar`` stay in the attributes (xr.decode_cf on what Tiled's
+    # client reads gives dates).
+    with xr.open_zarr(zstore, group=name, chunks=None, decode_times=False) as ds:
         variables = {
             key: (
                 tuple(str(d) for d in ds[key].dims),

@@ -137,6 +137,16 @@ class ZarrWriter:
         Directories by the ``root`` that resources name, for files mounted
         elsewhere here than where the detector wrote them; also applied to the
         leading directories of stream resources' ``file://`` URIs.
+    frame_coords
+        Frame dimensions mapped to the configuration keys that hold their
+        coordinate, for names that do not match, e.g.
+        ``{"channel": "mca_bin_energies"}``. Without it, a frame dimension
+        named in its data key's ``dims`` (``energy``) takes as its coordinate
+        the 1-D array of its length that its device's configuration holds
+        under that name (``energy`` or ``<device>_energy``). The coordinate
+        holds the values of the stream's first descriptor; if a later
+        descriptor (a device reconfigured during the run) brings others, a
+        per-point coordinate ``<dim>_per_point`` holds each point's values.
     durable
         Flush every file (and its directory) to the device before a point is
         marked written, so that what ``_written`` claims survives a power
@@ -180,6 +190,7 @@ class ZarrWriter:
         external: str = "fill",
         handler_registry: Mapping[str, Any] | None = None,
         root_map: Mapping[str, str] | None = None,
+        frame_coords: Mapping[str, str] | None = None,
         durable: bool = False,
         tiled: Any = None,
         tiled_api_key: str | None = None,
@@ -217,6 +228,7 @@ class ZarrWriter:
             external=external,
             handler_registry=handler_registry,
             root_map=root_map,
+            frame_coords=frame_coords,
         )
         self.buffer = BlockBuffer(self.options.max_buffer_bytes, self.options.workers)
         # The threads end with the writer (or at close()).
