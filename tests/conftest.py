@@ -1,16 +1,42 @@
 from __future__ import annotations
 
+import os
+import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pytest
-import xarray as xr
-from bluesky import RunEngine
 
-from bluesky_zarr.sim import frame_at
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# EPICS Channel Access of the tests stays on this machine, on ports of its own
+# (test_conventions serves records from a soft IOC). Set before anything
+# imports ophyd, whose pyepics creates its client context at import.
+EPICS_ENVIRONMENT = {
+    "EPICS_CA_SERVER_PORT": str(_free_port()),
+    "EPICS_CA_REPEATER_PORT": str(_free_port()),
+    "EPICS_CA_ADDR_LIST": "127.0.0.1",
+    "EPICS_CA_AUTO_ADDR_LIST": "NO",
+    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVA_SERVER_PORT": str(_free_port()),
+    "EPICS_PVA_BROADCAST_PORT": str(_free_port()),
+    "EPICS_PVA_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+}
+os.environ.update(EPICS_ENVIRONMENT)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import xarray as xr  # noqa: E402
+from bluesky import RunEngine  # noqa: E402
+
+from bluesky_zarr.sim import frame_at  # noqa: E402
 
 
 @pytest.fixture

@@ -48,6 +48,10 @@ def numpy_dtype(key: str, data_key: Mapping[str, Any]) -> np.dtype | None:
             raise DocumentError(
                 f"data key {key!r}: dtype_numpy {declared!r} is not a numpy dtype"
             ) from None
+        if dtype.kind == "S" and data_key.get("dtype") == "string":
+            # Text of a bounded width (ophyd-async's EPICS strings and enums
+            # say "|S40"): the values come as str, and are stored as strings.
+            return np.dtype(f"<U{max(1, dtype.itemsize)}")
         check_dtype(key, dtype, fill_value_for(dtype))
         return dtype
     kind = data_key.get("dtype")
