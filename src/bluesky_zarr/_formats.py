@@ -13,7 +13,10 @@ Formats read:
 * ``application/x-hdf5``: a dataset (``parameters["dataset"]``) of the file
   at ``uri``, one or more rows per event.
 * ``application/x-zarr``: the array ``parameters["path"]`` of the Zarr store
-  at ``uri`` (V2 or V3), rows as for HDF5.
+  at ``uri`` (V2 or V3), rows as for HDF5; without ``path``, the store itself,
+  else the array named after the data key, else ``<key>/0``. Rows a live
+  producer has not yet declared in its ``zarr.json`` are read from whole
+  storage units, or waited for (:class:`ZarrSource`).
 * ``multipart/related;type=image/tiff``, ``...;type=image/jpeg``,
   ``...;type=application/x-npy``: one file per frame (or per ``chunk_shape[0]``
   frames), named ``uri + parameters["template"].format(file number)``. The
@@ -34,8 +37,11 @@ holds.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -267,32 +273,232 @@ class HDF5Source(_RowSource):
 
 
 class ZarrSource(_RowSource):
-    """An array of a Zarr store (V2 or V3); ``path`` names it inside the store
-    (absent: the store is the array)."""
+    """An array of a Zarr store (V2 or V3), written by another writer that may
+    still be writing it.
+
+    ``path`` names the array inside the store; without it, the array is the
+    store itself, else the one named after the data key, else ``<key>/0``
+    (the full-resolution level of a multiscale image): the layout of a
+    detector integration that writes every data key into one shared store
+    with acquire-zarr.
+
+    A live producer writes an array's ``zarr.json`` late: acquire-zarr
+    rewrites it as whole shards complete (older releases only when the stream
+    closes), after the frames a stream_datum already names. The rows a
+    stream_datum asks for are bounded by its indices, not by that metadata:
+    rows past the shape it states are read from the storage units (shards, or
+    chunks) on disk as soon as every unit holding them is there and whole (a
+    shard still being written fails its index checksum and is waited for).
+    The reader thread waits for rows not yet written, for as long as new rows
+    keep appearing; after :attr:`patience` seconds without one, the
+    stream_datum fails with :class:`ExternalIndexError`. Nothing is read as a
+    fill value in place of a frame that is not there.
+    """
 
     mimetypes = frozenset({"application/x-zarr"})
     label = "the Zarr array"
     name_parameter = "path"
+    #: Seconds a read waits for rows that a live producer has not written
+    #: yet, counted from the last row that appeared.
+    patience: ClassVar[float] = 30.0
+    #: Seconds between looks at the store while waiting.
+    poll: ClassVar[float] = 0.02
 
     def _default_name(self) -> str | None:
         return ""
 
+    def _candidates(self) -> list[str]:
+        if self.name_parameter in self.parameters:
+            return [self.name]
+        return ["", self.key, f"{self.key}/0"]
+
+    def _locate(self) -> tuple[str, dict[str, Any]] | None:
+        """The path and metadata (``zarr.json`` or ``.zarray``) of the array
+        the stream_resource points to, if it is in the store yet."""
+        for name in self._candidates():
+            metadata = _array_metadata(self.path, name)
+            if metadata is not None:
+                return name, metadata
+        return None
+
     def _open(self) -> Any:
         from . import _zarr
 
+        found = self._locate()
+        name = found[0] if found is not None else self.name
         try:
-            return _zarr.open_array(self.path, self.name or "")
+            return _zarr.open_array(self.path, name)
         except (OSError, ValueError) as err:
             raise ExternalFileError(
                 f"stream_resource {self.uid!r} for data key {self.key!r} points to the "
-                f"Zarr array {self.name!r} in {self.sres['uri']!r} ({self.path}), which "
+                f"Zarr array {name!r} in {self.sres['uri']!r} ({self.path}), which "
                 f"cannot be read here: {err}; {REMOTE_HINT}"
             ) from err
 
-    def _refresh(self) -> None:
-        # A new handle sees the array's current shape; reads under way keep
-        # the old one, which stays valid for the rows it had.
-        self.array = self._open()
+    def plan(self, start: int, stop: int, uid: str) -> ReadPlan:
+        if not os.path.isdir(self.path):
+            raise ExternalFileError(
+                f"stream_resource {self.uid!r} for data key {self.key!r} points to the "
+                f"Zarr store {self.sres['uri']!r} ({self.path}), which does not exist "
+                f"here; {REMOTE_HINT}"
+            )
+        if start < 0:
+            raise ExternalIndexError(
+                f"stream_datum {uid!r} asks for indices {start}..{stop} of stream_resource "
+                f"{self.uid!r}: indices start at 0"
+            )
+        found = self._locate()
+        declared = self.info.declared or ()
+        if found is not None:
+            # What can be refused now is: frames of another shape.
+            row_shape = tuple(int(n) for n in found[1]["shape"][1:])
+            self.rows_per_index(row_shape)
+            itemsize = _itemsize(found[1])
+        else:
+            row_shape = tuple(int(n or 1) for n in declared[1:])
+            itemsize = 8  # the batch size only; the array is not there yet
+        event_bytes = max(1, math.prod(row_shape) * itemsize)
+
+        def read(lo: int, hi: int) -> np.ndarray:
+            return self._read_live(lo, hi, uid)
+
+        return ReadPlan(event_bytes, read)
+
+    def _read_live(self, lo: int, hi: int, uid: str) -> np.ndarray:
+        """Events ``lo..hi``, once the producer has written them (the reader thread)."""
+        waited_since = time.monotonic()
+        best = -1
+        while True:
+            found = self._locate()
+            if found is not None:
+                name, metadata = found
+                row_shape = tuple(int(n) for n in metadata["shape"][1:])
+                per_index = self.rows_per_index(row_shape)
+                first, last = lo * per_index, hi * per_index
+                rows, available = self._rows(name, metadata, first, last)
+                if rows is not None:
+                    return self._frames(rows, hi - lo, per_index, row_shape)
+                if available > best:
+                    best, waited_since = available, time.monotonic()
+            if time.monotonic() - waited_since > self.patience:
+                break
+            time.sleep(self.poll)
+        if found is None:
+            raise ExternalFileError(
+                f"stream_datum {uid!r}: the Zarr store {self.path} has no array "
+                f"{' or '.join(repr(c) for c in self._candidates())} for data key "
+                f"{self.key!r} after {self.patience:g} s"
+            )
+        raise ExternalIndexError(
+            f"stream_datum {uid!r} asks for rows {first}..{last} of the Zarr array "
+            f"{name!r} in {self.path} ({per_index} rows per event for indices {lo}..{hi}), "
+            f"which holds {max(best, 0)} rows, and no new row for {self.patience:g} s"
+        )
+
+    def _rows(
+        self, name: str, metadata: Mapping[str, Any], first: int, last: int
+    ) -> tuple[np.ndarray | None, int]:
+        """Rows ``first..last`` if they are all on disk, whole (else None), and
+        how many rows are readable so far."""
+        from . import _zarr
+
+        stated = int(metadata["shape"][0])
+        if last <= stated:
+            array = _zarr.open_array(self.path, name)
+            return np.asarray(array[first:last]), stated
+        available = _rows_on_disk(self.path, name, metadata, last)
+        if available < last:
+            return None, available
+        # Past the stated shape: an array over the same metadata, as long as
+        # the rows asked for.
+        longer = {**metadata, "shape": [last, *metadata["shape"][1:]]}
+        array = _zarr.array_over(_zarr.local_store(self.path), name, longer)
+        try:
+            return np.asarray(array[first:last]), available
+        except ValueError:
+            # A storage unit still being written (a shard whose index is not
+            # there yet fails its checksum): not readable yet.
+            return None, first
+
+    def _frames(
+        self, rows: np.ndarray, events: int, per_index: int, row_shape: tuple[int, ...]
+    ) -> np.ndarray:
+        info = self.info
+        keeps_frame_dim = (
+            not info.squeezed
+            and info.declared is not None
+            and len(info.declared) == len(row_shape) + 1
+        )
+        if not keeps_frame_dim and per_index != 1:
+            raise DataShapeError(
+                f"stream_resource {self.uid!r}: {per_index} rows per event, but data key "
+                f"{self.key!r} declares shape {list(info.declared or [])}, one frame per event"
+            )
+        frames = rows.reshape((events, per_index) + row_shape)
+        return frames if keeps_frame_dim else frames[:, 0]
+
+
+def _array_metadata(store: str, name: str) -> dict[str, Any] | None:
+    """The metadata of the array ``name`` of a local Zarr store, V3
+    (``zarr.json``) or V2 (``.zarray``), or None if no array is there (yet)."""
+    folder = os.path.join(store, *[p for p in name.split("/") if p])
+    for filename in ("zarr.json", ".zarray"):
+        try:
+            with open(os.path.join(folder, filename), "rb") as file:
+                document = json.loads(file.read())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return None  # being written: looked at again
+        if not isinstance(document, dict) or not isinstance(document.get("shape"), list):
+            return None
+        if filename == "zarr.json" and document.get("node_type") != "array":
+            return None
+        if not document["shape"]:
+            return None
+        return document
+    return None
+
+
+def _itemsize(metadata: Mapping[str, Any]) -> int:
+    try:
+        return max(1, np.dtype(metadata.get("data_type") or metadata.get("dtype")).itemsize)
+    except TypeError:
+        return 8
+
+
+def _rows_on_disk(store: str, name: str, metadata: Mapping[str, Any], needed: int) -> int:
+    """Rows of a V3 array whose storage units are all on disk, counted past
+    its stated shape up to ``needed``: the rows a producer wrote before it
+    rewrote the metadata. Only where a unit being written cannot pass for a
+    whole one: chunks, or shards whose index carries a checksum (a V2 array,
+    or shards without one, count as far as their metadata says)."""
+    from ._spec import ArrayMetadata
+
+    stated = int(metadata["shape"][0])
+    try:
+        spec = ArrayMetadata.from_dict(metadata)
+    except ValueError:
+        return stated
+    sharding = spec.sharding
+    if sharding is not None and not any(
+        codec.get("name") == "crc32c" for codec in sharding.get("index_codecs", [])
+    ):
+        return stated
+    unit = spec.chunk_grid
+    others = [
+        range(-(-int(n) // int(u))) for n, u in zip(spec.shape[1:], unit[1:])
+    ]
+    folder = os.path.join(store, *[p for p in name.split("/") if p])
+    rows = (stated // unit[0]) * unit[0]
+    for row_unit in range(stated // unit[0], -(-needed // unit[0])):
+        for rest in itertools.product(*others):
+            # The default chunk key encoding: "c", then the unit's position.
+            key = spec.separator.join(["c", *(str(i) for i in (row_unit, *rest))])
+            if not os.path.exists(os.path.join(folder, *key.split("/"))):
+                return max(stated, rows)
+        rows = (row_unit + 1) * unit[0]
+    return max(stated, rows)
 
 
 # ------------------------------------------------------------ file sequences
