@@ -292,6 +292,15 @@ class RunWriter(DocumentRouter):
         if self.virtual is not None:
             self.virtual.commit("flush")
 
+    def take_written_regions(self) -> list[tuple[Any, tuple[int, ...], tuple[int, ...]]]:
+        """The arrays of every stream written to since the last call, each
+        with the region its writes covered (offset, shape): ``(array node,
+        offset, shape)``. Called by the Tiled registrar (``_tiled``), at most
+        once per flush interval, to tell Tiled's subscribers."""
+        with self.meta_lock:
+            streams = list(self.streams.values())
+        return [region for stream in streams for region in stream.take_written_regions()]
+
     def check_health(self) -> None:
         """Raise what went wrong since the last document: a write that failed
         in the background, or a store that has been deleted (looked for at

@@ -95,6 +95,9 @@ class StreamWriter:
         self.coord_arrays: dict[str, ArrayNode] = {}
         #: How the mask and coordinates are written, by array path.
         self._io: dict[str, UnitIO] = {}
+        #: What reached the disk since the last :meth:`take_written_regions`:
+        #: by array path, the array and the bounding box of its writes.
+        self._written_regions: dict[str, tuple[ArrayNode, list[int], list[int]]] = {}
         #: Coordinates that event data update (setpoint data, or any for
         #: dimensions whose setpoints the start document does not give).
         self.coord_from_data: dict[str, str] = {}
@@ -619,6 +622,7 @@ class StreamWriter:
 
     def mark_on_disk(self, sink: ArraySink, region: tuple[slice, ...], filled: np.ndarray) -> None:
         with self.lock:
+            self._note_written(sink.array, region)
             self.on_disk[sink.name][region] |= filled
             complete = not self.pending
             written = np.all([mask[region] for mask in self.on_disk.values()], axis=0) & complete
@@ -649,6 +653,30 @@ class StreamWriter:
         if io is None:
             io = self._io[array.path] = UnitIO(array)
         io.update(array, region, values)
+        self._note_written(array, region)
+
+    def _note_written(self, array: ArrayNode, region: tuple[slice, ...]) -> None:
+        """Add ``region`` (whole along the dimensions it does not name) to
+        what ``array`` had written since the last look (under ``self.lock``)."""
+        shape = array.shape
+        lo = [int(r.start) for r in region] + [0] * (len(shape) - len(region))
+        hi = [int(r.stop) for r in region] + list(shape[len(region) :])
+        known = self._written_regions.get(array.path)
+        if known is not None:
+            lo = [min(a, b) for a, b in zip(lo, known[1])]
+            hi = [max(a, b) for a, b in zip(hi, known[2])]
+        self._written_regions[array.path] = (array, lo, hi)
+
+    def take_written_regions(self) -> list[tuple[ArrayNode, tuple[int, ...], tuple[int, ...]]]:
+        """Each array written to since the last call, with the offset and shape
+        of the region (bounding box) its writes covered: what a live reader
+        (Tiled's subscribers) is told about."""
+        with self.lock:
+            regions, self._written_regions = self._written_regions, {}
+        return [
+            (array, tuple(lo), tuple(h - low for h, low in zip(hi, lo)))
+            for array, lo, hi in regions.values()
+        ]
 
     def summary(self) -> dict[str, Any]:
         """Counts for the stop record: points on disk in every array

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,7 +214,9 @@ def _data_source(array: Any, dims: tuple[str, ...], uri: str) -> Any:
         structure_family=StructureFamily.array,
         structure=structure,
         mimetype=ZARR_MIMETYPE,
-        assets=[Asset(data_uri=uri, is_directory=True, parameter="data_uri")],
+        # Tiled's Zarr adapter reads the first asset's URI whatever its
+        # number; its streaming messages (a subscriber's updates) require one.
+        assets=[Asset(data_uri=uri, is_directory=True, parameter="data_uri", num=0)],
         management=Management.external,
     )
 
@@ -361,18 +363,32 @@ def _same_metadata(node: Any, metadata: Mapping[str, Any]) -> bool:
     return bool(node.metadata == _as_json(dict(metadata)))
 
 
-def _put_data_source(node: Any, data_source: Any) -> None:
-    """Replace a node's (only) data source, as TiledWriter does when a stream grows."""
+def _put_data_source(
+    node: Any,
+    data_source: Any,
+    patch: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+) -> None:
+    """Replace a node's (only) data source, as TiledWriter does when a stream
+    grows; with ``patch`` (offset, shape), tell the node's subscribers that
+    this region of the array was written (Tiled publishes it to them)."""
     from tiled.client.utils import handle_error, retry_context
     from tiled.utils import safe_json_dump
 
     data_source.id = node.data_sources()[0].id
+    params = None
+    if patch is not None:
+        offset, shape = patch
+        params = {
+            "patch_offset": ",".join(str(int(n)) for n in offset),
+            "patch_shape": ",".join(str(int(n)) for n in shape),
+        }
     for attempt in retry_context():
         with attempt:
             handle_error(
                 node.context.http_client.put(
                     node.uri.replace("/metadata/", "/data_source/", 1),
                     content=safe_json_dump({"data_source": data_source}),
+                    params=params,
                 )
             )
 
@@ -598,6 +614,16 @@ class TiledRegistrar:
     registration that fails is logged (once per store until it succeeds
     again) and listed in :attr:`failures`; the store is written all the same,
     and ``bluesky-zarr register`` registers it later.
+
+    Live readers: after each registration of an open run (so at most once
+    per ``interval``, the writer's flush interval), every array written to
+    since the last one has its data source updated with the region written
+    (Tiled's ``patch_offset`` and ``patch_shape``: the bounding box of the
+    blocks that reached the disk), which a Tiled server with a streaming
+    cache publishes to the array's websocket subscribers (``node.subscribe()``
+    in Tiled's client) in the order it was written. When the run ends, after
+    its last regions, every array's stream is closed: subscribers learn that
+    nothing more comes.
     """
 
     def __init__(
@@ -619,6 +645,11 @@ class TiledRegistrar:
         #: Whether the last registration reached Tiled.
         self._reachable = True
         self._open: dict[str, None] = {}
+        #: Per store written by this writer: what its run wrote since the
+        #: last look (``RunWriter.take_written_regions``), and the Tiled nodes
+        #: of its arrays, looked up once.
+        self._regions: dict[str, Callable[[], list[Any]]] = {}
+        self._array_nodes: dict[str, dict[str, Any]] = {}
         self._pending: dict[str, list[threading.Event]] = {}
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -633,11 +664,19 @@ class TiledRegistrar:
         with self._changed:
             return list(self._failures.items())
 
-    def opened(self, store: Path | str | None) -> None:
-        """A run's store exists or has a new stream: register it soon."""
+    def opened(
+        self,
+        store: Path | str | None,
+        regions: Callable[[], list[Any]] | None = None,
+    ) -> None:
+        """A run's store exists or has a new stream: register it soon;
+        ``regions`` gives what the run wrote since it was last called (its
+        subscribers are told)."""
         if store is not None:
             with self._changed:
                 self._open[str(store)] = None
+                if regions is not None:
+                    self._regions[str(store)] = regions
             self.request(store)
 
     def finish(self, store: Path | str | None) -> bool:
@@ -712,7 +751,8 @@ class TiledRegistrar:
         try:
             if self._node is None:
                 self._node = connect(self.uri, self._api_key)
-            register_store(self._node, store, storage_options=self._storage_options)
+            report = register_store(self._node, store, storage_options=self._storage_options)
+            self._tell_subscribers(store, report.uid)
         except Exception as err:  # noqa: BLE001 - the data is safe; say so and go on
             with self._changed:
                 known = store in self._failures
@@ -729,3 +769,54 @@ class TiledRegistrar:
             with self._changed:
                 self._failures.pop(store, None)
                 self._reachable = True
+
+    def _tell_subscribers(self, store: str, uid: str) -> None:
+        """Update the data source of every array written to since the last
+        time with the region written (Tiled tells its subscribers); when the
+        run has ended, close the streams of its arrays."""
+        with self._changed:
+            source = self._regions.get(store)
+            ended = store not in self._open
+        if source is None:
+            return
+        nodes = self._array_nodes.setdefault(store, {})
+        base_uri = store_uri(store, self._storage_options)
+        try:
+            for array, offset, shape in source():
+                if _servable(array) is not None or 0 in shape:
+                    continue  # not registered (its data type), or nothing written
+                node = nodes.get(array.path)
+                if node is None:
+                    node = nodes[array.path] = self._array_node(uid, array.path)
+                if node is None:
+                    continue  # its stream is not registered yet
+                dims = tuple(array.metadata.dimension_names or ())
+                data_source = _data_source(array, dims, f"{base_uri}/{array.path}")
+                _put_data_source(node, data_source, patch=(offset, shape))
+            if ended:
+                self._close_streams(uid)
+        finally:
+            if ended:
+                with self._changed:
+                    self._regions.pop(store, None)
+                self._array_nodes.pop(store, None)
+
+    def _array_node(self, uid: str, path: str) -> Any | None:
+        """The Tiled node (with its data sources) of the array at ``path``
+        (``stream/key``) of run ``uid``, or None if it is not registered."""
+        node = _child(self._node, uid)
+        for part in path.split("/"):
+            if node is None:
+                return None
+            node = _child(node, part)
+        return None if node is None else node.include_data_sources()
+
+    def _close_streams(self, uid: str) -> None:
+        """Close the stream of every array of a run that ended."""
+        run = _child(self._node, uid)
+        if run is None:
+            return
+        for stream in _plain(run).values():
+            if _has_spec(stream, DATASET_SPEC):
+                for array in _plain(stream).values():
+                    array.close_stream()

@@ -157,8 +157,11 @@ class ZarrWriter:
         copied): its URI (``http://host:port/api/v1/metadata/<catalog>``) or a
         Tiled client container node. The run is registered when its store
         exists, its streams as their descriptors come (so Tiled serves the run
-        while it is written), and brought up to date at stop. Needs the
-        ``tiled`` extra. Tiled being unreachable never stops the scan nor
+        while it is written), and brought up to date at stop. Each flush
+        interval, the arrays written to are updated with the region that
+        reached the disk, which Tiled (with a streaming cache) publishes to
+        their subscribers (``node.subscribe()``); their streams close when the
+        run ends. Needs the ``tiled`` extra. Tiled being unreachable never stops the scan nor
         loses data: the failure is logged and listed in
         :attr:`tiled_failures`, and ``bluesky-zarr register`` registers the
         store later.
@@ -335,8 +338,10 @@ class ZarrWriter:
             raise
         if self._tiled is not None and name in ("start", "descriptor"):
             # The run, then each stream as it appears: readable through Tiled
-            # while it is written.
-            self._tiled.opened(self._runs[doc["uid" if name == "start" else "run_start"]].path)
+            # while it is written; what reaches the disk is told to Tiled's
+            # subscribers.
+            run = self._runs[doc["uid" if name == "start" else "run_start"]]
+            self._tiled.opened(run.path, run.take_written_regions)
         if name == "descriptor":
             self._descriptors[doc["uid"]] = doc["run_start"]
         if name in ("resource", "stream_resource"):
