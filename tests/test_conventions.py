@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tensorstore
 import xarray as xr
 import zarr
 from bluesky import RunEngine
@@ -90,6 +91,10 @@ def test_time_decodes_to_the_dates_of_the_events(RE: RunEngine, tmp_path: Path) 
     # Readers that ignore CF: the float seconds the documents gave, unchanged.
     raw = zarr.open_group(store, mode="r")["primary/time"]
     np.testing.assert_array_equal(raw[...], expected)
+    spec = {"driver": "zarr3",
+            "kvstore": {"driver": "file", "path": str(store / "primary" / "time")}}
+    read = tensorstore.open(spec, open=True).result().read().result()
+    np.testing.assert_array_equal(np.asarray(read), expected)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         undecoded = xr.open_zarr(store, group="primary", decode_times=False).load()
