@@ -30,13 +30,27 @@ declared leading dimension, so each event is ``shape[0]`` rows (or frames,
 (ophyd-async emits one from a detector whose frame size is not yet known)
 says nothing and is ignored: the files themselves say how many frames each
 holds.
+
+**The bytes are checked before a frame is taken.** A file cut short (a
+detector that crashed, a full disk, a partial copy) must not give frames of
+zeros marked as written. HDF5 opened in SWMR mode skips the library's own
+check of a truncated file and reads past its end as zeros, so
+:func:`check_hdf5_rows` checks each row instead: every chunk holding it (or
+the contiguous rows) is in the file, and its byte range lies inside the
+file's real size, before and after the read. Rows stored before a cut are
+whole and are kept; the message says when the superblock declares a longer
+file. A Zarr array's chunks must be in its store; TIFF, JPEG and NPY
+decoders refuse a short file themselves. What fails raises
+:class:`~bluesky_zarr.ExternalFileError`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -141,6 +155,121 @@ def fits(declared: Sequence[int | None], actual: Sequence[int]) -> bool:
     )
 
 
+# ------------------------------------------------------ are the bytes there
+#: The signature that opens an HDF5 superblock (at byte 0, 512, 1024, ...).
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+#: Superblock (versions 2, 3) consistency flags: open for writing, for SWMR writing.
+_HDF5_OPEN_FLAGS = 0x1 | 0x4
+
+
+def hdf5_declared_end(path: str) -> tuple[int, bool] | None:
+    """Where an HDF5 file's superblock says the file ends, and whether a writer
+    holds it open; None for superblocks of versions 0 and 1 (HDF5 checks
+    those itself, also in SWMR mode).
+
+    A file open for writing may end short of its declared end while the
+    library reserves space, so the end says something only once the file is
+    closed: then a shorter file was cut.
+    """
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        where = 0
+        while where + 12 <= size:
+            file.seek(where)
+            head = file.read(48)
+            if head[:8] == _HDF5_SIGNATURE:
+                break
+            where = 512 if where == 0 else 2 * where
+        else:
+            return None
+    version, offsets, flags = head[8], head[9], head[11]
+    formats = {2: "<H", 4: "<I", 8: "<Q"}
+    if version not in (2, 3) or offsets not in formats or len(head) < 12 + 3 * offsets:
+        return None
+    # Base address, superblock extension address, end-of-file address.
+    base, _, end = (
+        struct.unpack_from(formats[offsets], head, 12 + n * offsets)[0] for n in range(3)
+    )
+    return base + end, bool(flags & _HDF5_OPEN_FLAGS)
+
+
+def _hdf5_storage(dataset: Any, first: int, last: int) -> Iterator[tuple[int, Any, int]]:
+    """``(row, byte offset or None if not in the file, bytes)`` of each piece of
+    storage holding rows ``first..last`` of an HDF5 dataset: its chunks, or
+    the rows of a contiguous dataset. Compact data (in the object header),
+    external raw files and virtual datasets yield nothing to check here."""
+    import h5py
+
+    plist = dataset.id.get_create_plist()
+    layout = plist.get_layout()
+    if layout == h5py.h5d.CHUNKED:
+        chunks = dataset.chunks
+        tiles = [range(0, n, c) for n, c in zip(dataset.shape[1:], chunks[1:])]
+        get = dataset.id.get_chunk_info_by_coord
+        for row in range(first - first % chunks[0], last, chunks[0]):
+            for tile in itertools.product(*tiles):
+                stored = get((row, *tile))
+                yield row, stored.byte_offset, int(stored.size)
+    elif layout == h5py.h5d.CONTIGUOUS and not plist.get_external_count():
+        row_bytes = math.prod(dataset.shape[1:]) * dataset.dtype.itemsize
+        offset = dataset.id.get_offset()
+        yield first, None if offset is None else offset + first * row_bytes, (
+            (last - first) * row_bytes
+        )
+
+
+def check_hdf5_rows(dataset: Any, path: str, first: int, last: int) -> None:
+    """Refuse rows ``first..last`` of an HDF5 dataset unless their bytes are in
+    the file at ``path``: every chunk of the rows stored, and each chunk's
+    byte range inside the file's real size (the largest chunk end against
+    the size, which SWMR reads do not compare).
+
+    Raises
+    ------
+    ExternalFileError
+        What is missing, with the file's size and the byte range asked for.
+    """
+    if first >= last:
+        return
+    what = f"rows {first}..{last} of dataset {dataset.name!r} in the HDF5 file {path}"
+    try:
+        size = os.stat(path).st_size
+        declared = hdf5_declared_end(path)
+    except OSError as err:
+        raise ExternalFileError(f"{what}: the file cannot be read here: {err}") from err
+    cut = "cut short (a detector that crashed, a full disk, a partial copy?)"
+    if declared is not None and not declared[1] and declared[0] > size:
+        # Rows stored before the cut are whole: each is checked on its own.
+        cut += f"; its superblock says it ends at byte {declared[0]}"
+    refreshed = False
+    while True:
+        try:
+            storage = list(_hdf5_storage(dataset, first, last))
+        except Exception as err:  # noqa: BLE001 - h5py raises several types on a broken index
+            raise ExternalFileError(
+                f"{what}: the file's index of its chunks cannot be read ({err!r}); the file "
+                f"is {cut}"
+            ) from err
+        missing = [row for row, offset, _ in storage if offset is None]
+        if not missing or refreshed or not getattr(dataset.file, "swmr_mode", False):
+            break
+        # A reader in SWMR mode may hold an older index than the file: look again.
+        dataset.refresh()
+        refreshed = True
+    if missing:
+        raise ExternalFileError(
+            f"{what}: row {missing[0]} has no chunk in the file (not written, or the "
+            f"chunk index was cut)"
+        )
+    for row, offset, length in storage:
+        if offset + length > size:
+            raise ExternalFileError(
+                f"{what}: the file is {cut}: it holds {size} bytes, but row {row} is "
+                f"stored at bytes {offset}..{offset + length}"
+            )
+
+
 # ---------------------------------------------------------------- row arrays
 class _RowSource(FrameSource):
     """A growing array (HDF5 dataset, Zarr array) whose rows are frames."""
@@ -168,6 +297,10 @@ class _RowSource(FrameSource):
     def _refresh(self) -> None:
         """See rows written since the array was opened."""
 
+    def _check_rows(self, array: Any, first: int, last: int) -> None:
+        """Refuse rows ``first..last`` of ``array`` whose bytes are not stored
+        (:class:`ExternalFileError`)."""
+
     def plan(self, start: int, stop: int, uid: str) -> ReadPlan:
         if self.array is None:
             self.array = self._open()
@@ -194,9 +327,13 @@ class _RowSource(FrameSource):
                 f"stream_resource {self.uid!r}: {per_index} rows per event, but data key "
                 f"{self.key!r} declares shape {list(info.declared or [])}, one frame per event"
             )
+        self._check_rows(array, first, last)
 
         def read(lo: int, hi: int) -> np.ndarray:
+            # Checked again around the read: the file may be cut meanwhile.
+            self._check_rows(array, lo * per_index, hi * per_index)
             rows = np.asarray(array[lo * per_index : hi * per_index])
+            self._check_rows(array, lo * per_index, hi * per_index)
             frames = rows.reshape((hi - lo, per_index) + row_shape)
             return frames if keeps_frame_dim else frames[:, 0]
 
@@ -258,6 +395,9 @@ class HDF5Source(_RowSource):
                 f"{self.name!r}"
             ) from None
 
+    def _check_rows(self, array: Any, first: int, last: int) -> None:
+        check_hdf5_rows(array, self.path, first, last)
+
     def _refresh(self) -> None:
         if getattr(self.array.file, "swmr_mode", False):
             # The file grew since it was opened. Reads under way see the
@@ -293,6 +433,29 @@ class ZarrSource(_RowSource):
         # A new handle sees the array's current shape; reads under way keep
         # the old one, which stays valid for the rows it had.
         self.array = self._open()
+
+    def _check_rows(self, array: Any, first: int, last: int) -> None:
+        """Every chunk (shard, if sharded) file holding the rows is in the store.
+
+        The Zarr spec reads a missing chunk as the fill value; a detector's
+        frame that is not in the store is refused instead (a writer that
+        skips chunks equal to the fill value leaves such a frame out too:
+        it is refused as well, never claimed)."""
+        if first >= last:
+            return
+        base = os.path.join(self.path, self.name) if self.name else self.path
+        unit = array.shards or array.chunks
+        tiles = [range(0, n, c) for n, c in zip(array.shape[1:], unit[1:])]
+        for row in range(first - first % unit[0], last, unit[0]):
+            for tile in itertools.product(*tiles):
+                coords = tuple(i // c for i, c in zip((row, *tile), unit))
+                key = array.metadata.encode_chunk_key(coords)
+                if not os.path.isfile(os.path.join(base, key)):
+                    raise ExternalFileError(
+                        f"rows {first}..{last} of the Zarr array {self.name!r} in {self.path}: "
+                        f"row {row} is in no chunk of the store ({key} is missing: not "
+                        f"written, deleted, or left out as all fill value)"
+                    )
 
 
 # ------------------------------------------------------------ file sequences

@@ -78,6 +78,8 @@ class RunWriter(DocumentRouter):
         self._flusher: threading.Thread | None = None
         self._refused = 0
         self._refused_lines: list[bytes] = []
+        #: external="virtual": points whose referenced bytes were gone at stop.
+        self._lost_references = 0
         #: Whether the run has been finished (stopped or closed).
         self.finished = False
         #: external="virtual": the run's Icechunk repository (``_virtual``).
@@ -293,10 +295,12 @@ class RunWriter(DocumentRouter):
             self.virtual.commit("flush")
 
     def check_health(self) -> None:
-        """Raise what went wrong since the last document: a write that failed
-        in the background, or a store that has been deleted (looked for at
-        most every ``HEALTH_INTERVAL`` seconds: a lookup by path can wait
-        on the directory, and writes into a deleted store fail anyway)."""
+        """Refuse a document for a store that has been deleted (looked for at
+        most every ``HEALTH_INTERVAL`` seconds: a lookup by path can wait on
+        the directory, and writes into a deleted store fail anyway). What
+        failed in the background is raised after the next document is taken
+        (:meth:`raise_failures`, called by the writer): that document is not
+        refused for an earlier one's failure."""
         now = time.monotonic()
         if (
             isinstance(self.path, Path)
@@ -308,7 +312,6 @@ class RunWriter(DocumentRouter):
                 f"does not recreate it"
             )
         self._health_checked = now
-        self.raise_failures()
 
     def raise_failures(self) -> None:
         read_failures = self.external.new_read_failures()
@@ -354,6 +357,7 @@ class RunWriter(DocumentRouter):
             attempt(lambda: self.buffer.spill(self))
             if self.background is not None:
                 attempt(self.background.drain)
+            attempt(self._verify_references)
             self._stop_flusher.set()
             if self._flusher is not None:
                 self._flusher.join()
@@ -374,6 +378,9 @@ class RunWriter(DocumentRouter):
             raise WriteError(
                 f"finishing the run's store {self.path} failed: {first!r}"
             ) from first
+
+    def _verify_references(self) -> None:
+        self._lost_references = self.external.verify_references()
 
     def _record_end(
         self, doc: RunStop | None, incomplete_reason: str | None, errors: list[BaseException]
@@ -411,6 +418,12 @@ class RunWriter(DocumentRouter):
             if self._refused:
                 reasons.append(
                     f"{self._refused} refused document(s) are kept in {REFUSED_FILE}"
+                )
+            if self._lost_references:
+                reasons.append(
+                    f"{self._lost_references} point(s) refer to detector files that vanished "
+                    f"or were cut since they were referenced (see each stream's 'virtual' "
+                    f"attribute)"
                 )
             if info["write_failures"]:
                 reasons.append(f"{len(info['write_failures'])} write(s) failed")

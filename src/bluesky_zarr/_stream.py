@@ -443,6 +443,17 @@ class StreamWriter:
                 if part.start < stop:
                     self._update(array, (slice(part.start, stop),), values[part.start : stop])
 
+    def unmark(self, name: str, index: tuple[np.ndarray, ...]) -> None:
+        """The points ``index`` of array ``name`` are no longer on disk (the
+        detector file they reference lost them): off ``_written``."""
+        if not index[0].size:
+            return
+        with self.lock:
+            self.on_disk[name][index] = False
+            region = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in index)
+            written = np.logical_and.reduce([mask[region] for mask in self.on_disk.values()])
+            self._update(self.written, region, written & (not self.pending))
+
     def _update(self, array: zarr.Array, region: tuple[slice, ...], values: np.ndarray) -> None:
         """Write ``values`` over ``region`` of the mask or a coordinate (under
         ``self.lock``: the only writer of these arrays)."""

@@ -250,7 +250,10 @@ class ZarrWriter:
 
         A document that a run refuses is kept verbatim in that run's store
         (``refused_documents.jsonl``) before the refusal is raised: callers
-        such as ophyd's subscription threads only log exceptions.
+        such as ophyd's subscription threads only log exceptions. A failure in
+        the background (a write, the frames of an earlier stream_datum) is
+        raised after the next document of its run is taken, which is not
+        refused for it.
         """
         if name == "bulk_events" and isinstance(doc, Mapping):
             # The legacy batch of events: the same events as event pages.
@@ -259,7 +262,7 @@ class ZarrWriter:
                 self("event_page", page)
             return name, doc
         try:
-            return self._take(name, doc)
+            result = self._take(name, doc)
         except BlueskyZarrError as err:
             self._keep_refused(name, doc, err)
             raise
@@ -273,6 +276,12 @@ class ZarrWriter:
             wrapped = DocumentError(f"the {name} document cannot be written: {err!r}")
             self._keep_refused(name, doc, wrapped)
             raise wrapped from err
+        # What failed in the background since (a write, the frames of an
+        # earlier stream_datum) is raised now: this document itself is taken.
+        run = self._run_of(name, doc)
+        if run is not None and not run.finished:
+            run.raise_failures()
+        return result
 
     def _take(self, name: str, doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if name not in _KINDS:
