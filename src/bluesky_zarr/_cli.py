@@ -216,7 +216,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"bluesky-zarr serve: error: {_flag_names(str(err))}", file=sys.stderr)
         return 2
     service.run()
-    return 0
+    # Stores not registered with Tiled (logged with the register command).
+    return 1 if service.writer.tiled_failures else 0
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -318,7 +319,7 @@ def _serve_kafka(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s bluesky-zarr serve: %(message)s", force=True
     )
     service.run()
-    return 0
+    return 1 if service.writer.tiled_failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
