@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -226,10 +227,12 @@ class RunWriter(DocumentRouter):
         self._finish(doc)
         return doc
 
-    def close_incomplete(self, reason: str) -> None:
+    def close_incomplete(self, reason: str, exit_status: str | None = None) -> None:
         """Finish a run whose stop document will not come: write what arrived,
-        mark the store incomplete (``bluesky_zarr.complete`` stays false)."""
-        self._finish(None, incomplete_reason=reason)
+        mark the store incomplete (``bluesky_zarr.complete`` stays false);
+        ``exit_status`` (``"abort"`` for a run interrupted) is recorded as a
+        stop document's would be."""
+        self._finish(None, incomplete_reason=reason, exit_status=exit_status)
 
     # ------------------------------------------------------- refused documents
     def refuse(self, name: str, doc: Mapping[str, Any], error: BaseException) -> None:
@@ -330,7 +333,12 @@ class RunWriter(DocumentRouter):
                 + f": {first.error!r}"
             ) from first.error
 
-    def _finish(self, doc: RunStop | None, incomplete_reason: str | None = None) -> None:
+    def _finish(
+        self,
+        doc: RunStop | None,
+        incomplete_reason: str | None = None,
+        exit_status: str | None = None,
+    ) -> None:
         """Write what is buffered, record how the run ended and release the
         store, whatever fails on the way; ``doc`` is None when no stop
         document came (the run stays marked incomplete).
@@ -359,10 +367,10 @@ class RunWriter(DocumentRouter):
                 attempt(self.background.drain)
             attempt(self._verify_references)
             self._stop_flusher.set()
-            if self._flusher is not None:
+            if self._flusher is not None and not sys.is_finalizing():
                 self._flusher.join()
             attempt(self.external.close)
-            attempt(lambda: self._record_end(doc, incomplete_reason, errors))
+            attempt(lambda: self._record_end(doc, incomplete_reason, errors, exit_status))
             if self.virtual is not None:
                 attempt(lambda: self.virtual.commit("stop"))
         finally:
@@ -383,7 +391,11 @@ class RunWriter(DocumentRouter):
         self._lost_references = self.external.verify_references()
 
     def _record_end(
-        self, doc: RunStop | None, incomplete_reason: str | None, errors: list[BaseException]
+        self,
+        doc: RunStop | None,
+        incomplete_reason: str | None,
+        errors: list[BaseException],
+        exit_status: str | None = None,
     ) -> None:
         """Record in the root attributes how the run ended and what it lacks."""
         failures = self.background.failures if self.background else []
@@ -402,6 +414,8 @@ class RunWriter(DocumentRouter):
             reasons = []
             if doc is None:
                 reasons.append(incomplete_reason or "no stop document came")
+                if exit_status is not None:
+                    attributes["exit_status"] = exit_status
             else:
                 attributes["stop"] = json_safe(doc)
                 attributes["exit_status"] = json_safe(doc.get("exit_status", "unknown"))
