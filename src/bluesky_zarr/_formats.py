@@ -418,10 +418,10 @@ class ZarrSource(_RowSource):
         return ""
 
     def _open(self) -> Any:
-        import zarr
+        from . import _zarr
 
         try:
-            return zarr.open_array(store=self.path, path=self.name, mode="r")
+            return _zarr.open_array(self.path, self.name or "")
         except (OSError, ValueError) as err:
             raise ExternalFileError(
                 f"stream_resource {self.uid!r} for data key {self.key!r} points to the "
@@ -441,6 +441,8 @@ class ZarrSource(_RowSource):
         frame that is not in the store is refused instead (a writer that
         skips chunks equal to the fill value leaves such a frame out too:
         it is refused as well, never claimed)."""
+        from . import _zarr
+
         if first >= last:
             return
         base = os.path.join(self.path, self.name) if self.name else self.path
@@ -449,7 +451,7 @@ class ZarrSource(_RowSource):
         for row in range(first - first % unit[0], last, unit[0]):
             for tile in itertools.product(*tiles):
                 coords = tuple(i // c for i, c in zip((row, *tile), unit))
-                key = array.metadata.encode_chunk_key(coords)
+                key = _zarr.chunk_key(array, coords)
                 if not os.path.isfile(os.path.join(base, key)):
                     raise ExternalFileError(
                         f"rows {first}..{last} of the Zarr array {self.name!r} in {self.path}: "

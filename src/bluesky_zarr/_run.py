@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 from event_model import DocumentRouter, pack_event_page
 from event_model.documents import Event, EventDescriptor, EventPage, RunStart, RunStop
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
+from . import _zarr
 from ._background import BackgroundWriter
 from ._buffer import BlockBuffer
 from ._errors import BlueskyZarrError, DocumentError, StorageError, WriteError
@@ -170,7 +169,7 @@ class RunWriter(DocumentRouter):
                         f"a second descriptor for stream {name!r} declares other data "
                         f"keys than the first; one stream must keep its data keys"
                     )
-                descriptors = list(stream.group.attrs.get("descriptors", []))  # type: ignore[arg-type]
+                descriptors = list(stream.group.attrs.get("descriptors", []))
                 descriptors.append(json_safe(doc))
                 stream.group = self.metadata.set_attributes(
                     name, {"descriptors": descriptors}
@@ -201,7 +200,7 @@ class RunWriter(DocumentRouter):
         if stream.name == self.plan.stream:
             return self.plan.index(seq_nums)
         index = (seq_nums.astype(np.int64) - 1,)
-        if index[0].size and index[0].min() < 0:
+        if (index[0] < 0).any():
             raise DocumentError(f"seq_num must be >= 1, got {seq_nums.tolist()!r}")
         return index
 
@@ -234,6 +233,15 @@ class RunWriter(DocumentRouter):
         stop document's would be."""
         self._finish(None, incomplete_reason=reason, exit_status=exit_status)
 
+    def discard(self) -> None:
+        """Let go of a run whose store no longer exists (the process is ending):
+        nothing is written; its lock is released."""
+        if self.finished:
+            return
+        self.finished = True
+        self._stop_flusher.set()
+        self._release_lock()
+
     # ------------------------------------------------------- refused documents
     def refuse(self, name: str, doc: Mapping[str, Any], error: BaseException) -> None:
         """Keep a document this run's writer refused, verbatim, in the store.
@@ -261,14 +269,7 @@ class RunWriter(DocumentRouter):
                     if self.virtual is not None:  # beside the repository (_virtual)
                         self.virtual.put_beside(REFUSED_FILE, b"".join(self._refused_lines))
                         return
-                    sync(
-                        self.metadata.store.set(
-                            REFUSED_FILE,
-                            default_buffer_prototype().buffer.from_bytes(
-                                b"".join(self._refused_lines)
-                            ),
-                        )
-                    )
+                    _zarr.put(self.metadata.store, REFUSED_FILE, b"".join(self._refused_lines))
             except Exception as err:  # noqa: BLE001 - counted; the refusal is raised anyway
                 logger.error(
                     "bluesky-zarr: cannot keep a refused %s document in %s: %r",

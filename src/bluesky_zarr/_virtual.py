@@ -51,18 +51,16 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from zarr.abc.store import Store
-from zarr.core.buffer import Buffer, default_buffer_prototype
-from zarr.core.sync import sync
-from zarr.storage import WrapperStore
 
+from . import _zarr
 from ._errors import (
     ExternalFileError,
     MissingDependencyError,
@@ -116,7 +114,10 @@ def _icechunk() -> Any:
         # the local file system is unsafe for concurrent commits: a run's
         # writer commits from one thread, and the warning would corrupt the
         # output of `bluesky-zarr inspect --json`. ICECHUNK_LOG overrides.
-        icechunk.set_logs_filter("icechunk::storage::object_store=error,warn")
+        icechunk.set_logs_filter(
+            "icechunk::storage::object_store=error,icechunk_arrow_object_store=error,"
+            "icechunk_storage::readback=error,warn"
+        )
         _quieted = True
     return icechunk
 
@@ -157,6 +158,29 @@ def repository_storage(
     return _icechunk().local_filesystem_storage(str(Path(location).resolve()))
 
 
+def is_repository_listing(
+    directories: set[str], files: set[str], has_branch: Callable[[], bool]
+) -> bool:
+    """Whether a directory holding ``directories`` and ``files`` is an
+    Icechunk repository (a virtual run's store), not a Zarr node nor a
+    directory of runs that a name template happened to name alike.
+
+    Icechunk 2 keeps one table of contents (the file ``repo``) beside its
+    ``snapshots``; Icechunk 1 keeps each branch as ``refs/branch.<name>``
+    (``has_branch`` looks there, only when needed: a listing more).
+    """
+    if "snapshots" not in directories or "zarr.json" in files:
+        return False
+    if "repo" in files:
+        return True
+    if "refs" not in directories:
+        return False
+    try:
+        return has_branch()
+    except OSError:
+        return False
+
+
 def is_repository(
     location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
 ) -> bool:
@@ -165,10 +189,14 @@ def is_repository(
 
     if not is_url(location):
         path = Path(location)
-        return (
-            (path / "refs").is_dir()
-            and (path / "snapshots").is_dir()
-            and not (path / "zarr.json").exists()
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            return False
+        return is_repository_listing(
+            {e.name for e in entries if e.is_dir()},
+            {e.name for e in entries if e.is_file()},
+            lambda: any(n.startswith("branch.") for n in os.listdir(path / "refs")),
         )
     try:
         ic = _icechunk()
@@ -186,7 +214,16 @@ def _authorized(storage: Any) -> dict[str, Any]:
     ic = _icechunk()
     config = ic.Repository.fetch_config(storage)
     containers = (config.virtual_chunk_containers or {}) if config is not None else {}
-    return ic.containers_credentials({prefix: None for prefix in containers})
+    return ic.containers_credentials(_local_access(containers))
+
+
+def _local_access(prefixes: Iterable[str]) -> dict[str, Any]:
+    """Read access without credentials to local (``file://``) containers:
+    Icechunk 2.1 and later name it with a sentinel (its ``None`` is
+    deprecated); Icechunk 1 takes ``None``."""
+    credentials = getattr(_icechunk(), "credentials", None)
+    access = getattr(credentials, "LocalFileSystemAccess", None)
+    return {prefix: access for prefix in prefixes}
 
 
 def virtual_store(
@@ -194,7 +231,7 @@ def virtual_store(
     storage_options: Mapping[str, Any] | None = None,
     *,
     snapshot: str | None = None,
-) -> Store:
+) -> Any:
     """A read-only Zarr store over a virtual run's last commit (or ``snapshot``),
     with its detector directories authorized for reading."""
     ic = _icechunk()
@@ -207,8 +244,7 @@ def virtual_store(
         session = repo.readonly_session(snapshot_id=snapshot)
     else:
         session = repo.readonly_session(branch=BRANCH)
-    store: Store = session.store
-    return store
+    return session.store
 
 
 def _container_directory(directory: str) -> str:
@@ -299,7 +335,7 @@ class _Gate:
                 self.cond.notify_all()
 
 
-class SessionStore(WrapperStore[Any]):
+class SessionStore(_zarr.WrapperStore[Any]):
     """The run's store: the current writable session's store, which a commit
     replaces (a committed Icechunk session is read-only). Writes wait while a
     commit runs, and a commit waits for the writes under way."""
@@ -322,21 +358,21 @@ class SessionStore(WrapperStore[Any]):
     def supports_consolidated_metadata(self) -> bool:
         return False
 
-    async def set(self, key: str, value: Buffer) -> None:
+    async def set(self, key: str, value: Any) -> None:
         await self.gate.enter_async()
         try:
             await self._store.set(key, value)
         finally:
             self.gate.leave()
 
-    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
         await self.gate.enter_async()
         try:
             await self._store.set_if_not_exists(key, value)
         finally:
             self.gate.leave()
 
-    async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
+    async def _set_many(self, values: Iterable[tuple[str, Any]]) -> None:
         for key, value in values:
             await self.set(key, value)
 
@@ -414,7 +450,7 @@ class VirtualRepository:
             self.repo = _icechunk().Repository.open(
                 self.storage,
                 config=config,
-                authorize_virtual_chunk_access={p: None for p in self.containers | {prefix}},
+                authorize_virtual_chunk_access=_local_access(self.containers | {prefix}),
             )
             self.repo.save_config()
             self.session = self.repo.writable_session(BRANCH)
@@ -436,7 +472,7 @@ class VirtualRepository:
 
 def create_repository(
     run: RunWriter, doc: Mapping[str, Any], metadata: bytes
-) -> tuple[Path | str, Store]:
+) -> tuple[Path | str, Any]:
     """Make the run's repository holding ``metadata`` as its root ``zarr.json``;
     sets ``run.virtual``. Locally it is built aside and renamed into place, so
     it appears whole or not at all."""
@@ -448,11 +484,7 @@ def create_repository(
 
     def first_commit(repo: Any) -> None:
         session = repo.writable_session(BRANCH)
-        sync(
-            session.store.set(
-                "zarr.json", default_buffer_prototype().buffer.from_bytes(metadata)
-            )
-        )
+        _zarr.put(session.store, "zarr.json", metadata)
         session.commit("start")
 
     if isinstance(storage, LocalRoot):
@@ -765,8 +797,10 @@ class VirtualFrames:
         """Delete the references of ``chunks`` of array ``name``."""
         array = stream.sinks[name].array
         store = self.run.virtual.store
+        separator = array.metadata.separator
         for index in chunks:
-            sync(store.delete(f"{array.path}/{array.metadata.encode_chunk_key(index)}"))
+            key = "c" + separator + separator.join(str(i) for i in index)
+            _zarr.delete(store, f"{array.path}/{key}")
 
     def _copied(self, stream: StreamWriter, key: str, state: _KeyState, reason: str) -> str:
         if state.copied != reason:
@@ -803,8 +837,6 @@ class VirtualFrames:
     ) -> str | None:
         """Make the key's array anew with one point's frames per chunk and the
         codecs of the file; returns why not, if its frames were placed before."""
-        from zarr.codecs import BytesCodec
-
         from ._buffer import ArraySink
         from ._layout import fill_value_for
 
@@ -818,7 +850,10 @@ class VirtualFrames:
                     "referenced"
                 )
             old = sink.array
-            serializer = BytesCodec(endian=layout.endian) if layout.endian else BytesCodec()
+            # The file's byte order (the machine's, for a native dtype).
+            serializer: dict[str, Any] = {"name": "bytes"}
+            if old.dtype.itemsize > 1:
+                serializer["configuration"] = {"endian": layout.endian or sys.byteorder}
             array = self.run.metadata.add_array(
                 f"{stream.name}/{spec.name}",
                 shape=old.shape,
@@ -828,7 +863,7 @@ class VirtualFrames:
                 serializer=serializer,
                 compressors=layout.compressors,
                 fill_value=fill_value_for(sink.dtype),
-                dimension_names=old.metadata.dimension_names,  # type: ignore[union-attr]
+                dimension_names=old.metadata.dimension_names,
                 attributes=dict(old.attrs),
             )
             stream.sinks[spec.name] = ArraySink(sink.spec, array, stream.n_scan)
@@ -850,8 +885,6 @@ def _dtype_mismatch(dtype: np.dtype | None, stored: np.dtype) -> str | None:
 def _codecs(filters: Mapping[str, Any], dtype: np.dtype) -> tuple[tuple[Any, ...], str] | str:
     """Zarr V3 codecs reading chunks stored with these HDF5 ``filters``, or why
     there are none."""
-    from zarr.codecs import BloscCodec, ZstdCodec
-
     if not filters:
         return (), "raw"
     if len(filters) > 1:
@@ -861,13 +894,23 @@ def _codecs(filters: Mapping[str, Any], dtype: np.dtype) -> tuple[tuple[Any, ...
     options = tuple(options) if isinstance(options, (tuple, list)) else (options,)
     if name == ZSTD_FILTER:
         level = int(options[0]) if options else 0
-        return (ZstdCodec(level=level),), f"zstd:{level}"
+        zstd = {"name": "zstd", "configuration": {"level": level, "checksum": False}}
+        return (zstd,), f"zstd:{level}"
     if name == BLOSC_FILTER:
         # cd_values: reserved, version, typesize, bytes, clevel, shuffle, compressor.
         clevel = int(options[4]) if len(options) > 4 else 5
         shuffle: Any = _BLOSC_SHUFFLES.get(int(options[5]) if len(options) > 5 else 1, "shuffle")
         cname: Any = _BLOSC_CNAMES.get(int(options[6]) if len(options) > 6 else 0, "blosclz")
-        codec = BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=dtype.itemsize)
+        codec = {
+            "name": "blosc",
+            "configuration": {
+                "typesize": dtype.itemsize,
+                "cname": cname,
+                "clevel": clevel,
+                "shuffle": shuffle,
+                "blocksize": 0,
+            },
+        }
         return (codec,), f"blosc:{cname}:{clevel}:{shuffle}"
     return (
         f"HDF5 filter {_FILTER_NAMES.get(name, f'{name} (no Zarr V3 codec)')} has no "

@@ -570,6 +570,11 @@ class ZarrWriter:
         locked = self._lock.acquire(timeout=INTERRUPT_WAIT)
         try:
             self._shut = reason
+            for uid, run in list(self._runs.items()):
+                if isinstance(run.path, Path) and not run.path.is_dir():
+                    logger.warning("bluesky-zarr: %s; the store %s is gone", reason, run.path)
+                    run.discard()
+                    self._forget(uid)
             if self._runs:
                 logger.warning(
                     "bluesky-zarr: %s; finishing %d open run(s): %s", reason, len(self._runs),
