@@ -63,6 +63,8 @@ def list_stores(
     StorageError
         ``location`` does not exist or cannot be listed.
     """
+    if not is_url(location):
+        location = os.path.expanduser(location)
     tree = _tree(location, storage_options)
     candidates = list(tree.find_candidates())
     entries = []

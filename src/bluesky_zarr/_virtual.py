@@ -347,6 +347,16 @@ class SessionStore(_zarr.WrapperStore[Any]):
     def _with_store(self, store: Any) -> SessionStore:
         return type(self)(store, self.gate)
 
+    # zarr-python names the store (str) when it makes an array object. The
+    # session's own name waits for the session, which a commit holds on
+    # another thread (Icechunk 2, without letting the interpreter go): a
+    # name of its own never touches the session.
+    def __str__(self) -> str:
+        return f"icechunk-session://{id(self.gate):x}"
+
+    def __repr__(self) -> str:
+        return f"SessionStore({self})"
+
     def with_read_only(self, read_only: bool = False) -> Any:
         # The same store for the writer (a copy would keep a session that a
         # commit makes read-only); a reader's view of the current session.
