@@ -365,3 +365,40 @@ def test_a_zarr_chunk_missing_or_short_leaves_its_point_unwritten(RE, tmp_path, 
     frames = np.stack([w.frame for w in setup.log])
     np.testing.assert_array_equal(ds["det"].values[[0, 1, 3]], frames[[0, 1, 3]])
 
+
+
+# -------------------------------------------- ophyd v1 area detectors (AD_HDF5)
+@pytest.mark.parametrize("mode", ["fill", "virtual"])
+def test_an_area_detector_file_cut_after_it_was_opened_keeps_the_points_before_the_cut(
+    tmp_path: Path, mode: str
+) -> None:
+    """The handler opened the file for the first points; then it is cut after
+    the third frame: HDF5 checks a cut file only when it opens it."""
+    from bluesky_zarr._external import AreaDetectorHDF5Handler
+
+    from test_virtual import area_detector_run
+
+    docs, expected = area_detector_run(tmp_path / "ad", 1)
+    h5 = tmp_path / "ad" / "ad.h5"
+    with h5py.File(h5, "r") as file:
+        third = file["/entry/data/data"].id.get_chunk_info_by_coord((2, 0, 0))
+    options: dict[str, Any] = {"external": mode}
+    if mode == "fill":
+        options["handler_registry"] = {"AD_HDF5": AreaDetectorHDF5Handler}
+    writer = ZarrWriter(tmp_path / "data", **options)
+    events = 0
+    raised = []
+    for name, doc in docs:
+        if name == "event" and events == 3:
+            os.truncate(h5, third.byte_offset + third.size)
+        try:
+            writer(name, doc)
+        except ExternalFileError as err:
+            raised.append(err)
+        events += name == "event"
+    assert len(raised) == 3 and all("cut short" in str(e) for e in raised)
+    ds, attrs = open_primary(writer, mode)
+    # Points 1-3 (a snaked 2 x 3 grid: (0,0), (0,1), (0,2)) hold their frames.
+    assert ds["_written"].values.tolist() == [[True, True, True], [False, False, False]]
+    np.testing.assert_array_equal(ds["cam"].values[0], expected[0])
+    assert attrs["bluesky_zarr"]["complete"] is False
