@@ -23,7 +23,9 @@ FRAME = (64, 64)
 
 
 def say(name: str, doc: dict) -> None:
-    print(f"event {doc['seq_num']}" if name == "event" else name, flush=True)
+    # One write a line: bluesky's Ctrl-C messages come from another thread.
+    sys.stdout.write((f"event {doc['seq_num']}" if name == "event" else name) + "\n")
+    sys.stdout.flush()
 
 
 def main(root: str) -> None:

@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -134,7 +135,7 @@ def run(trial: Trial, lifetime: float | None) -> float:
             if line is None:
                 raise RuntimeError(f"ended before its scan started: {trial.said}")
             trial.said.append(line)
-            if line.startswith(marker):
+            if marker in line:
                 break
         started = time.monotonic()
         if lifetime is not None:
@@ -145,7 +146,7 @@ def run(trial: Trial, lifetime: float | None) -> float:
         else:
             while (line := lines.get(timeout=600)) is not None:
                 trial.said.append(line)
-                if line.startswith(end):
+                if end in line:
                     break
             sent = time.monotonic()
         life = sent - started
@@ -244,7 +245,11 @@ def check(trial: Trial) -> str:
         # Every event the writer took is on disk.
         ds = open_stream(store)
         on_disk = {int(s) for s in ds["seq_num"].values[ds["_written"].values]}
-        taken = {int(line.split()[1]) for line in trial.said if line.startswith("event ")}
+        taken = {
+            int(match.group(1))
+            for line in trial.said
+            if (match := re.search(r"event (\d+)$", line))
+        }
         assert taken <= on_disk, f"{sorted(taken - on_disk)} not written: {trial.describe()}"
     # ls and inspect say the same.
     (entry,) = list_stores(trial.root)
