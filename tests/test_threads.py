@@ -107,9 +107,9 @@ def test_a_writer_that_is_dropped_ends_its_threads(tmp_path):
 def test_no_thread_of_the_writer_outlives_close(tmp_path):
     """Workers, the reader of detector files and each run's flusher have ended
     when close() returns, also with a run left open (finished incomplete)."""
-    from test_external import step_scan_docs
-
     from bluesky import RunEngine
+
+    from test_external import step_scan_docs
 
     before = _writer_threads()
     docs = step_scan_docs(RunEngine({}, call_returns_result=False), tmp_path)

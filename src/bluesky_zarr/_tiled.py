@@ -690,7 +690,7 @@ def _connect_bounded(uri: str, api_key: str | None, timeout: float, bound: _Boun
     from tiled.client import from_context
     from tiled.client.context import Context
 
-    class BoundedContext(Context):  # type: ignore[misc]
+    class BoundedContext(Context):
         """Tiled's context, its HTTP client hooked from the start."""
 
         @property
@@ -847,6 +847,7 @@ class TiledRegistrar:
             with self._changed:
                 if not self._pending and self._open and self.interval is not None:
                     self._changed.wait(self.interval)
+                todo: list[tuple[str, float | None]]
                 if self._pending:
                     store = next(iter(self._pending))
                     waiting, deadline = self._pending.pop(store)
@@ -859,8 +860,8 @@ class TiledRegistrar:
                     # Idle: the next request starts a new thread.
                     self._thread = None
                     return
-            for store, deadline in todo:
-                self._register(store, deadline)
+            for store, until in todo:
+                self._register(store, until)
             for done in waiting:
                 done.set()
 

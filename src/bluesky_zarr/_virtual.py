@@ -781,9 +781,8 @@ class VirtualFrames:
                     stream.unmark(spec.name, index)
                     # The references go too: the cube reads whole, the fill
                     # value where the frames were.
-                    self._forget_chunks(
-                        stream, spec.name, [c for p in gone for c in seen.chunks[stream_name, key][p]]
-                    )
+                    chunks = seen.chunks[stream_name, key]
+                    self._forget_chunks(stream, spec.name, [c for p in gone for c in chunks[p]])
                     lost_points += len(gone)
                 kept = len(ends) - len(gone)
                 record = self.changed.setdefault(stream_name, {})
@@ -796,9 +795,8 @@ class VirtualFrames:
                 }
                 touched.add(stream_name)
         for name in touched | {n for n, _ in self.keys}:
-            stream = self.run.streams.get(name)
-            if stream is not None:
-                self._record(stream)
+            if name in self.run.streams:
+                self._record(self.run.streams[name])
         return lost_points
 
     def _forget_chunks(

@@ -397,7 +397,7 @@ class ZarrWriter:
             raise wrapped from err
         # What failed in the background since (a write, the frames of an
         # earlier stream_datum) is raised now: this document itself is taken.
-        if run is not None and not run.finished:
+        if isinstance(run, RunWriter) and not run.finished:
             run.raise_failures()
         return result
 
