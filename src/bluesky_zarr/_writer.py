@@ -232,7 +232,10 @@ class ZarrWriter:
         ``TILED_API_KEY`` environment variable.
     tiled_timeout
         Seconds the stop document waits at most for the run's final
-        registration (it goes on in the background after that).
+        registration. A registration gives up this long after it was asked
+        for (no request of it waits longer); a run not registered when the
+        stop's wait ends is in :attr:`tiled_failures` with why, and taken off
+        if a later registration succeeds.
     """
 
     def __init__(
