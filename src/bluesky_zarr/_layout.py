@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import DocumentError, OptionError
-from ._plan import TIME_DIM, ScanPlan, sanitize_name
+from ._plan import ScanDim, sanitize_name
 from ._validate import MAX_FRAME_ELEMENTS, check_descriptor, check_dtype, checked_shape
 
 #: Names of the arrays every stream group carries besides its data keys.
@@ -135,6 +135,10 @@ class StreamLayout:
     coords: dict[str, str]  # coordinate name -> scan dimension
     coord_sources: dict[str, str]  # coordinate name -> data key giving values
     coord_motors: dict[str, str] = field(default_factory=dict)  # coordinate -> motor
+    #: Whether points arrive in the order of the layout (a row fills before
+    #: the next), so a row of the innermost dimension is a good write unit;
+    #: False for a grid visited out of order (each point its own unit).
+    sequential: bool = True
 
     @property
     def growing(self) -> bool:
@@ -163,21 +167,23 @@ class StreamLayout:
 
 
 def plan_stream(
-    plan: ScanPlan,
+    scan: Sequence[ScanDim],
     descriptor: Mapping[str, Any],
     *,
-    dims: Sequence[str] | None = None,
+    sequential: bool = True,
 ) -> StreamLayout:
-    """Lay out the group of one stream from its descriptor."""
+    """Lay out the group of one stream from its descriptor, over the scan
+    dimensions ``scan`` (see :class:`~._geometry.StreamGeometry`).
+
+    Array names are distinct even where case is not (``Time`` beside the
+    writer's own ``time``, ``Det`` beside ``det``): a store copied to a file
+    system that ignores case keeps every array.
+    """
     check_descriptor(descriptor)
     stream = str(descriptor.get("name", "primary"))
     data_keys = descriptor["data_keys"]
-    if stream == plan.stream:
-        scan_dims = [d.name for d in plan.dims]
-        scan_sizes = [d.size for d in plan.dims]
-        motors = {d.name: d.motors for d in plan.dims}
-    else:
-        scan_dims, scan_sizes, motors = [TIME_DIM], [None], {TIME_DIM: ()}
+    scan_dims = [d.name for d in scan]
+    scan_sizes = [d.size for d in scan]
     layout = StreamLayout(
         name=stream,
         scan_dims=scan_dims,
@@ -186,32 +192,36 @@ def plan_stream(
         dim_sizes=dict(zip(scan_dims, scan_sizes)),
         coords={},
         coord_sources={},
+        sequential=sequential,
     )
-    setpoint_keys = set()
+    taken = _Names(RESERVED)
     # Coordinates: each motor's setpoints along its dimension.
-    for dim in scan_dims:
-        for n, motor in enumerate(motors[dim]):
+    for dim in scan:
+        for n, motor in enumerate(dim.motors):
             # The first motor's setpoints index the dimension, so they take
             # its name (which differs from the motor's when the user names it).
-            name = dim if n == 0 else sanitize_name(motor)
-            if not name or name in layout.coords or name in RESERVED:
+            name = dim.name if n == 0 and dim.indexed else sanitize_name(motor)
+            if not name or name in taken:
                 continue
+            taken.add(name)
             source = None
-            for candidate in (f"{motor}_setpoint", f"{motor}_user_setpoint", motor):
+            for candidate in (f"{motor}_setpoint", f"{motor}_user_setpoint",
+                              f"{motor}-user_setpoint", motor):
                 if candidate in data_keys:
                     source = candidate
                     break
-            layout.coords[name] = dim
+            layout.coords[name] = dim.name
             layout.coord_motors[name] = motor
             if source is not None:
                 layout.coord_sources[name] = source
-                setpoint_keys.add(source)
-    taken = set(layout.coords) | set(RESERVED) | set(scan_dims)
+    for dim in scan_dims:
+        taken.add(dim)
     for key, data_key in data_keys.items():
         name = sanitize_name(key) or "data"
         if name in taken:
             # xarray needs a variable named like a dimension to be its index:
-            # readbacks of scanned motors take another name.
+            # readbacks of scanned motors take another name. (And one array
+            # per name whatever its case.)
             name = f"{name}_readback"
         while name in taken:
             name = f"{name}_"
@@ -239,6 +249,20 @@ def plan_stream(
     return layout
 
 
+class _Names:
+    """Names taken in one group, compared without case (as macOS and
+    Windows compare file names)."""
+
+    def __init__(self, names: Sequence[str] = ()) -> None:
+        self._folded = {n.casefold() for n in names}
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.casefold() in self._folded
+
+    def add(self, name: str) -> None:
+        self._folded.add(name.casefold())
+
+
 def default_chunking(
     layout: StreamLayout,
     spec: ArraySpec,
@@ -256,7 +280,7 @@ def default_chunking(
     inner = layout.scan_sizes[-1]
     frame_bytes = math.prod(spec.frame_shape) * spec.dtype.itemsize
     if spec.frame_shape and frame_bytes > 0:
-        per_row = max(1, shard_bytes // frame_bytes)
+        per_row = max(1, shard_bytes // frame_bytes) if layout.sequential else 1
         per_row = min(per_row, inner) if inner is not None else min(per_row, 1000)
         chunks = (1,) * n_scan + spec.frame_shape
         block = (1,) * (n_scan - 1) + (per_row,)
@@ -275,6 +299,8 @@ def default_chunking(
 def row_length(layout: StreamLayout, shard_bytes: int) -> int:
     """Points in a row of the innermost dimension that scalars chunk by."""
     inner = layout.scan_sizes[-1]
+    if not layout.sequential:
+        return 1
     runs = []
     for spec in layout.arrays.values():
         if spec.ready and spec.frame_shape:

@@ -265,6 +265,13 @@ class StreamWriter:
         # Validate every value before touching any block: a bad event is
         # refused whole and nothing already buffered is disturbed.
         checked = [(spec, self._check_column(spec, values)) for spec, values in columns]
+        self.set_coordinates(index, data)
+        for spec, arrays in checked:
+            self._place_column(spec, index, arrays)
+
+    def set_coordinates(self, index: Sequence[np.ndarray], data: Mapping[str, Any]) -> None:
+        """Take the coordinates' values at ``index`` from the columns of
+        ``data`` (data key -> values) that give them."""
         for name, source in self.coord_from_data.items():
             if source not in data:
                 continue
@@ -277,8 +284,6 @@ class StreamWriter:
                     f"are not numbers: {preview(data[source])}"
                 ) from None
             self._set_coordinate(name, index[axis], values)
-        for spec, arrays in checked:
-            self._place_column(spec, index, arrays)
 
     def put_frames(self, key: str, index: Sequence[np.ndarray], values: Sequence[Any]) -> None:
         """Place the values of one data key at the given points.
@@ -294,6 +299,13 @@ class StreamWriter:
             raise DocumentError(
                 f"{len(values)} values of {key!r} for {len(index[0])} points"
             )
+        self._place_column(spec, index, self._check_column(spec, values))
+
+    def put_values(self, name: str, index: Sequence[np.ndarray], values: Sequence[Any]) -> None:
+        """Place values of the array ``name`` at the given points (one index
+        array per scan dimension, one value per point): points moved from
+        another layout of the stream (see ``_relayout``)."""
+        spec = self.layout.arrays[name]
         self._place_column(spec, index, self._check_column(spec, values))
 
     def put_points(
