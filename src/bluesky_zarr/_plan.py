@@ -215,8 +215,7 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
         )
         if len(motors_per_dim) != len(shape):
             motors_per_dim = [[] for _ in shape]
-        if described:
-            _check_one_dimension_per_motor(motors_per_dim)
+        _check_one_dimension_per_motor(motors_per_dim)
         snaking_doc = start.get("snaking") or _snake_axes(start, len(shape))
         if len(snaking_doc) != len(shape):
             raise DocumentError(
