@@ -386,15 +386,17 @@ class StreamGeometry:
             if plan.described and plan.dims[0].motors:
                 columns = [self._column[m] for m in plan.dims[0].motors if m in self._column]
                 self._grid("metadata", "one dimension: seq_num orders the points", [columns])
-            else:
+            elif self.sources:
                 columns = list(range(len(self.sources)))
                 self._grid(
-                    "setpoints" if columns else "metadata",
+                    "setpoints",
                     "one dimension: seq_num orders the points; named after the first "
                     "motor the events carry",
                     [columns],
                 )
                 self._name_dims([columns])
+            else:
+                self._grid("metadata", "one dimension: seq_num orders the points", [[]])
             return
         if plan.described:
             axes = [[self._column[m] for m in d.motors if m in self._column] for d in plan.dims]
@@ -448,6 +450,7 @@ class StreamGeometry:
                     options[axis] = good
             fits.append(options)
         axes: list[list[int]] = [[] for _ in range(k)]
+        still: list[int] = []
         for j, options in enumerate(fits):
             motor = self.sources[j].motor
             if not options:
@@ -457,9 +460,7 @@ class StreamGeometry:
                 )
                 return
             if len(options) == k:
-                axes[0].append(j)  # never moved: with the outermost axis
-                if k > 1 and self.shape[0] > 1:
-                    self._notes.append(f"{motor} did not move before the outermost axis stepped")
+                still.append(j)  # has not moved: the outermost axis, or one of size 1
             elif len(options) == 1:
                 axes[next(iter(options))].append(j)
             else:
@@ -468,6 +469,18 @@ class StreamGeometry:
                     f"{list(self.shape)}"
                 )
                 return
+        # Motors that have not moved go, in the order the events list them
+        # (the plan's order, outermost first), to the axes no moving motor
+        # took: the outermost (which has not stepped yet) and those of size 1.
+        # Any left over go with the outermost axis.
+        free = [axis for axis in range(k) if not axes[axis]]
+        for j, axis in zip(still, free):
+            axes[axis].append(j)
+        for j in still[len(free):]:
+            axes[0].append(j)
+            self._notes.append(
+                f"{self.sources[j].motor} did not move before the outermost axis stepped"
+            )
         for axis in range(2, k):
             if self.snake[axis] is not None:
                 continue
