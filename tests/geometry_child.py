@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from bluesky import RunEngine
 
 from bluesky_zarr import ZarrWriter
 
-from geometry_plans import run_plan
+from geometry_plans import run_ophyd_async_spec_scan, run_plan
 
 
 def main(directory: str, names: list[str]) -> None:
@@ -19,7 +20,11 @@ def main(directory: str, names: list[str]) -> None:
     writer = ZarrWriter(directory)
     RE.subscribe(writer)
     for name in names:
-        print(json.dumps(run_plan(RE, writer, name)), flush=True)
+        if name == "ophyd_async_spec_scan":
+            result = run_ophyd_async_spec_scan(RE, writer, Path(directory))
+        else:
+            result = run_plan(RE, writer, name)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -184,3 +184,28 @@ def run_plan(RE: Any, writer: Any, name: str) -> dict[str, Any]:
         "events": int(ds["seq_num"].count()),
         "written": bool(ds["_written"].all()),
     }
+
+
+def run_ophyd_async_spec_scan(RE: Any, writer: Any, directory: Path) -> dict[str, Any]:
+    """spec_scan over ophyd-async's simulated stage (readbacks only), of its
+    blob detector (HDF5 frames, stream_datum documents): a snaked 3x4 grid."""
+    import bluesky.plan_stubs as bps
+    from ophyd_async import sim
+    from ophyd_async.core import init_devices
+
+    from conftest import blob_detector, quick_sleep
+
+    pattern = sim.PatternGenerator(sleep=quick_sleep())
+    with init_devices():
+        stage = sim.SimStage(pattern)
+    det = blob_detector(Path(directory), pattern)
+    RE(bps.mv(stage.x.velocity, 0, stage.y.velocity, 0))
+    RE(spec_scan({det}, Line(stage.y, 0, 3, 3) * ~Line(stage.x, -2, 2, 4)))
+    ds = open_primary(writer.stores[-1])
+    return {
+        "plan": "ophyd_async_spec_scan",
+        "dims": {d: int(ds.sizes[d]) for d in ds["det"].dims[:-2]},
+        "source": ds.attrs["bluesky_zarr_geometry"]["source"],
+        "seq_num": ds["seq_num"].values.tolist(),
+        "written": bool(ds["_written"].all()),
+    }

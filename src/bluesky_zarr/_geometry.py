@@ -336,9 +336,8 @@ class StreamGeometry:
         if step > 0:
             fraction = SETPOINT_TOLERANCE if source.setpoint else READBACK_TOLERANCE
             return max(fraction * step, source.floor, EXACT * max(1.0, abs(value)))
-        if not source.setpoint and source.floor == 0.0:
-            # A readback with no step to measure against: nothing to check yet.
-            return math.inf
+        # No step to measure against yet: a readback may stray by half its
+        # declared precision (else it must repeat exactly, as a setpoint).
         return max(source.floor, EXACT * max(1.0, abs(value)))
 
     def _learn(self, j: int, i: int, value: float) -> None:

@@ -191,6 +191,7 @@ class RunWriter(DocumentRouter):
                 self._laid_out[name] = laid_out
                 if geometry.decided:
                     stream = self._make_stream(name, group, geometry)
+                    self._announce(geometry)
                 else:
                     # Held until the positions show the grid (_release).
                     held = self._pending[name] = _Held(name, group)
