@@ -320,7 +320,7 @@ def line_products(draw: Any) -> list[tuple[int, float, float, int, bool]]:
 
 
 @settings(
-    max_examples=30,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -343,12 +343,11 @@ def test_random_scanspec_products_are_never_scrambled(tmp_path_factory, lines):
     image = ds["cam_image"]
     scan_dims = list(image.dims[:-2])
     moving = [names[m] for m, *_ in lines]
-    if ds.attrs["bluesky_zarr_geometry"]["source"] != "fallback":
-        # Named after the motors, outermost first, sized as the path.
-        assert scan_dims == moving
-        assert [ds.sizes[d] for d in scan_dims] == [p for _, _, _, p, _ in lines]
-    else:
-        assert scan_dims == ["time"]
+    # A grid (never the fallback) named after the motors, outermost first,
+    # sized as the path.
+    assert ds.attrs["bluesky_zarr_geometry"]["source"] in ("metadata", "setpoints")
+    assert scan_dims == moving
+    assert [ds.sizes[d] for d in scan_dims] == [p for _, _, _, p, _ in lines]
     events = by_kind(docs, "event")
     assert int(ds["_written"].sum()) == len(events)
     for event in events:
@@ -359,7 +358,9 @@ def test_random_scanspec_products_are_never_scrambled(tmp_path_factory, lines):
         for motor in moving:
             coordinate = ds[motor].isel({d: i for d, i in point.items() if d in ds[motor].dims})
             assert float(coordinate) == event["data"][f"{motor}_setpoint"]
-        expected = frame_at({m.name: event["data"][m.name] for m in axes}, (3, 2))
+        # The camera's frame where the motors were (those not scanned rest).
+        where = {m.name: event["data"].get(m.name, float(m.position)) for m in axes}
+        expected = frame_at(where, (3, 2))
         np.testing.assert_array_equal(image.isel(point).values, expected)
 
 

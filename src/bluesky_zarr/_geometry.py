@@ -431,7 +431,8 @@ class StreamGeometry:
         k = len(self.shape)
         # Axis 1 steps for the first time at this point: by then every axis
         # inside it has stepped too, and only the outermost is still unseen.
-        last = math.prod(self.shape[2:])
+        # (Or the grid's last point, for a grid smaller than that.)
+        last = min(math.prod(self.shape[2:]), math.prod(self.shape) - 1)
         if any(p not in self._history for p in range(last + 1)):
             return
         points = np.arange(last + 1)
