@@ -131,6 +131,11 @@ class StreamGeometry:
         self.stream = stream
         scanned = stream == plan.stream
         self.shape: tuple[int, ...] | None = plan.shape if scanned else None
+        shape = self.shape or ()
+        #: Points between steps of each axis, and in one sweep of it.
+        self._strides = [math.prod(shape[a + 1 :]) for a in range(len(shape))]
+        self._sweeps = [math.prod(shape[a:]) for a in range(len(shape))]
+        self._total = math.prod(shape)
         self.walk = plan.walk if scanned else "growing"
         self.sources = motor_sources(plan.motors, data_keys) if scanned else []
         self._column = {s.motor: j for j, s in enumerate(self.sources)}
@@ -181,8 +186,7 @@ class StreamGeometry:
 
     @property
     def sequential(self) -> bool:
-        """Whether points arrive in the order of the layout (rows fill one
-        after the other), so a row is a good write unit."""
+        """Whether seq_num says where each point lies (else its positions do)."""
         return self.walk != "nonsequential" or self.status != "grid"
 
     def index(self, seq_nums: np.ndarray) -> tuple[np.ndarray, ...] | None:
@@ -198,6 +202,12 @@ class StreamGeometry:
             return (points,)
         assert self.shape is not None
         self._check_range(points)
+        if points.size == 1 and self._cell_of is None:
+            # One event (as the RunEngine sends them): plain arithmetic.
+            point = self._raster_point(int(points[0]))
+            if point is None:
+                return None
+            return tuple(np.array([i], dtype=np.int64) for i in point)
         if self._cell_of is not None:
             flat = self._cell_of[points]
             if (flat < 0).any():
@@ -266,7 +276,7 @@ class StreamGeometry:
         points = [int(s) - 1 for s in seq_nums]
         if points and min(points) < 0:
             raise ScanIndexError(f"seq_num must be >= 1, got {min(points) + 1}")
-        if self.walk == "raster":
+        if self.walk == "raster" and points and max(points) >= self._total:
             self._check_range(np.asarray(points))
         rows = self._rows(data, len(points))
         if self.status == "pending":
@@ -418,10 +428,26 @@ class StreamGeometry:
     def _raster_index(self, p: int, axis: int, snake: bool) -> int:
         assert self.shape is not None
         size = self.shape[axis]
-        raw = (p // math.prod(self.shape[axis + 1 :])) % size
-        if snake and (p // math.prod(self.shape[axis:])) % 2:
+        raw = (p // self._strides[axis]) % size
+        if snake and (p // self._sweeps[axis]) % 2:
             return size - 1 - raw
         return raw
+
+    def _raster_point(self, p: int) -> list[int] | None:
+        """The index of point ``p`` of a raster grid; None while an axis
+        whose snaking no event has shown yet would reverse there."""
+        assert self.shape is not None
+        index = []
+        for axis, size in enumerate(self.shape):
+            i = (p // self._strides[axis]) % size
+            if axis and (p // self._sweeps[axis]) % 2:
+                snake = self.snake[axis]
+                if snake is None:
+                    return None
+                if snake:
+                    i = size - 1 - i
+            index.append(i)
+        return index
 
     def _try_decide(self) -> None:
         if self.walk == "nonsequential":
@@ -533,9 +559,9 @@ class StreamGeometry:
         assert self.shape is not None
         index = []
         shape = self.shape
-        for axis in range(len(shape)):
-            i = self._raster_index(p, axis, False)
-            if axis and shape[axis] > 1 and (p // math.prod(shape[axis:])) % 2:
+        for axis, size in enumerate(shape):
+            i = (p // self._strides[axis]) % size
+            if axis and size > 1 and (p // self._sweeps[axis]) % 2:
                 snake = self.snake[axis]
                 if snake is None:
                     snake = self._decide_snake(axis, i, row)
@@ -551,11 +577,13 @@ class StreamGeometry:
             value = row[j]
             if value != value:
                 continue
-            coords = self._coords[j]
-            expected = coords[index[axis]]
+            expected = self._coords[j][index[axis]]
             if expected != expected:
                 self._learn(j, index[axis], value)
-            elif abs(value - expected) > self._tolerance(j, value):
+                continue
+            off = abs(value - expected)
+            # (Setpoints repeat exactly: most points need no tolerance.)
+            if off and off > self._tolerance(j, value):
                 source = self.sources[j]
                 return (
                     f"event {p + 1}: {source.key} is {value!r}, but the grid puts the point "
@@ -710,5 +738,5 @@ class StreamGeometry:
                     f"{float(expected)!r} there"
                 )
         self._cells[cell] = p + 1
-        self._cell_of[p] = int(np.ravel_multi_index(cell, self.shape))
+        self._cell_of[p] = sum(i * stride for i, stride in zip(cell, self._strides))
         return None

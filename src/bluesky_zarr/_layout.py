@@ -135,10 +135,6 @@ class StreamLayout:
     coords: dict[str, str]  # coordinate name -> scan dimension
     coord_sources: dict[str, str]  # coordinate name -> data key giving values
     coord_motors: dict[str, str] = field(default_factory=dict)  # coordinate -> motor
-    #: Whether points arrive in the order of the layout (a row fills before
-    #: the next), so a row of the innermost dimension is a good write unit;
-    #: False for a grid visited out of order (each point its own unit).
-    sequential: bool = True
 
     @property
     def growing(self) -> bool:
@@ -169,8 +165,6 @@ class StreamLayout:
 def plan_stream(
     scan: Sequence[ScanDim],
     descriptor: Mapping[str, Any],
-    *,
-    sequential: bool = True,
 ) -> StreamLayout:
     """Lay out the group of one stream from its descriptor, over the scan
     dimensions ``scan`` (see :class:`~._geometry.StreamGeometry`).
@@ -192,7 +186,6 @@ def plan_stream(
         dim_sizes=dict(zip(scan_dims, scan_sizes)),
         coords={},
         coord_sources={},
-        sequential=sequential,
     )
     taken = _Names(RESERVED)
     # Coordinates: each motor's setpoints along its dimension.
@@ -280,7 +273,7 @@ def default_chunking(
     inner = layout.scan_sizes[-1]
     frame_bytes = math.prod(spec.frame_shape) * spec.dtype.itemsize
     if spec.frame_shape and frame_bytes > 0:
-        per_row = max(1, shard_bytes // frame_bytes) if layout.sequential else 1
+        per_row = max(1, shard_bytes // frame_bytes)
         per_row = min(per_row, inner) if inner is not None else min(per_row, 1000)
         chunks = (1,) * n_scan + spec.frame_shape
         block = (1,) * (n_scan - 1) + (per_row,)
@@ -299,8 +292,6 @@ def default_chunking(
 def row_length(layout: StreamLayout, shard_bytes: int) -> int:
     """Points in a row of the innermost dimension that scalars chunk by."""
     inner = layout.scan_sizes[-1]
-    if not layout.sequential:
-        return 1
     runs = []
     for spec in layout.arrays.values():
         if spec.ready and spec.frame_shape:
