@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
-from zarr.storage import LocalStore
+
+from . import _zarr
 
 if TYPE_CHECKING:
     from ._geometry import GridMap
@@ -35,28 +33,27 @@ BATCH = 64
 
 def move_node(store: Any, path: str, aside: str) -> None:
     """Move the node at ``path`` (with everything below it) to ``aside``."""
-    if isinstance(store, LocalStore):
-        os.replace(Path(store.root) / path, Path(store.root) / aside)
+    if _zarr.is_local_files(store):
+        root = Path(store.files.root)
+        os.replace(root / path, root / aside)
         return
 
-    async def move() -> None:
-        prototype = default_buffer_prototype()
-        keys = [key async for key in store.list_prefix(f"{path}/")]
-        for key in keys:
-            value = await store.get(key, prototype=prototype)
-            if value is not None:
-                await store.set(aside + key[len(path) :], value)
-        await store.delete_dir(path)
+    async def keys() -> list[str]:
+        return [key async for key in store.list_prefix(f"{path}/")]
 
-    sync(move())
+    for key in _zarr.run(keys()):
+        value = _zarr.get(store, key)
+        if value is not None:
+            _zarr.put(store, aside + key[len(path) :], value)
+    _zarr.delete_dir(store, path)
 
 
 def delete_node(store: Any, path: str) -> None:
     """Delete the node at ``path`` and everything below it."""
-    if isinstance(store, LocalStore):
-        shutil.rmtree(Path(store.root) / path)
+    if _zarr.is_local_files(store):
+        shutil.rmtree(Path(store.files.root) / path)
     else:
-        sync(store.delete_dir(path))
+        _zarr.delete_dir(store, path)
 
 
 def placed_points(
@@ -65,6 +62,8 @@ def placed_points(
     """The points of each array of ``old`` that are on disk, read back from
     the group moved to ``aside``, in order of seq_num, in batches: (the
     array's spec, seq_nums, values)."""
+    # A local store is read through zarr-python's own (the writer's takes writes).
+    reader = _zarr.local_store(store.files.root) if _zarr.is_local_files(store) else store
     for name, mask in old.on_disk.items():
         cells = np.nonzero(mask)
         if not cells[0].size:
@@ -72,7 +71,7 @@ def placed_points(
         spec = old.layout.arrays[name]
         seq_nums = grid.seq_at(cells)
         order = np.argsort(seq_nums, kind="stable")
-        array = zarr.open_array(store=store, path=f"{aside}/{name}", mode="r")
+        array = _zarr.open_array(reader, f"{aside}/{name}", mode="r")
         for start in range(0, order.size, BATCH):
             part = order[start : start + BATCH]
             values = [array[tuple(int(axis[i]) for axis in cells)] for i in part]
