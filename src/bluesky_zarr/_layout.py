@@ -211,12 +211,11 @@ def plan_stream(
         taken.add(dim)
     for key, data_key in data_keys.items():
         name = sanitize_name(key) or "data"
-        if name in taken:
+        if name in layout.coords or name in scan_dims:
             # xarray needs a variable named like a dimension to be its index:
-            # readbacks of scanned motors take another name. (And one array
-            # per name whatever its case.)
+            # readbacks of scanned motors take another name.
             name = f"{name}_readback"
-        while name in taken:
+        while name in taken:  # (one array per name whatever its case)
             name = f"{name}_"
         taken.add(name)
         shape = frame_shape(key, data_key)
