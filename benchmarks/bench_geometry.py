@@ -15,8 +15,8 @@ beside two baselines measured in the same run:
 
 Each figure is the fastest of ``--repeat`` passes over the events (the
 geometry made anew for each pass of the check); ``place`` times
-``StreamGeometry.index``, which replaces ``seq_num -> index``. The ratios, not the microseconds, are what
-carries from one machine to another.
+``StreamGeometry.index``, which replaces ``seq_num -> index``. The ratios,
+not the microseconds, are what carries from one machine to another.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ from pathlib import Path
 from bluesky import RunEngine
 
 from bluesky_zarr import ZarrWriter
-
 from geometry_plans import run_ophyd_async_spec_scan, run_plan
 
 

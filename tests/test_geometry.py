@@ -31,16 +31,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ophyd.sim import SynSignal
 from ophyd_async import sim
-from ophyd_async.core import init_devices
 from scanspec.specs import Line
 
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr._geometry import DECIDED, OK, RELAYOUT, StreamGeometry
 from bluesky_zarr._plan import plan_scan
 from bluesky_zarr.sim import PointCamera, frame_at, motors
+from geometry_plans import PLANS, frames_at_their_setpoints, run_plan
 
 from conftest import blob_detector, by_kind, fly, open_stream, quick_sleep, record
-from geometry_plans import PLANS, devices, frames_at_their_setpoints, run_plan
 
 TESTS = Path(__file__).parent
 

@@ -461,7 +461,7 @@ class StreamGeometry:
         last = min(math.prod(self.shape[2:]), math.prod(self.shape) - 1)
         if any(p not in self._history for p in range(last + 1)):
             return
-        points = np.arange(last + 1)
+        points = range(last + 1)
         values = np.array([self._history[p] for p in range(last + 1)], dtype=float)
         fits: list[dict[int, list[bool]]] = []
         for j in range(len(self.sources)):
@@ -470,7 +470,9 @@ class StreamGeometry:
                 choices = [False, True] if self.snake[axis] is None else [bool(self.snake[axis])]
                 good = [
                     s for s in choices
-                    if self._fits(j, values[:, j], [self._raster_index(p, axis, s) for p in points])
+                    if self._fits(
+                        j, values[:, j], [self._raster_index(p, axis, s) for p in points]
+                    )
                 ]
                 if good:
                     options[axis] = good
@@ -671,7 +673,7 @@ class StreamGeometry:
         assert self.shape is not None
         first = min(self._history)
         lattice = []
-        for axis, (j, (origin, step)) in enumerate(zip(self._leading, self._lattice)):
+        for axis, (j, (_, step)) in enumerate(zip(self._leading, self._lattice)):
             size = self.shape[axis]
             v0 = self._history[first][j]
             if v0 != v0:

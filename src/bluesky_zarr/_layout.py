@@ -207,8 +207,8 @@ def plan_stream(
             layout.coord_motors[name] = motor
             if source is not None:
                 layout.coord_sources[name] = source
-    for dim in scan_dims:
-        taken.add(dim)
+    for dim_name in scan_dims:
+        taken.add(dim_name)
     for key, data_key in data_keys.items():
         name = sanitize_name(key) or "data"
         if name in layout.coords or name in scan_dims:

@@ -300,7 +300,7 @@ class RunWriter(DocumentRouter):
         index = self.point_index(stream, np.asarray(seq_nums))
         page = self.external.fill_page(stream, doc)
         with self.buffer_lock:
-            stream.put_page(page, index)  # type: ignore[arg-type]
+            stream.put_page(page, index)
 
     def point_index(self, stream: StreamWriter, seq_nums: np.ndarray) -> tuple[np.ndarray, ...]:
         """Index arrays (one per scan dimension) of the points ``seq_nums`` name."""
