@@ -24,6 +24,7 @@ import bluesky.plans as bp
 import h5py
 import numpy as np
 import pytest
+import zarr
 from bluesky import RunEngine
 from cycler import cycler
 from dodal.plans import spec_scan
@@ -179,14 +180,20 @@ def claimed_grid_walked_otherwise(cam: Any, a: Any, b: Any) -> Any:
     return bp.scan_nd([cam], cycler(a, outer) + cycler(b, inner), md=md)
 
 
+@pytest.mark.parametrize(
+    ("chunks", "stored"), [(None, (1, 4, 5)), ((3, 2, 4, 5), (6, 4, 5))],
+    ids=["default-chunks", "chunks-given-for-the-grid"],
+)
 def test_points_placed_on_a_contradicted_grid_move_to_one_growing_dimension(
-    RE, tmp_path, caplog
+    RE, tmp_path, caplog, chunks, stored
 ):
     a, b = motors("a", "b")
     cam = PointCamera([a, b], shape=(4, 5), name="cam")
-    # A small buffer and a short flush interval: most points are on disk
-    # (in partial shards) before the grid is contradicted.
-    writer = ZarrWriter(tmp_path, flush_interval=0.01)
+    # A short flush interval: most points are on disk (in partial shards)
+    # before the grid is contradicted. Chunks given for the claimed grid
+    # are folded onto the growing dimension.
+    options = {"chunks": {"cam_image": chunks}} if chunks else {}
+    writer = ZarrWriter(tmp_path, flush_interval=0.01, **options)
     RE.subscribe(writer)
     with caplog.at_level(logging.WARNING, logger="bluesky_zarr"):
         RE(claimed_grid_walked_otherwise(cam, a, b))
@@ -202,6 +209,7 @@ def test_points_placed_on_a_contradicted_grid_move_to_one_growing_dimension(
         np.testing.assert_array_equal(ds["cam_image"][i].values, frame_at(positions, (4, 5)))
     np.testing.assert_array_equal(ds["b"].values, [0, 1, 2, 3, 0, 1, 2, 3, 3, 1, 0, 2])
     assert bool(ds["_written"].all())
+    assert zarr.open_array(store / "primary" / "cam_image", mode="r").chunks == stored
     # Nothing of the grid is left beside the stream.
     assert sorted(p.name for p in store.iterdir() if p.is_dir()) == ["primary"]
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1

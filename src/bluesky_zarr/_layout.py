@@ -135,10 +135,30 @@ class StreamLayout:
     coords: dict[str, str]  # coordinate name -> scan dimension
     coord_sources: dict[str, str]  # coordinate name -> data key giving values
     coord_motors: dict[str, str] = field(default_factory=dict)  # coordinate -> motor
+    #: The scan dimensions the user's chunks= / shards= were written for
+    #: (the grid the start document claims), where the stream is laid out
+    #: otherwise (the fallback): see :meth:`fit_chunking`.
+    claimed_scan_ndim: int | None = None
 
     @property
     def growing(self) -> bool:
         return any(s is None for s in self.scan_sizes)
+
+    def fit_chunking(self, value: Sequence[int] | None, frame_ndim: int) -> Any:
+        """A user's chunks or shards, given for the claimed grid, over this
+        layout's one growing dimension: the grid's scan part folded into one
+        (``(10, 1, 512, 512)`` becomes ``(10, 512, 512)``). A stream that
+        fell back is not refused for options that fitted its claim."""
+        claimed = self.claimed_scan_ndim
+        if (
+            value is None
+            or claimed is None
+            or claimed == len(self.scan_dims)
+            or len(value) != claimed + frame_ndim
+        ):
+            return value
+        scan = math.prod(int(v) for v in value[:claimed])
+        return (scan, *value[claimed:])
 
     def _clashes(self, name: str, size: int) -> bool:
         return name in self.scan_dims or (

@@ -224,6 +224,8 @@ class RunWriter(DocumentRouter):
     def _make_stream(self, name: str, group: Any, geometry: StreamGeometry) -> StreamWriter:
         """Make the arrays of a stream whose geometry is decided."""
         layout = plan_stream(geometry.dims, self._laid_out[name])
+        if name == self.plan.stream:
+            layout.claimed_scan_ndim = len(self.plan.dims)
         setpoints: dict[str, np.ndarray] = {}
         for dim in geometry.dims:
             setpoints.update(dim.setpoints)

@@ -165,8 +165,13 @@ class StreamWriter:
         chunks, shards, block = default_chunking(self.layout, spec, self.run.shard_bytes)
         block_shape: tuple[int, ...] | None = block
         ndim = self.n_scan + len(spec.frame_shape)
-        user_chunks = options.chunks.get(spec.name, options.chunks.get(spec.key or ""))
-        user_shards = options.shards.get(spec.name, options.shards.get(spec.key or ""))
+        frame_ndim = len(spec.frame_shape)
+        user_chunks = self.layout.fit_chunking(
+            options.chunks.get(spec.name, options.chunks.get(spec.key or "")), frame_ndim
+        )
+        user_shards = self.layout.fit_chunking(
+            options.shards.get(spec.name, options.shards.get(spec.key or "")), frame_ndim
+        )
         if user_chunks is not None or user_shards is not None:
             block_shape = None  # the user's shards (else chunks) are the blocks
             check_chunking(spec.name, ndim, user_chunks, user_shards)
