@@ -444,9 +444,7 @@ class StreamWriter:
         with self.lock:
             self.on_disk[sink.name][region] |= filled
             complete = not self.pending
-            written = np.logical_and.reduce(
-                [mask[region] for mask in self.on_disk.values()]
-            ) & complete
+            written = np.all([mask[region] for mask in self.on_disk.values()], axis=0) & complete
             # Write the mask only when points became complete: most blocks
             # (scalars arriving before their frames) change nothing.
             if (written & filled).any():
@@ -489,4 +487,4 @@ class StreamWriter:
         if any(name not in leave_out for name in self.pending):
             return 0  # an array that has not been made yet holds nothing
         masks = [mask for name, mask in self.on_disk.items() if name not in leave_out]
-        return int(np.logical_and.reduce(masks).sum()) if masks else 0
+        return int(np.all(masks, axis=0).sum()) if masks else 0
