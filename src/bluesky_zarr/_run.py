@@ -51,13 +51,18 @@ def _json_verbatim(value: Any) -> Any:
     return repr(value)
 
 
+#: A document held until its points can be placed: (kind it is placed as,
+#: the document to place, (name, document) as it came).
+_Item = tuple[str, Any, tuple[str, Any]]
+
+
 class _Held:
     """A stream whose geometry is pending: its group, and its documents in order."""
 
     def __init__(self, name: str, group: Any) -> None:
         self.name = name
         self.group = group
-        self.docs: list[tuple[str, Any]] = []
+        self.docs: list[_Item] = []
 
 
 def _datum_seq_nums(doc: Mapping[str, Any]) -> np.ndarray:
@@ -114,7 +119,7 @@ class RunWriter(DocumentRouter):
         self._pending_uids: dict[str, _Held] = {}
         #: Per stream: documents whose points have still to be shown by an
         #: event (a stream_datum that came before its event), in order.
-        self._waiting: dict[str, list[tuple[str, Any]]] = {}
+        self._waiting: dict[str, list[_Item]] = {}
 
     @property
     def buffer_lock(self) -> threading.RLock:
@@ -272,10 +277,16 @@ class RunWriter(DocumentRouter):
             )
 
     def event(self, doc: Event) -> Event:
-        self.event_page(pack_event_page(doc))
+        self._take_page(pack_event_page(doc), ("event", doc))
         return doc
 
     def event_page(self, doc: EventPage) -> EventPage:
+        self._take_page(doc, ("event_page", doc))
+        return doc
+
+    def _take_page(self, doc: EventPage, verbatim: tuple[str, Any]) -> None:
+        """Check, hold or place a page of events (``verbatim``: the document
+        as it came, kept if it is refused after it was held)."""
         # Checked as a document by ZarrWriter (check_document) before it came.
         self.check_health()
         seq_nums = np.asarray(doc.get("seq_num", []))
@@ -285,10 +296,10 @@ class RunWriter(DocumentRouter):
         if held is not None:
             geometry = self.geometries[held.name]
             geometry.observe(seq_nums, doc["data"])
-            held.docs.append(("event_page", doc))
+            held.docs.append(("event_page", doc, verbatim))
             if geometry.decided:
-                self._release(held)
-            return doc
+                self._release(held, verbatim)
+            return
         stream = self.descriptors[doc["descriptor"]]
         geometry = self.geometries[stream.name]
         if geometry.observe(seq_nums, doc["data"]) == RELAYOUT:
@@ -296,7 +307,6 @@ class RunWriter(DocumentRouter):
         self._place_page(stream, doc, seq_nums)
         if self._waiting.get(stream.name):
             self._place_held(stream, [])
-        return doc
 
     def _place_page(self, stream: StreamWriter, doc: Mapping[str, Any], seq_nums: Any) -> None:
         index = self.point_index(stream, np.asarray(seq_nums))
@@ -314,9 +324,9 @@ class RunWriter(DocumentRouter):
             )
         return index
 
-    def _release(self, held: _Held) -> None:
+    def _release(self, held: _Held, current: tuple[str, Any] | None = None) -> None:
         """A pending stream's geometry is decided: make its arrays and place
-        what was held."""
+        what was held (``current``: the document being taken, among them)."""
         geometry = self.geometries[held.name]
         with self.buffer_lock, self.meta_lock:
             del self._pending[held.name]
@@ -328,17 +338,28 @@ class RunWriter(DocumentRouter):
                 self.descriptors[uid] = stream
             self.metadata.consolidate()
         self._announce(geometry)
-        self._place_held(stream, held.docs)
+        self._place_held(stream, held.docs, current)
 
-    def _place_held(self, stream: StreamWriter, docs: list[tuple[str, Any]]) -> None:
+    def _place_held(
+        self,
+        stream: StreamWriter,
+        docs: list[_Item],
+        current: tuple[str, Any] | None = None,
+    ) -> None:
         """Place held documents (then those waiting for an event), in order, as
-        far as their points can be placed; the rest keep waiting. A document
-        refused here is kept like any refused document; the first refusal is
-        raised once the others are placed."""
+        far as their points can be placed; the rest keep waiting.
+
+        ``current`` is the document being taken: its own refusal is raised
+        (and kept by the caller, as any refusal). Another held document that
+        is refused now, after it was taken without error, is kept here; the
+        others are placed all the same, then the first refusal is raised
+        (marked ``kept``: the document being taken is not kept for it).
+        """
         waiting = docs + self._waiting.pop(stream.name, [])
         geometry = self.geometries[stream.name]
-        first: BaseException | None = None
-        for n, (kind, doc) in enumerate(waiting):
+        raised: BaseException | None = None
+        held_error: BaseException | None = None
+        for n, (kind, doc, verbatim) in enumerate(waiting):
             if kind == "stream_datum" and geometry.index(_datum_seq_nums(doc)) is None:
                 self._waiting[stream.name] = waiting[n:]
                 break
@@ -347,11 +368,21 @@ class RunWriter(DocumentRouter):
                     self._place_page(stream, doc, doc["seq_num"])
                 else:
                     self.external.stream_datum(doc)
-            except BlueskyZarrError as err:
-                self.refuse(kind, doc, err)
-                first = first or err
-        if first is not None:
-            raise first
+            except Exception as err:  # noqa: BLE001 - kept, logged, or raised below
+                error = err
+                if not isinstance(err, BlueskyZarrError):
+                    error = DocumentError(f"the {verbatim[0]} document cannot be written: {err!r}")
+                    error.__cause__ = err
+                if verbatim is current:
+                    raised = error
+                    continue
+                self.refuse(verbatim[0], verbatim[1], error)
+                held_error = held_error or error
+        if raised is not None:
+            raise raised
+        if held_error is not None:
+            held_error.kept = True  # type: ignore[attr-defined]
+            raise held_error
 
     def _relayout(self, old: StreamWriter) -> StreamWriter:
         """The grid of ``old`` is contradicted by a point: move the points
@@ -410,7 +441,7 @@ class RunWriter(DocumentRouter):
         self.check_health()
         held = self._pending_uids.get(doc.get("descriptor"))
         if held is not None:
-            held.docs.append(("stream_datum", doc))
+            held.docs.append(("stream_datum", doc, ("stream_datum", doc)))
             return doc
         stream = self.descriptors.get(doc.get("descriptor"))
         if stream is not None and (
@@ -419,7 +450,9 @@ class RunWriter(DocumentRouter):
         ):
             # Its points lie where their events will say (out of order, or
             # past an axis whose snaking no event has shown yet).
-            self._waiting.setdefault(stream.name, []).append(("stream_datum", doc))
+            self._waiting.setdefault(stream.name, []).append(
+                ("stream_datum", doc, ("stream_datum", doc))
+            )
             return doc
         self.external.stream_datum(doc)
         return doc
@@ -576,25 +609,27 @@ class RunWriter(DocumentRouter):
     def _settle(self) -> None:
         """The run ends: decide the geometry of streams still pending from
         the points that came, and place what they held; documents still
-        waiting for an event that never came are refused (and kept)."""
-        first: BaseException | None = None
+        waiting for an event that never came are refused: kept in the store
+        (counted: it is not complete) and logged, as are held documents of a
+        pending stream refused now (the stop document is not refused for
+        them)."""
         for held in list(self._pending.values()):
             self.geometries[held.name].finish()
             try:
                 self._release(held)
             except BlueskyZarrError as err:
-                first = first or err
+                if not getattr(err, "kept", False):
+                    raise
+                logger.warning("bluesky-zarr: %s (kept in %s)", err, REFUSED_FILE)
         for name, docs in list(self._waiting.items()):
             del self._waiting[name]
-            for kind, doc in docs:
+            for _, doc, (kind, original) in docs:
                 error = DocumentError(
                     f"{kind} {doc.get('uid')!r} of stream {name!r}: no event came to show "
                     f"where its points lie"
                 )
-                self.refuse(kind, doc, error)
-                first = first or error
-        if first is not None:
-            raise first
+                self.refuse(kind, original, error)
+                logger.warning("bluesky-zarr: %s (kept in %s)", error, REFUSED_FILE)
 
     def _record_end(
         self, doc: RunStop | None, incomplete_reason: str | None, errors: list[BaseException]
