@@ -500,7 +500,9 @@ class ZarrWriter:
         if isinstance(run, str):
             self._keep_after_end(run, name, doc, error)
             return
-        if run is None or run.finished:
+        if run is None or run.finished or getattr(error, "kept", False):
+            # (A refusal the run kept itself: a document it held, refused
+            # when a later one let it be placed.)
             return
         run.refuse(name, doc, error)
         uid = doc.get("uid")
