@@ -11,11 +11,13 @@ import ctypes.util
 import logging
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._errors import WriteError
 from ._storage import limit_staging
 
 if TYPE_CHECKING:
@@ -73,6 +75,21 @@ def yield_to_the_run_engine() -> None:
         pass
 
 
+#: Seconds between looks, while waiting for the workers, at whether the
+#: interpreter is shutting down (see refuse_while_finalizing).
+FINALIZING_POLL = 0.1
+
+
+def refuse_while_finalizing(what: str) -> None:
+    """Raise :class:`WriteError` if the interpreter is shutting down: no
+    thread starts then (``Thread.start`` waits forever), and the workers,
+    daemon threads, never run again. The writer finishes its runs before
+    that, at exit (see ``_writer``); this refuses what comes later (a stop
+    document sent while a RunEngine's task is destroyed) instead of hanging."""
+    if sys.is_finalizing():
+        raise WriteError(f"cannot {what}: the Python interpreter is shutting down")
+
+
 @dataclass
 class Failure:
     """An exception raised in a worker, and what it was doing."""
@@ -105,6 +122,7 @@ class Workers:
         self.count = count
         self.name = name
         self._queues: list[_Queue] = []
+        self._threads: list[threading.Thread] = []
         #: Lanes with queued jobs: their worker's queue, and how many.
         self._lanes: dict[Hashable, tuple[_Queue, int]] = {}
         self._lock = threading.Lock()
@@ -113,13 +131,16 @@ class Workers:
 
     def put(self, lane: Hashable | None, cost: int, item: tuple[Any, ...]) -> None:
         """Queue ``item``, a job covering ``cost`` bytes, in ``lane`` (or none)."""
+        refuse_while_finalizing("queue a job on the worker threads")
         with self._lock:
             if not self._queues:
                 self._queues = [_Queue() for _ in range(self.count)]
                 for n, jobs in enumerate(self._queues):
-                    threading.Thread(
+                    thread = threading.Thread(
                         target=self._work, args=(jobs,), name=f"{self.name}-{n}", daemon=True
-                    ).start()
+                    )
+                    thread.start()
+                    self._threads.append(thread)
             held = self._lanes.get(lane) if lane is not None else None
             if held is not None:
                 jobs, count = held
@@ -130,14 +151,19 @@ class Workers:
             jobs.load += cost
             jobs.jobs.put((lane, cost, item))
 
-    def stop(self) -> None:
+    def stop(self, join: bool = False) -> None:
         """Let the threads end once the jobs queued so far are done (a later
-        job starts new ones)."""
+        job starts new ones); with ``join``, wait until they have ended."""
         with self._lock:
             queues, self._queues = self._queues, []
+            threads, self._threads = self._threads, []
             self._lanes.clear()
             for jobs in queues:
                 jobs.jobs.put(None)
+        if join and not sys.is_finalizing():
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
 
     def _done(self, jobs: _Queue, lane: Hashable | None, cost: int) -> None:
         with self._lock:
@@ -214,6 +240,7 @@ class BackgroundWriter:
         fails) to hand back the block's memory. Jobs of one ``lane`` run in
         order; ``cost``: the bytes the job covers (``nbytes`` if not given),
         to spread the work over the workers."""
+        refuse_while_finalizing(what)
         with self._cond:
             self._pending += 1
         self.workers.budget.hand_over(nbytes)
@@ -233,7 +260,8 @@ class BackgroundWriter:
         """Wait until every submitted job has finished."""
         with self._cond:
             while self._pending:
-                self._cond.wait()
+                refuse_while_finalizing(f"wait for {self._pending} job(s) of the worker threads")
+                self._cond.wait(FINALIZING_POLL)
 
     def new_failures(self) -> list[Failure]:
         """Failures not yet reported to the caller."""

@@ -393,11 +393,11 @@ class BlockBuffer:
         #: Partially filled blocks, oldest first.
         self._open: dict[tuple[int, tuple[int, ...]], tuple[BlockOwner, ArraySink]] = {}
 
-    def stop(self) -> None:
+    def stop(self, join: bool = False) -> None:
         """End the worker and reader threads once their queued jobs are done
-        (the next job starts them again)."""
-        self.workers.stop()
-        self.reader.stop()
+        (the next job starts them again); with ``join``, wait until they have."""
+        self.reader.stop(join)
+        self.workers.stop(join)
 
     def place(
         self, stream: BlockOwner, sink: ArraySink, index: tuple[int, ...], value: Any

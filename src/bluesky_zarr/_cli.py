@@ -112,6 +112,7 @@ def _demo(args: argparse.Namespace) -> int:
     import xarray as xr
     from bluesky import RunEngine
     from bluesky.plans import grid_scan
+    from bluesky.utils import RunEngineInterrupted
     from ophyd.sim import det
 
     from . import ZarrWriter
@@ -122,14 +123,28 @@ def _demo(args: argparse.Namespace) -> int:
     cam = PointCamera([wavelength, position], shape=(args.size, args.size), name="cam")
     writer = ZarrWriter(out)
     RE = RunEngine({})
-    RE.subscribe(writer)
+    interrupted: list[str] = []
+
+    def write(name: str, doc: dict[str, Any]) -> Any:
+        # RE.abort(reason=...) does not reach the stop document when the
+        # plan closes its run itself (its reason is then ""): say why here.
+        if name == "stop" and interrupted and not doc.get("reason"):
+            doc = {**doc, "reason": interrupted[0]}
+        return writer(name, doc)
+
+    RE.subscribe(write)
     n_wl, n_pos = args.wavelengths, args.positions
     print(
         f"Scanning {n_wl} wavelengths x {n_pos} positions, one {args.size}x{args.size} "
         f"uint16 frame per point, into {out}/ ..."
     )
     t0 = time.perf_counter()
-    RE(grid_scan([cam, det], wavelength, 400, 700, n_wl, position, 0, 5, n_pos, snake_axes=True))
+    try:
+        RE(grid_scan([cam, det], wavelength, 400, 700, n_wl, position, 0, 5, n_pos,
+                     snake_axes=True))
+    except (RunEngineInterrupted, KeyboardInterrupt):
+        interrupted.append("interrupted")
+        return _demo_interrupted(RE, writer)
     elapsed = time.perf_counter() - t0
     store = writer.stores[-1]
     tree = xr.open_datatree(store, engine="zarr")
@@ -146,6 +161,23 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  {wl:6.1f} nm  {float(value):8.2f}")
     print(f'\nOpen it yourself:\n  xr.open_datatree("{store}", engine="zarr")')
     return 0
+
+
+def _demo_interrupted(RE: Any, writer: Any) -> int:
+    """Ctrl-C paused the RunEngine at its next point: abort the run, so that its
+    stop document (exit status ``abort``, reason ``interrupted``) finishes the
+    store; exit status 130, as a shell reports Ctrl-C."""
+    import json
+
+    if RE.state == "paused":
+        RE.abort(reason="interrupted")
+    writer._interrupt("interrupted: Ctrl-C")  # a run still open: finished as aborted
+    for store in writer.stores:
+        info = json.loads((Path(store) / "zarr.json").read_bytes())["attributes"]
+        counts = info.get("bluesky_zarr", {}).get("streams", {}).get("primary", {})
+        print(f"\nInterrupted: {store} holds {counts.get('written_points', 0)} written "
+              f"point(s), exit status {info.get('exit_status')}", file=sys.stderr)
+    return 130
 
 
 def _handler_entry(text: str) -> tuple[str, Any]:
@@ -260,7 +292,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"bluesky-zarr serve: error: {_flag_names(str(err))}", file=sys.stderr)
         return 2
     service.run()
-    return 0
+    # Stores not registered with Tiled (logged with the register command).
+    return 1 if service.writer.tiled_failures else 0
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -362,7 +395,7 @@ def _serve_kafka(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s bluesky-zarr serve: %(message)s", force=True
     )
     service.run()
-    return 0
+    return 1 if service.writer.tiled_failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,7 +63,14 @@ from ._errors import (
     MissingDependencyError,
     UnknownSpecError,
 )
-from ._formats import REMOTE_HINT, SOURCES, FrameSource, HDF5Source, source_class
+from ._formats import (
+    REMOTE_HINT,
+    SOURCES,
+    FrameSource,
+    HDF5Source,
+    check_hdf5_rows,
+    source_class,
+)
 from ._metadata import json_safe
 
 if TYPE_CHECKING:
@@ -129,7 +136,11 @@ class NpySequenceHandler:
         self.path = path
 
     def __call__(self, index: int) -> np.ndarray:
-        return np.load(f"{self.path}_{int(index)}.npy", allow_pickle=False)
+        path = f"{self.path}_{int(index)}.npy"
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as err:  # a short file: numpy reads fewer bytes than its header says
+            raise ExternalFileError(f"the NPY file {path} is not whole: {err}") from err
 
 
 class AreaDetectorHDF5Handler:
@@ -163,7 +174,12 @@ class AreaDetectorHDF5Handler:
                 f"rows {start}..{stop} of {self.dataset_name} in {self.path}, which holds "
                 f"{self.dataset.shape[0]}"
             )
-        return np.asarray(self.dataset[start:stop])
+        # SWMR reads past the end of a file cut short as zeros: the bytes are
+        # checked before and after the read.
+        check_hdf5_rows(self.dataset, self.path, start, stop)
+        frames = np.asarray(self.dataset[start:stop])
+        check_hdf5_rows(self.dataset, self.path, start, stop)
+        return frames
 
     def close(self) -> None:
         self.file.close()
@@ -448,6 +464,11 @@ class ExternalData:
         kwargs = datum.get("datum_kwargs") or {}
         try:
             value = handler(**kwargs)
+        except ExternalDataError as err:  # the handler's own: with the datum it was for
+            raise type(err)(
+                f"data key {key!r}: datum {datum_id!r} ({dict(kwargs)}) of resource "
+                f"{resource_uid!r}: {err}"
+            ) from err
         except OSError as err:
             raise ExternalFileError(
                 f"data key {key!r}: reading datum {datum_id!r} ({dict(kwargs)}) of "
@@ -749,6 +770,15 @@ class ExternalData:
                     record.dirty = record.urgent = False
                 self.run.metadata.consolidate()
             self._last_written = time.monotonic()
+
+    def verify_references(self) -> int:
+        """external="virtual", at stop: the points whose referenced bytes are
+        gone since (``_virtual.VirtualFrames.verify``), taken off ``_written``;
+        returns how many."""
+        if self._virtual_frames is None:
+            return 0
+        lost: int = self._virtual_frames.verify()
+        return lost
 
     def close(self) -> None:
         """Close the files opened for reading, and the handlers that can close."""

@@ -33,6 +33,18 @@ declared leading dimension, so each event is ``shape[0]`` rows (or frames,
 (ophyd-async emits one from a detector whose frame size is not yet known)
 says nothing and is ignored: the files themselves say how many frames each
 holds.
+
+**The bytes are checked before a frame is taken.** A file cut short (a
+detector that crashed, a full disk, a partial copy) must not give frames of
+zeros marked as written. HDF5 opened in SWMR mode skips the library's own
+check of a truncated file and reads past its end as zeros, so
+:func:`check_hdf5_rows` checks each row instead: every chunk holding it (or
+the contiguous rows) is in the file, and its byte range lies inside the
+file's real size, before and after the read. Rows stored before a cut are
+whole and are kept; the message says when the superblock declares a longer
+file. A Zarr array's chunks must be in its store; TIFF, JPEG and NPY
+decoders refuse a short file themselves. What fails raises
+:class:`~bluesky_zarr.ExternalFileError`.
 """
 
 from __future__ import annotations
@@ -41,8 +53,9 @@ import itertools
 import json
 import math
 import os
+import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -147,6 +160,121 @@ def fits(declared: Sequence[int | None], actual: Sequence[int]) -> bool:
     )
 
 
+# ------------------------------------------------------ are the bytes there
+#: The signature that opens an HDF5 superblock (at byte 0, 512, 1024, ...).
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+#: Superblock (versions 2, 3) consistency flags: open for writing, for SWMR writing.
+_HDF5_OPEN_FLAGS = 0x1 | 0x4
+
+
+def hdf5_declared_end(path: str) -> tuple[int, bool] | None:
+    """Where an HDF5 file's superblock says the file ends, and whether a writer
+    holds it open; None for superblocks of versions 0 and 1 (HDF5 checks
+    those itself, also in SWMR mode).
+
+    A file open for writing may end short of its declared end while the
+    library reserves space, so the end says something only once the file is
+    closed: then a shorter file was cut.
+    """
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        where = 0
+        while where + 12 <= size:
+            file.seek(where)
+            head = file.read(48)
+            if head[:8] == _HDF5_SIGNATURE:
+                break
+            where = 512 if where == 0 else 2 * where
+        else:
+            return None
+    version, offsets, flags = head[8], head[9], head[11]
+    formats = {2: "<H", 4: "<I", 8: "<Q"}
+    if version not in (2, 3) or offsets not in formats or len(head) < 12 + 3 * offsets:
+        return None
+    # Base address, superblock extension address, end-of-file address.
+    base, _, end = (
+        struct.unpack_from(formats[offsets], head, 12 + n * offsets)[0] for n in range(3)
+    )
+    return base + end, bool(flags & _HDF5_OPEN_FLAGS)
+
+
+def _hdf5_storage(dataset: Any, first: int, last: int) -> Iterator[tuple[int, Any, int]]:
+    """``(row, byte offset or None if not in the file, bytes)`` of each piece of
+    storage holding rows ``first..last`` of an HDF5 dataset: its chunks, or
+    the rows of a contiguous dataset. Compact data (in the object header),
+    external raw files and virtual datasets yield nothing to check here."""
+    import h5py
+
+    plist = dataset.id.get_create_plist()
+    layout = plist.get_layout()
+    if layout == h5py.h5d.CHUNKED:
+        chunks = dataset.chunks
+        tiles = [range(0, n, c) for n, c in zip(dataset.shape[1:], chunks[1:])]
+        get = dataset.id.get_chunk_info_by_coord
+        for row in range(first - first % chunks[0], last, chunks[0]):
+            for tile in itertools.product(*tiles):
+                stored = get((row, *tile))
+                yield row, stored.byte_offset, int(stored.size)
+    elif layout == h5py.h5d.CONTIGUOUS and not plist.get_external_count():
+        row_bytes = math.prod(dataset.shape[1:]) * dataset.dtype.itemsize
+        offset = dataset.id.get_offset()
+        yield first, None if offset is None else offset + first * row_bytes, (
+            (last - first) * row_bytes
+        )
+
+
+def check_hdf5_rows(dataset: Any, path: str, first: int, last: int) -> None:
+    """Refuse rows ``first..last`` of an HDF5 dataset unless their bytes are in
+    the file at ``path``: every chunk of the rows stored, and each chunk's
+    byte range inside the file's real size (the largest chunk end against
+    the size, which SWMR reads do not compare).
+
+    Raises
+    ------
+    ExternalFileError
+        What is missing, with the file's size and the byte range asked for.
+    """
+    if first >= last:
+        return
+    what = f"rows {first}..{last} of dataset {dataset.name!r} in the HDF5 file {path}"
+    try:
+        size = os.stat(path).st_size
+        declared = hdf5_declared_end(path)
+    except OSError as err:
+        raise ExternalFileError(f"{what}: the file cannot be read here: {err}") from err
+    cut = "cut short (a detector that crashed, a full disk, a partial copy?)"
+    if declared is not None and not declared[1] and declared[0] > size:
+        # Rows stored before the cut are whole: each is checked on its own.
+        cut += f"; its superblock says it ends at byte {declared[0]}"
+    refreshed = False
+    while True:
+        try:
+            storage = list(_hdf5_storage(dataset, first, last))
+        except Exception as err:  # noqa: BLE001 - h5py raises several types on a broken index
+            raise ExternalFileError(
+                f"{what}: the file's index of its chunks cannot be read ({err!r}); the file "
+                f"is {cut}"
+            ) from err
+        missing = [row for row, offset, _ in storage if offset is None]
+        if not missing or refreshed or not getattr(dataset.file, "swmr_mode", False):
+            break
+        # A reader in SWMR mode may hold an older index than the file: look again.
+        dataset.refresh()
+        refreshed = True
+    if missing:
+        raise ExternalFileError(
+            f"{what}: row {missing[0]} has no chunk in the file (not written, or the "
+            f"chunk index was cut)"
+        )
+    for row, offset, length in storage:
+        if offset + length > size:
+            raise ExternalFileError(
+                f"{what}: the file is {cut}: it holds {size} bytes, but row {row} is "
+                f"stored at bytes {offset}..{offset + length}"
+            )
+
+
 # ---------------------------------------------------------------- row arrays
 class _RowSource(FrameSource):
     """A growing array (HDF5 dataset, Zarr array) whose rows are frames."""
@@ -174,6 +302,10 @@ class _RowSource(FrameSource):
     def _refresh(self) -> None:
         """See rows written since the array was opened."""
 
+    def _check_rows(self, array: Any, first: int, last: int) -> None:
+        """Refuse rows ``first..last`` of ``array`` whose bytes are not stored
+        (:class:`ExternalFileError`)."""
+
     def plan(self, start: int, stop: int, uid: str) -> ReadPlan:
         if self.array is None:
             self.array = self._open()
@@ -200,9 +332,13 @@ class _RowSource(FrameSource):
                 f"stream_resource {self.uid!r}: {per_index} rows per event, but data key "
                 f"{self.key!r} declares shape {list(info.declared or [])}, one frame per event"
             )
+        self._check_rows(array, first, last)
 
         def read(lo: int, hi: int) -> np.ndarray:
+            # Checked again around the read: the file may be cut meanwhile.
+            self._check_rows(array, lo * per_index, hi * per_index)
             rows = np.asarray(array[lo * per_index : hi * per_index])
+            self._check_rows(array, lo * per_index, hi * per_index)
             frames = rows.reshape((hi - lo, per_index) + row_shape)
             return frames if keeps_frame_dim else frames[:, 0]
 
@@ -263,6 +399,9 @@ class HDF5Source(_RowSource):
                 f"stream_resource {self.uid!r}: the HDF5 file {self.path} has no dataset "
                 f"{self.name!r}"
             ) from None
+
+    def _check_rows(self, array: Any, first: int, last: int) -> None:
+        check_hdf5_rows(array, self.path, first, last)
 
     def _refresh(self) -> None:
         if getattr(self.array.file, "swmr_mode", False):
@@ -399,26 +538,74 @@ class ZarrSource(_RowSource):
         self, name: str, metadata: Mapping[str, Any], first: int, last: int
     ) -> tuple[np.ndarray | None, int]:
         """Rows ``first..last`` if they are all on disk, whole (else None), and
-        how many rows are readable so far."""
+        how many rows are readable so far.
+
+        Rows inside the array's stated shape must be in the store: a storage
+        unit missing there raises :class:`ExternalFileError` (the Zarr spec
+        would read it as the fill value). Rows past it are the ones a live
+        producer has not declared yet: read once every unit holding them is
+        on disk and whole."""
         from . import _zarr
 
         stated = int(metadata["shape"][0])
         if last <= stated:
             array = _zarr.open_array(self.path, name)
+            self._check_units(array, name, first, last)
             return np.asarray(array[first:last]), stated
-        available = _rows_on_disk(self.path, name, metadata, last)
-        if available < last:
-            return None, available
+        if not _whole_when_present(metadata):
+            return None, stated  # a unit being written could pass for a whole one
         # Past the stated shape: an array over the same metadata, as long as
         # the rows asked for.
         longer = {**metadata, "shape": [last, *metadata["shape"][1:]]}
         array = _zarr.array_over(_zarr.local_store(self.path), name, longer)
+        self._check_units(array, name, first, min(last, stated))
+        absent = self._first_absent_row(array, name, max(first, stated), last)
+        if absent is not None:
+            return None, absent
         try:
-            return np.asarray(array[first:last]), available
+            return np.asarray(array[first:last]), last
         except ValueError:
             # A storage unit still being written (a shard whose index is not
             # there yet fails its checksum): not readable yet.
             return None, first
+
+    def _units(self, array: Any, name: str, first: int, last: int) -> Iterator[tuple[int, str]]:
+        """``(first row, file)`` of every storage unit (the shard, if sharded)
+        holding rows ``first..last`` of ``array``."""
+        from . import _zarr
+
+        base = os.path.join(self.path, *[p for p in name.split("/") if p])
+        unit = array.shards or array.chunks
+        tiles = [range(0, n, c) for n, c in zip(array.shape[1:], unit[1:])]
+        for row in range(first - first % unit[0], last, unit[0]):
+            for tile in itertools.product(*tiles):
+                coords = tuple(i // c for i, c in zip((row, *tile), unit))
+                yield row, os.path.join(base, _zarr.chunk_key(array, coords))
+
+    def _check_units(self, array: Any, name: str, first: int, last: int) -> None:
+        """Every chunk (shard, if sharded) file holding the rows is in the store.
+
+        The Zarr spec reads a missing chunk as the fill value; a detector's
+        frame that is not in the store is refused instead (a writer that
+        skips chunks equal to the fill value leaves such a frame out too:
+        it is refused as well, never claimed)."""
+        if first >= last:
+            return
+        for row, path in self._units(array, name, first, last):
+            if not os.path.isfile(path):
+                key = os.path.relpath(path, os.path.join(self.path, name))
+                raise ExternalFileError(
+                    f"rows {first}..{last} of the Zarr array {name!r} in {self.path}: "
+                    f"row {row} is in no chunk of the store ({key} is missing: not "
+                    f"written, deleted, or left out as all fill value)"
+                )
+
+    def _first_absent_row(self, array: Any, name: str, first: int, last: int) -> int | None:
+        """The first row of ``first..last`` whose storage unit is not on disk yet."""
+        for row, path in self._units(array, name, first, last):
+            if not os.path.isfile(path):
+                return max(row, first)
+        return None
 
     def _frames(
         self, rows: np.ndarray, events: int, per_index: int, row_shape: tuple[int, ...]
@@ -467,38 +654,23 @@ def _itemsize(metadata: Mapping[str, Any]) -> int:
         return 8
 
 
-def _rows_on_disk(store: str, name: str, metadata: Mapping[str, Any], needed: int) -> int:
-    """Rows of a V3 array whose storage units are all on disk, counted past
-    its stated shape up to ``needed``: the rows a producer wrote before it
-    rewrote the metadata. Only where a unit being written cannot pass for a
-    whole one: chunks, or shards whose index carries a checksum (a V2 array,
-    or shards without one, count as far as their metadata says)."""
-    from ._spec import ArrayMetadata
-
-    stated = int(metadata["shape"][0])
-    try:
-        spec = ArrayMetadata.from_dict(metadata)
-    except ValueError:
-        return stated
-    sharding = spec.sharding
-    if sharding is not None and not any(
-        codec.get("name") == "crc32c" for codec in sharding.get("index_codecs", [])
-    ):
-        return stated
-    unit = spec.chunk_grid
-    others = [
-        range(-(-int(n) // int(u))) for n, u in zip(spec.shape[1:], unit[1:])
-    ]
-    folder = os.path.join(store, *[p for p in name.split("/") if p])
-    rows = (stated // unit[0]) * unit[0]
-    for row_unit in range(stated // unit[0], -(-needed // unit[0])):
-        for rest in itertools.product(*others):
-            # The default chunk key encoding: "c", then the unit's position.
-            key = spec.separator.join(["c", *(str(i) for i in (row_unit, *rest))])
-            if not os.path.exists(os.path.join(folder, *key.split("/"))):
-                return max(stated, rows)
-        rows = (row_unit + 1) * unit[0]
-    return max(stated, rows)
+def _whole_when_present(metadata: Mapping[str, Any]) -> bool:
+    """Whether a storage unit of this array that is on disk but still being
+    written fails to decode, rather than passing for a whole one: chunks
+    (compressed or of a fixed size), and shards whose index carries a
+    checksum; not shards without one (their rows count as far as the
+    metadata says)."""
+    codecs = metadata.get("codecs")
+    if not isinstance(codecs, list) or not codecs:
+        return True  # V2: chunks
+    first = codecs[0]
+    if not isinstance(first, Mapping) or first.get("name") != "sharding_indexed":
+        return True
+    configuration = first.get("configuration") or {}
+    return any(
+        isinstance(codec, Mapping) and codec.get("name") == "crc32c"
+        for codec in configuration.get("index_codecs", [])
+    )
 
 
 # ------------------------------------------------------------ file sequences

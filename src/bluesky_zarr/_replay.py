@@ -503,6 +503,11 @@ class _Batch:
         info = attrs.get("bluesky_zarr") or {}
         run.complete = bool(info.get("complete"))
         run.why = info.get("incomplete_reason")
+        kept = info.get("refused_documents")
+        if isinstance(kept, int) and kept > run.refused:
+            # The store counts refusals the replay did not see raised (a
+            # document held until its point was known, refused then).
+            run.refused = kept
         stop = attrs.get("stop") if isinstance(attrs.get("stop"), Mapping) else {}
         num_events = stop.get("num_events") if isinstance(stop, Mapping) else None
         expected = dict(num_events) if isinstance(num_events, Mapping) else {}

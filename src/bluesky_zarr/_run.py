@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -20,12 +21,15 @@ from ._buffer import BlockBuffer
 from ._conventions import CONVENTIONS
 from ._errors import BlueskyZarrError, DocumentError, StorageError, WriteError
 from ._external import ExternalData
+from ._geometry import GEOMETRY_ATTRIBUTE, RELAYOUT, StreamGeometry
 from ._layout import plan_stream
 from ._metadata import StoreMetadata, json_safe, root_metadata
 from ._options import WriterOptions
 from ._plan import plan_scan
+from ._relayout import delete_node, move_node, placed_points
 from ._storage import LocalRoot, Root, StoreLock
 from ._stream import StreamWriter
+from ._validate import check_descriptor
 from ._version import __version__
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,30 @@ def _json_verbatim(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     return repr(value)
+
+
+#: A document held until its points can be placed: (kind it is placed as,
+#: the document to place, (name, document) as it came).
+_Item = tuple[str, Any, tuple[str, Any]]
+
+
+class _Held:
+    """A stream whose geometry is pending: its group, and its documents in order."""
+
+    def __init__(self, name: str, group: Any) -> None:
+        self.name = name
+        self.group = group
+        self.docs: list[_Item] = []
+
+
+def _datum_seq_nums(doc: Mapping[str, Any]) -> np.ndarray:
+    """The seq_nums a stream_datum names (none if they are malformed: the
+    document is then refused where it is read)."""
+    try:
+        seq = doc["seq_nums"]
+        return np.arange(int(seq["start"]), int(seq["stop"]), dtype=np.int64)
+    except (KeyError, TypeError, ValueError):
+        return np.zeros(0, dtype=np.int64)
 
 
 class RunWriter(DocumentRouter):
@@ -78,11 +106,25 @@ class RunWriter(DocumentRouter):
         self._flusher: threading.Thread | None = None
         self._refused = 0
         self._refused_lines: list[bytes] = []
+        #: external="virtual": points whose referenced bytes were gone at stop.
+        self._lost_references = 0
         #: Whether the run has been finished (stopped or closed).
         self.finished = False
         #: external="virtual": the run's Icechunk repository (``_virtual``).
         self.virtual: Any = None
         self.external = ExternalData(self)
+        #: Each stream's geometry (see ``_geometry``), and its descriptor as
+        #: its arrays are laid out from it.
+        self.geometries: dict[str, StreamGeometry] = {}
+        self._laid_out: dict[str, Mapping[str, Any]] = {}
+        self._descriptor_docs: dict[str, list[Mapping[str, Any]]] = {}
+        #: Streams whose geometry the positions have still to show: their
+        #: arrays are not made yet and their documents are held, in order.
+        self._pending: dict[str, _Held] = {}
+        self._pending_uids: dict[str, _Held] = {}
+        #: Per stream: documents whose points have still to be shown by an
+        #: event (a stream_datum that came before its event), in order.
+        self._waiting: dict[str, list[_Item]] = {}
 
     @property
     def buffer_lock(self) -> threading.RLock:
@@ -149,65 +191,258 @@ class RunWriter(DocumentRouter):
         name = str(doc.get("name", "primary"))
         with self.buffer_lock, self.meta_lock:
             stream = self.streams.get(name)
-            if stream is None:
-                layout = plan_stream(self.plan, self.external.layout_descriptor(name, doc))
-                setpoints: dict[str, np.ndarray] = {}
+            held = self._pending.get(name)
+            if stream is None and held is None:
+                laid_out = self.external.layout_descriptor(name, doc)
+                check_descriptor(laid_out)
+                geometry = StreamGeometry(self.plan, name, laid_out["data_keys"])
+                attributes: dict[str, Any] = {
+                    "Conventions": CONVENTIONS,
+                    "descriptors": [json_safe(doc)],
+                }
+                # Every descriptor of the stream, in order (their configurations
+                # give frame coordinates, _frame_coords).
+                self._descriptor_docs[name] = [doc]
                 if name == self.plan.stream:
-                    for dim in self.plan.dims:
-                        setpoints.update(dim.setpoints)
-                group = self.metadata.add_group(
-                    name, {"Conventions": CONVENTIONS, "descriptors": [json_safe(doc)]}
-                )
-                try:
-                    stream = StreamWriter(self, group, layout, setpoints, descriptor=doc)
-                except BaseException:
-                    # A descriptor refused halfway leaves no half stream.
-                    self.metadata.discard(name)
-                    raise
-                self.streams[name] = stream
+                    attributes[GEOMETRY_ATTRIBUTE] = json_safe(geometry.record())
+                group = self.metadata.add_group(name, attributes)
+                self.geometries[name] = geometry
+                self._laid_out[name] = laid_out
+                if geometry.decided:
+                    stream = self._make_stream(name, group, geometry)
+                    self._announce(geometry)
+                else:
+                    # Held until the positions show the grid (_release).
+                    held = self._pending[name] = _Held(name, group)
             else:
-                if set(doc.get("data_keys", {})) != set(
-                    s.key for s in stream.layout.arrays.values() if s.key is not None
-                ):
+                known = stream.layout.arrays.values() if stream is not None else ()
+                keys = (
+                    {s.key for s in known if s.key is not None}
+                    if stream is not None
+                    else set(self._laid_out[name]["data_keys"])
+                )
+                if set(doc.get("data_keys", {})) != keys:
                     raise DocumentError(
                         f"a second descriptor for stream {name!r} declares other data "
                         f"keys than the first; one stream must keep its data keys"
                     )
-                stream.add_descriptor(doc)
-                descriptors = list(stream.group.attrs.get("descriptors", []))
+                self._descriptor_docs[name].append(doc)
+                if stream is not None:
+                    stream.add_descriptor(doc)
+                group = stream.group if stream is not None else held.group  # type: ignore[union-attr]
+                descriptors = list(group.attrs.get("descriptors", []))
                 descriptors.append(json_safe(doc))
-                stream.group = self.metadata.set_attributes(
-                    name, {"descriptors": descriptors}
-                )
-            self.descriptors[doc["uid"]] = stream
+                group = self.metadata.set_attributes(name, {"descriptors": descriptors})
+                if stream is not None:
+                    stream.group = group
+                else:
+                    held.group = group  # type: ignore[union-attr]
+            if stream is not None:
+                self.descriptors[doc["uid"]] = stream
+            else:
+                self._pending_uids[doc["uid"]] = held  # type: ignore[assignment]
             self.metadata.consolidate()
         return doc
 
+    def _make_stream(self, name: str, group: Any, geometry: StreamGeometry) -> StreamWriter:
+        """Make the arrays of a stream whose geometry is decided."""
+        layout = plan_stream(geometry.dims, self._laid_out[name])
+        if name == self.plan.stream:
+            layout.claimed_scan_ndim = len(self.plan.dims)
+        setpoints: dict[str, np.ndarray] = {}
+        for dim in geometry.dims:
+            setpoints.update(dim.setpoints)
+        if geometry.gridded and not geometry.sequential:
+            # A grid visited out of order: its values are known from the start.
+            setpoints.update(geometry.coordinates())
+        if name == self.plan.stream:
+            group = self._record_geometry(name)
+        try:
+            stream = StreamWriter(self, group, layout, setpoints, descriptor=self._laid_out[name])
+            for later in self._descriptor_docs.get(name, [])[1:]:
+                stream.add_descriptor(later)
+        except BaseException:
+            # A descriptor refused halfway leaves no half stream.
+            self.metadata.discard(name)
+            raise
+        self.streams[name] = stream
+        return stream
+
+    def _record_geometry(self, name: str) -> Any:
+        """Write the geometry's decision and evidence into the stream's group
+        (and the scan's dimensions into the root's record); returns the group."""
+        geometry = self.geometries[name]
+        if geometry.decided:
+            self.info["scan_dims"] = [d.name for d in geometry.dims]
+            self.info["scan_shape"] = (
+                [d.size for d in geometry.dims] if geometry.gridded else None
+            )
+        return self.metadata.set_attributes(
+            name, {GEOMETRY_ATTRIBUTE: json_safe(geometry.record())}
+        )
+
+    def _announce(self, geometry: StreamGeometry) -> None:
+        """One line in the log for a stream whose grid is not the claimed one."""
+        if geometry.source == "fallback":
+            logger.warning(
+                "bluesky-zarr: stream %r of %s is stored along one growing dimension with "
+                "each motor as a coordinate, not on a grid: %s",
+                geometry.stream, self.path, geometry.reason,
+            )
+        elif geometry.source == "setpoints":
+            logger.info(
+                "bluesky-zarr: stream %r of %s: grid %s learned from the positions (%s)",
+                geometry.stream, self.path,
+                {d.name: d.size for d in geometry.dims}, geometry.reason,
+            )
+
     def event(self, doc: Event) -> Event:
-        self.event_page(pack_event_page(doc))
+        self._take_page(pack_event_page(doc), ("event", doc))
         return doc
 
     def event_page(self, doc: EventPage) -> EventPage:
+        self._take_page(doc, ("event_page", doc))
+        return doc
+
+    def _take_page(self, doc: EventPage, verbatim: tuple[str, Any]) -> None:
+        """Check, hold or place a page of events (``verbatim``: the document
+        as it came, kept if it is refused after it was held)."""
         # Checked as a document by ZarrWriter (check_document) before it came.
         self.check_health()
-        stream = self.descriptors[doc["descriptor"]]
         seq_nums = np.asarray(doc.get("seq_num", []))
         if seq_nums.dtype.kind not in "iu":
             raise DocumentError(f"seq_num must be integers, got {doc.get('seq_num')!r}")
-        index = self.point_index(stream, seq_nums)
+        held = self._pending_uids.get(doc["descriptor"])
+        if held is not None:
+            geometry = self.geometries[held.name]
+            geometry.observe(seq_nums, doc["data"])
+            held.docs.append(("event_page", doc, verbatim))
+            if geometry.decided:
+                self._release(held, verbatim)
+            return
+        stream = self.descriptors[doc["descriptor"]]
+        geometry = self.geometries[stream.name]
+        if geometry.observe(seq_nums, doc["data"]) == RELAYOUT:
+            stream = self._relayout(stream)
+        self._place_page(stream, doc, seq_nums)
+        if self._waiting.get(stream.name):
+            self._place_held(stream, [])
+
+    def _place_page(self, stream: StreamWriter, doc: Mapping[str, Any], seq_nums: Any) -> None:
+        index = self.point_index(stream, np.asarray(seq_nums))
         page = self.external.fill_page(stream, doc)
         with self.buffer_lock:
             stream.put_page(page, index)
-        return doc
 
     def point_index(self, stream: StreamWriter, seq_nums: np.ndarray) -> tuple[np.ndarray, ...]:
         """Index arrays (one per scan dimension) of the points ``seq_nums`` name."""
-        if stream.name == self.plan.stream:
-            return self.plan.index(seq_nums)
-        index = (seq_nums.astype(np.int64) - 1,)
-        if (index[0] < 0).any():
-            raise DocumentError(f"seq_num must be >= 1, got {seq_nums.tolist()!r}")
+        index = self.geometries[stream.name].index(seq_nums)
+        if index is None:
+            raise DocumentError(
+                f"stream {stream.name!r}: the points {seq_nums.tolist()!r} cannot be placed "
+                f"before their events show where they lie"
+            )
         return index
+
+    def _release(self, held: _Held, current: tuple[str, Any] | None = None) -> None:
+        """A pending stream's geometry is decided: make its arrays and place
+        what was held (``current``: the document being taken, among them)."""
+        geometry = self.geometries[held.name]
+        with self.buffer_lock, self.meta_lock:
+            del self._pending[held.name]
+            uids = [u for u, h in self._pending_uids.items() if h is held]
+            for uid in uids:
+                del self._pending_uids[uid]
+            stream = self._make_stream(held.name, held.group, geometry)
+            for uid in uids:
+                self.descriptors[uid] = stream
+            self.metadata.consolidate()
+        self._announce(geometry)
+        self._place_held(stream, held.docs, current)
+
+    def _place_held(
+        self,
+        stream: StreamWriter,
+        docs: list[_Item],
+        current: tuple[str, Any] | None = None,
+    ) -> None:
+        """Place held documents (then those waiting for an event), in order, as
+        far as their points can be placed; the rest keep waiting.
+
+        ``current`` is the document being taken: its own refusal is raised
+        (and kept by the caller, as any refusal). Another held document that
+        is refused now, after it was taken without error, is kept here; the
+        others are placed all the same, then the first refusal is raised
+        (marked ``kept``: the document being taken is not kept for it).
+        """
+        waiting = docs + self._waiting.pop(stream.name, [])
+        geometry = self.geometries[stream.name]
+        raised: BaseException | None = None
+        held_error: BaseException | None = None
+        for n, (kind, doc, verbatim) in enumerate(waiting):
+            if kind == "stream_datum" and geometry.index(_datum_seq_nums(doc)) is None:
+                self._waiting[stream.name] = waiting[n:]
+                break
+            try:
+                if kind == "event_page":
+                    self._place_page(stream, doc, doc["seq_num"])
+                else:
+                    self.external.stream_datum(doc)
+            except Exception as err:  # noqa: BLE001 - kept, logged, or raised below
+                error = err
+                if not isinstance(err, BlueskyZarrError):
+                    error = DocumentError(f"the {verbatim[0]} document cannot be written: {err!r}")
+                    error.__cause__ = err
+                if verbatim is current:
+                    raised = error
+                    continue
+                self.refuse(verbatim[0], verbatim[1], error)
+                held_error = held_error or error
+        if raised is not None:
+            raise raised
+        if held_error is not None:
+            held_error.kept = True  # type: ignore[attr-defined]
+            raise held_error
+
+    def _relayout(self, old: StreamWriter) -> StreamWriter:
+        """The grid of ``old`` is contradicted by a point: move the points
+        placed on it to the layout its geometry fell back to (one growing
+        dimension). They are written first, the stream's group is moved
+        aside, made anew, and every point on disk is read back and placed
+        again; the group moved aside is then deleted."""
+        name = old.name
+        geometry = self.geometries[name]
+        grid = geometry.previous
+        assert grid is not None
+        self._announce(geometry)
+        self.external.wait_for_reads()
+        with self.buffer_lock:
+            self.buffer.spill(self)
+        if self.background is not None:
+            self.background.drain()
+        self.raise_failures()
+        store = self.metadata.store
+        aside = f".relayout-{name}"
+        with self.buffer_lock, self.meta_lock:
+            attributes = dict(old.group.attrs)
+            move_node(store, name, aside)
+            self.metadata.discard(name)
+            group = self.metadata.add_group(name, attributes)
+            new = self._make_stream(name, group, geometry)
+            for uid, stream in list(self.descriptors.items()):
+                if stream is old:
+                    self.descriptors[uid] = new
+            names = {s.key: s.name for s in new.layout.arrays.values() if s.key is not None}
+            for spec, seq_nums, values in placed_points(store, aside, old, grid):
+                index = geometry.index(seq_nums)
+                assert index is not None
+                target = names.get(spec.key, spec.name) if spec.key is not None else spec.name
+                new.put_values(target, index, values)
+                if spec.key is not None:
+                    new.set_coordinates(index, {spec.key: values})
+            self.metadata.consolidate()
+        delete_node(store, aside)
+        return new
 
     # External data: frames in files that these documents point to.
     def resource(self, doc: Any) -> Any:
@@ -224,6 +459,21 @@ class RunWriter(DocumentRouter):
 
     def stream_datum(self, doc: Any) -> Any:
         self.check_health()
+        held = self._pending_uids.get(doc.get("descriptor"))
+        if held is not None:
+            held.docs.append(("stream_datum", doc, ("stream_datum", doc)))
+            return doc
+        stream = self.descriptors.get(doc.get("descriptor"))
+        if stream is not None and (
+            self._waiting.get(stream.name)
+            or self.geometries[stream.name].index(_datum_seq_nums(doc)) is None
+        ):
+            # Its points lie where their events will say (out of order, or
+            # past an axis whose snaking no event has shown yet).
+            self._waiting.setdefault(stream.name, []).append(
+                ("stream_datum", doc, ("stream_datum", doc))
+            )
+            return doc
         self.external.stream_datum(doc)
         return doc
 
@@ -231,10 +481,21 @@ class RunWriter(DocumentRouter):
         self._finish(doc)
         return doc
 
-    def close_incomplete(self, reason: str) -> None:
+    def close_incomplete(self, reason: str, exit_status: str | None = None) -> None:
         """Finish a run whose stop document will not come: write what arrived,
-        mark the store incomplete (``bluesky_zarr.complete`` stays false)."""
-        self._finish(None, incomplete_reason=reason)
+        mark the store incomplete (``bluesky_zarr.complete`` stays false);
+        ``exit_status`` (``"abort"`` for a run interrupted) is recorded as a
+        stop document's would be."""
+        self._finish(None, incomplete_reason=reason, exit_status=exit_status)
+
+    def discard(self) -> None:
+        """Let go of a run whose store no longer exists (the process is ending):
+        nothing is written; its lock is released."""
+        if self.finished:
+            return
+        self.finished = True
+        self._stop_flusher.set()
+        self._release_lock()
 
     # ------------------------------------------------------- refused documents
     def refuse(self, name: str, doc: Mapping[str, Any], error: BaseException) -> None:
@@ -302,10 +563,12 @@ class RunWriter(DocumentRouter):
         return [region for stream in streams for region in stream.take_written_regions()]
 
     def check_health(self) -> None:
-        """Raise what went wrong since the last document: a write that failed
-        in the background, or a store that has been deleted (looked for at
-        most every ``HEALTH_INTERVAL`` seconds: a lookup by path can wait
-        on the directory, and writes into a deleted store fail anyway)."""
+        """Refuse a document for a store that has been deleted (looked for at
+        most every ``HEALTH_INTERVAL`` seconds: a lookup by path can wait on
+        the directory, and writes into a deleted store fail anyway). What
+        failed in the background is raised after the next document is taken
+        (:meth:`raise_failures`, called by the writer): that document is not
+        refused for an earlier one's failure."""
         now = time.monotonic()
         if (
             isinstance(self.path, Path)
@@ -317,7 +580,6 @@ class RunWriter(DocumentRouter):
                 f"does not recreate it"
             )
         self._health_checked = now
-        self.raise_failures()
 
     def raise_failures(self) -> None:
         read_failures = self.external.new_read_failures()
@@ -336,7 +598,12 @@ class RunWriter(DocumentRouter):
                 + f": {first.error!r}"
             ) from first.error
 
-    def _finish(self, doc: RunStop | None, incomplete_reason: str | None = None) -> None:
+    def _finish(
+        self,
+        doc: RunStop | None,
+        incomplete_reason: str | None = None,
+        exit_status: str | None = None,
+    ) -> None:
         """Write what is buffered, record how the run ended and release the
         store, whatever fails on the way; ``doc`` is None when no stop
         document came (the run stays marked incomplete).
@@ -358,16 +625,18 @@ class RunWriter(DocumentRouter):
         try:
             # Each step is tried even if one before it failed: the frames in
             # memory are written if the storage still takes them.
+            attempt(self._settle)
             attempt(self.external.wait_for_reads)
             attempt(self.external.write_references)
             attempt(lambda: self.buffer.spill(self))
             if self.background is not None:
                 attempt(self.background.drain)
+            attempt(self._verify_references)
             self._stop_flusher.set()
-            if self._flusher is not None:
+            if self._flusher is not None and not sys.is_finalizing():
                 self._flusher.join()
             attempt(self.external.close)
-            attempt(lambda: self._record_end(doc, incomplete_reason, errors))
+            attempt(lambda: self._record_end(doc, incomplete_reason, errors, exit_status))
             if self.virtual is not None:
                 attempt(lambda: self.virtual.commit("stop"))
         finally:
@@ -384,12 +653,47 @@ class RunWriter(DocumentRouter):
                 f"finishing the run's store {self.path} failed: {first!r}"
             ) from first
 
+    def _verify_references(self) -> None:
+        self._lost_references = self.external.verify_references()
+
+    def _settle(self) -> None:
+        """The run ends: decide the geometry of streams still pending from
+        the points that came, and place what they held; documents still
+        waiting for an event that never came are refused: kept in the store
+        (counted: it is not complete) and logged, as are held documents of a
+        pending stream refused now (the stop document is not refused for
+        them)."""
+        for held in list(self._pending.values()):
+            self.geometries[held.name].finish()
+            try:
+                self._release(held)
+            except BlueskyZarrError as err:
+                if not getattr(err, "kept", False):
+                    raise
+                logger.warning("bluesky-zarr: %s (kept in %s)", err, REFUSED_FILE)
+        for name, docs in list(self._waiting.items()):
+            del self._waiting[name]
+            for _, doc, (kind, original) in docs:
+                error = DocumentError(
+                    f"{kind} {doc.get('uid')!r} of stream {name!r}: no event came to show "
+                    f"where its points lie"
+                )
+                self.refuse(kind, original, error)
+                logger.warning("bluesky-zarr: %s (kept in %s)", error, REFUSED_FILE)
+
     def _record_end(
-        self, doc: RunStop | None, incomplete_reason: str | None, errors: list[BaseException]
+        self,
+        doc: RunStop | None,
+        incomplete_reason: str | None,
+        errors: list[BaseException],
+        exit_status: str | None = None,
     ) -> None:
         """Record in the root attributes how the run ended and what it lacks."""
         failures = self.background.failures if self.background else []
         with self.meta_lock:
+            if self.plan.stream in self.streams:
+                # What the positions proved by the end (snaking, points checked).
+                self.streams[self.plan.stream].group = self._record_geometry(self.plan.stream)
             info = dict(self.info)
             info["streams"] = {name: s.summary() for name, s in self.streams.items()}
             info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures] + [
@@ -404,6 +708,8 @@ class RunWriter(DocumentRouter):
             reasons = []
             if doc is None:
                 reasons.append(incomplete_reason or "no stop document came")
+                if exit_status is not None:
+                    attributes["exit_status"] = exit_status
             else:
                 attributes["stop"] = json_safe(doc)
                 attributes["exit_status"] = json_safe(doc.get("exit_status", "unknown"))
@@ -420,6 +726,12 @@ class RunWriter(DocumentRouter):
             if self._refused:
                 reasons.append(
                     f"{self._refused} refused document(s) are kept in {REFUSED_FILE}"
+                )
+            if self._lost_references:
+                reasons.append(
+                    f"{self._lost_references} point(s) refer to detector files that vanished "
+                    f"or were cut since they were referenced (see each stream's 'virtual' "
+                    f"attribute)"
                 )
             if info["write_failures"]:
                 reasons.append(f"{len(info['write_failures'])} write(s) failed")

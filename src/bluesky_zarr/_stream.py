@@ -191,8 +191,13 @@ class StreamWriter:
         chunks, shards, block = default_chunking(self.layout, spec, self.run.shard_bytes)
         block_shape: tuple[int, ...] | None = block
         ndim = self.n_scan + len(spec.frame_shape)
-        user_chunks = options.chunks.get(spec.name, options.chunks.get(spec.key or ""))
-        user_shards = options.shards.get(spec.name, options.shards.get(spec.key or ""))
+        frame_ndim = len(spec.frame_shape)
+        user_chunks = self.layout.fit_chunking(
+            options.chunks.get(spec.name, options.chunks.get(spec.key or "")), frame_ndim
+        )
+        user_shards = self.layout.fit_chunking(
+            options.shards.get(spec.name, options.shards.get(spec.key or "")), frame_ndim
+        )
         if user_chunks is not None or user_shards is not None:
             block_shape = None  # the user's shards (else chunks) are the blocks
             check_chunking(spec.name, ndim, user_chunks, user_shards)
@@ -458,6 +463,13 @@ class StreamWriter:
         # refused whole and nothing already buffered is disturbed.
         checked = [(spec, self._check_column(spec, values)) for spec, values in columns]
         self.note_points(index, page.get("descriptor"))
+        self.set_coordinates(index, data)
+        for spec, arrays in checked:
+            self._place_column(spec, index, arrays)
+
+    def set_coordinates(self, index: Sequence[np.ndarray], data: Mapping[str, Any]) -> None:
+        """Take the coordinates' values at ``index`` from the columns of
+        ``data`` (data key -> values) that give them."""
         for name, source in self.coord_from_data.items():
             if source not in data:
                 continue
@@ -470,8 +482,6 @@ class StreamWriter:
                     f"are not numbers: {preview(data[source])}"
                 ) from None
             self._set_coordinate(name, index[axis], values)
-        for spec, arrays in checked:
-            self._place_column(spec, index, arrays)
 
     def put_frames(self, key: str, index: Sequence[np.ndarray], values: Sequence[Any]) -> None:
         """Place the values of one data key at the given points.
@@ -487,6 +497,13 @@ class StreamWriter:
             raise DocumentError(
                 f"{len(values)} values of {key!r} for {len(index[0])} points"
             )
+        self._place_column(spec, index, self._check_column(spec, values))
+
+    def put_values(self, name: str, index: Sequence[np.ndarray], values: Sequence[Any]) -> None:
+        """Place values of the array ``name`` at the given points (one index
+        array per scan dimension, one value per point): points moved from
+        another layout of the stream (see ``_relayout``)."""
+        spec = self.layout.arrays[name]
         self._place_column(spec, index, self._check_column(spec, values))
 
     def put_points(
@@ -645,6 +662,17 @@ class StreamWriter:
                     region + (slice(0, array.shape[-1]),),
                     coordinate.at_points(self._point_descriptors(region)),
                 )
+
+    def unmark(self, name: str, index: tuple[np.ndarray, ...]) -> None:
+        """The points ``index`` of array ``name`` are no longer on disk (the
+        detector file they reference lost them): off ``_written``."""
+        if not index[0].size:
+            return
+        with self.lock:
+            self.on_disk[name][index] = False
+            region = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in index)
+            written = np.logical_and.reduce([mask[region] for mask in self.on_disk.values()])
+            self._update(self.written, region, written & (not self.pending))
 
     def _update(self, array: ArrayNode, region: tuple[slice, ...], values: np.ndarray) -> None:
         """Write ``values`` over ``region`` of the mask or a coordinate (under

@@ -24,10 +24,13 @@ read the new run's arrays), its start and stop documents stay, and its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -603,6 +606,145 @@ def _register_stream(
 
 
 # ------------------------------------------------------------ the live writer
+
+
+#: Seconds a look at whether Tiled's port takes connections waits at most.
+PROBE_TIMEOUT = 1.0
+
+#: Seconds ``close()`` waits, once it has cancelled what is left, for the
+#: registration thread to end: a retry's pause of Tiled's client (at most
+#: about 6 s) and the end of a request already bounded by its deadline.
+CANCEL_GRACE = 10.0
+
+
+class _GaveUp(TiledError):
+    """A registration stopped at its deadline, or at ``close()``."""
+
+
+class _Bound:
+    """An httpx request hook bounding the requests of the registrar's thread:
+    none starts after the deadline of the registration it serves (nor after
+    ``close()``), and each waits at most until that deadline (its timeouts
+    are cut to what is left). Requests of other threads pass untouched (a
+    client node given by the caller may serve it elsewhere too)."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.deadline: float | None = None
+        self.cancelled = False
+
+    def left(self) -> float | None:
+        """Seconds left to the current registration (None: no bound); raises
+        :class:`_GaveUp` when none are."""
+        if self.cancelled:
+            raise _GaveUp("the writer was closed before the registration finished")
+        if self.deadline is None:
+            return None
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _GaveUp("the registration did not finish in time")
+        return left
+
+    def __call__(self, request: Any) -> None:
+        if threading.current_thread() is not self.thread:
+            return
+        left = self.left()
+        if left is None:
+            return
+        timeout = dict(request.extensions.get("timeout") or {})
+        request.extensions["timeout"] = {
+            phase: left if value is None else min(float(value), left)
+            for phase, value in (
+                timeout or dict.fromkeys(("connect", "read", "write", "pool"))
+            ).items()
+        }
+
+
+def diagnose(uri: str, waited: float) -> str:
+    """Why a Tiled server did not answer, as its port tells now (at most
+    :data:`PROBE_TIMEOUT` seconds)."""
+    parsed = urlparse(uri)
+    host = parsed.hostname or "localhost"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT):
+            pass
+    except ConnectionRefusedError:
+        return f"connection refused at {host}:{port}: the Tiled server is down"
+    except OSError as err:
+        return f"{host}:{port} takes no connection ({err}): the Tiled server is unreachable"
+    return (
+        f"the Tiled server at {host}:{port} takes connections but did not answer within "
+        f"{waited:.0f} s: hung or overloaded"
+    )
+
+
+def _split_uri(uri: str) -> tuple[str, list[str]]:
+    """A Tiled URI's API root (``.../api/v1``) and the path of its node below,
+    as Tiled's client finds them."""
+    parsed = urlparse(uri)
+    path, parts = parsed.path, []
+    if "/metadata" in path:
+        path, _, node = path.partition("/metadata")
+        parts = [segment for segment in node.split("/") if segment]
+    elif "/api" not in path:
+        path = path.rstrip("/") + "/api/v1"
+    elif "/v1" not in path:
+        path = path.rstrip("/") + "/v1"
+    return parsed._replace(path=path, query="", fragment="").geturl(), parts
+
+
+def _connect_bounded(uri: str, api_key: str | None, timeout: float, bound: _Bound) -> Any:
+    """A client node for ``uri`` whose every request, from the first, ``bound``
+    bounds (``timeout``: the longest any request waits).
+
+    Tiled's client retries a request that fails for up to 45 s, also the
+    ones it makes while it connects: its HTTP client gets the hook as soon
+    as it is made, before those requests. (The probe ``from_uri`` makes for a
+    redirect from http to https is left out: the URI is used as given.)
+    """
+    import httpx
+
+    _tiled()
+    from tiled.client import from_context
+    from tiled.client.context import Context
+
+    class BoundedContext(Context):
+        """Tiled's context, its HTTP client hooked from the start."""
+
+        @property
+        def http_client(self) -> Any:
+            return self.__dict__["http_client"]
+
+        @http_client.setter
+        def http_client(self, client: Any) -> None:
+            if bound not in client.event_hooks["request"]:
+                client.event_hooks["request"].append(bound)
+            self.__dict__["http_client"] = client
+
+    api_uri, parts = _split_uri(uri)
+    context = None
+    try:
+        context = BoundedContext(api_uri, api_key=api_key, timeout=httpx.Timeout(timeout))
+        return from_context(context, node_path_parts=parts)
+    except Exception as err:  # noqa: BLE001 - httpx, auth and server errors alike
+        if context is not None:
+            context.close()
+        raise TiledError(f"cannot connect to the Tiled server {uri}: {err!r}") from err
+
+
+def _gave_up(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a :class:`_GaveUp`, or a timeout."""
+    import httpx
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (_GaveUp, httpx.TimeoutException)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class TiledRegistrar:
     """Registers a writer's runs with Tiled on a thread of its own.
 
@@ -610,10 +752,17 @@ class TiledRegistrar:
     most ``timeout`` seconds, so that a finished run is in Tiled when the scan
     returns (not while the last registration failed: runs do not stall one
     after another while Tiled is down). Open runs are registered again every
-    ``interval`` seconds, so that streams that grow show their new points. A
-    registration that fails is logged (once per store until it succeeds
-    again) and listed in :attr:`failures`; the store is written all the same,
-    and ``bluesky-zarr register`` registers it later.
+    ``interval`` seconds, so that streams that grow show their new points.
+
+    Failures are known when the wait ends: a run whose registration did not
+    finish by then is in :attr:`failures` with why (the server's error, or
+    what its port tells: refused, or taking connections and not answering),
+    logged once per store until it succeeds again; the store is written all
+    the same, and ``bluesky-zarr register`` registers it later. Each
+    registration is bounded by its deadline (``timeout`` after it was asked
+    for): no request of it starts later, and each waits at most until then.
+    :meth:`close` waits for the registrations asked for until their
+    deadlines, cancels the rest, and ends the thread.
 
     Live readers: after each registration of an open run (so at most once
     per ``interval``, the writer's flush interval), every array written to
@@ -642,17 +791,27 @@ class TiledRegistrar:
         self.interval = interval
         self._node: Any = None if isinstance(target, str) else target
         self._failures: dict[str, str] = {}
-        #: Whether the last registration reached Tiled.
+        #: Whether the last registration reached Tiled, and else why not.
         self._reachable = True
+        self._last_error = ""
         self._open: dict[str, None] = {}
         #: Per store written by this writer: what its run wrote since the
         #: last look (``RunWriter.take_written_regions``), and the Tiled nodes
         #: of its arrays, looked up once.
         self._regions: dict[str, Callable[[], list[Any]]] = {}
         self._array_nodes: dict[str, dict[str, Any]] = {}
-        self._pending: dict[str, list[threading.Event]] = {}
+        #: Stores asked for: the events their waiters wait on, and the
+        #: latest deadline among them.
+        self._pending: dict[str, tuple[list[threading.Event], float]] = {}
+        #: The store being registered now.
+        self._current: str | None = None
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        #: Bounds the requests of the thread (one hook on the client, for
+        #: every thread the registrar starts).
+        self._bound = _Bound()
+        #: The caller's client node whose requests ``_bound`` hooks into.
+        self._hooked: Any = None
 
     @property
     def uri(self) -> str:
@@ -660,7 +819,8 @@ class TiledRegistrar:
 
     @property
     def failures(self) -> list[tuple[str, str]]:
-        """``(store, error)`` of each store whose last registration failed."""
+        """``(store, error)`` of each store not registered (its last
+        registration failed, or did not finish in time)."""
         with self._changed:
             return list(self._failures.items())
 
@@ -689,28 +849,37 @@ class TiledRegistrar:
 
     def sync(self, store: Path | str) -> bool:
         """Register ``store`` now and wait for it, up to ``timeout`` (not at all
-        while Tiled is known to be down: runs do not stall one after another)."""
+        while Tiled is known to be down: runs do not stall one after another).
+        Returns whether it is registered; if not, :attr:`failures` says why."""
         with self._changed:
             wait = self.timeout if self._reachable else 0.0
         if self.request(store).wait(wait):
-            return True
+            with self._changed:
+                return str(store) not in self._failures
         if wait:
-            logger.warning(
-                "bluesky-zarr: %s is not yet registered with Tiled at %s after %.0f s; "
-                "it goes on in the background",
-                store, self.uri, self.timeout,
+            reason = f"not registered within {wait:.0f} s: {diagnose(self.uri, wait)}"
+        else:
+            reason = (
+                f"not registered: the last attempt failed ({self._last_error}); it is "
+                f"tried again in the background"
             )
+        self._fail(str(store), reason)
         return False
 
     def request(self, store: Path | str) -> threading.Event:
         """Register ``store`` in the background; the event is set when done."""
         done = threading.Event()
+        deadline = time.monotonic() + self.timeout
         with self._changed:
-            self._pending.setdefault(str(store), []).append(done)
+            waiting, latest = self._pending.get(str(store), ([], deadline))
+            waiting.append(done)
+            self._pending[str(store)] = (waiting, max(latest, deadline))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._work, name="bluesky-zarr-tiled", daemon=True
                 )
+                # A writer closed before takes runs again (Tiled is asked anew).
+                self._bound.thread, self._bound.cancelled = self._thread, False
                 self._thread.start()
             self._changed.notify()
         return done
@@ -720,55 +889,109 @@ class TiledRegistrar:
             with self._changed:
                 if not self._pending and self._open and self.interval is not None:
                     self._changed.wait(self.interval)
+                todo: list[tuple[str, float | None]]
                 if self._pending:
                     store = next(iter(self._pending))
-                    waiting = self._pending.pop(store)
-                    todo = [store]
+                    waiting, deadline = self._pending.pop(store)
+                    todo = [(store, deadline)]
                 elif self._open and self.interval is not None:
                     # Nothing asked for: bring the open runs up to date.
-                    waiting, todo = [], list(self._open)
+                    waiting = []
+                    todo = [(store, None) for store in self._open]
                 else:
                     # Idle: the next request starts a new thread.
                     self._thread = None
                     return
-            for store in todo:
-                self._register(store)
+            for store, until in todo:
+                self._register(store, until)
             for done in waiting:
                 done.set()
 
     def close(self) -> None:
-        """Finish what is asked for, then close the connection this made."""
+        """Wait for the registrations asked for (each until its deadline),
+        cancel what is left, end the thread, then close the connection this
+        made. Every store not registered by then is in :attr:`failures`."""
         with self._changed:
             self._open.clear()
             thread = self._thread
+            deadlines = [deadline for _, deadline in self._pending.values()]
+            if self._current is not None and self._bound.deadline is not None:
+                deadlines.append(self._bound.deadline)
+            self._changed.notify_all()
         if thread is not None:
-            thread.join(self.timeout)
+            thread.join(max(0.0, max(deadlines, default=0.0) - time.monotonic()))
+        with self._changed:
+            self._bound.cancelled = True
+            unfinished = list(self._pending) + [s for s in [self._current] if s is not None]
+        if thread is not None:
+            thread.join(CANCEL_GRACE)
+        if unfinished:
+            why = diagnose(self.uri, self.timeout)
+            for store in unfinished:
+                with self._changed:
+                    known = store in self._failures
+                if not known:
+                    self._fail(store, f"not registered before the writer closed: {why}")
+        if thread is not None and thread.is_alive():
+            logger.error(
+                "bluesky-zarr: the Tiled registration thread is still waiting on %s after "
+                "close(); its request ends at its timeout", self.uri,
+            )
+            return
+        if self._hooked is not None:
+            with contextlib.suppress(ValueError):
+                self._hooked.context.http_client.event_hooks["request"].remove(self._bound)
+            self._hooked = None
         if isinstance(self._target, str) and self._node is not None:
             self._node.context.close()
             self._node = None
 
-    def _register(self, store: str) -> None:
+    def _fail(self, store: str, reason: str) -> None:
+        """Record why ``store`` is not registered; logged once until it is."""
+        with self._changed:
+            known = store in self._failures
+            self._failures[store] = reason
+            self._reachable = False
+            self._last_error = reason
+        if not known:
+            logger.warning(
+                "bluesky-zarr: %s could not be registered with Tiled (%s); the store "
+                "is written all the same; register it later with: bluesky-zarr "
+                "register --tiled %s %s",
+                store, reason, self.uri, store,
+            )
+
+    def _register(self, store: str, deadline: float | None) -> None:
+        bound = self._bound
+        with self._changed:
+            self._current = store
+            bound.deadline = time.monotonic() + self.timeout if deadline is None else deadline
         try:
             if self._node is None:
-                self._node = connect(self.uri, self._api_key)
+                self._node = _connect_bounded(self.uri, self._api_key, self.timeout, bound)
+            elif self._hooked is None and not isinstance(self._target, str):
+                # The caller's node: its requests from this thread are bounded too.
+                self._node.context.http_client.event_hooks["request"].append(bound)
+                self._hooked = self._node
+            bound.left()
             report = register_store(self._node, store, storage_options=self._storage_options)
             self._tell_subscribers(store, report.uid)
         except Exception as err:  # noqa: BLE001 - the data is safe; say so and go on
-            with self._changed:
-                known = store in self._failures
-                self._failures[store] = str(err)
-                self._reachable = False
-            if not known:
-                logger.warning(
-                    "bluesky-zarr: %s could not be registered with Tiled (%s); the store "
-                    "is written all the same; register it later with: bluesky-zarr "
-                    "register --tiled %s %s",
-                    store, err, self.uri, store,
-                )
+            if bound.cancelled:
+                return  # close() says why, once for every store it cancelled
+            if _gave_up(err):
+                reason = f"not registered: {diagnose(self.uri, self.timeout)}"
+            else:
+                reason = str(err)
+            self._fail(store, reason)
         else:
             with self._changed:
                 self._failures.pop(store, None)
                 self._reachable = True
+        finally:
+            with self._changed:
+                self._current = None
+                bound.deadline = None
 
     def _tell_subscribers(self, store: str, uid: str) -> None:
         """Update the data source of every array written to since the last

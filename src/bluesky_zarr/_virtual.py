@@ -26,6 +26,20 @@ says which keys are referenced and which were copied, and why.
 
 The repository is committed at the writer's flush interval and at stop; a
 reader sees the last commit (:func:`open_virtual`).
+
+**A reference is made only to bytes that are there.** Before the rows of a
+file are referenced, their chunks' byte ranges are checked against the file's
+real size (``_formats.check_hdf5_rows``): a file cut short is refused with
+:class:`~bluesky_zarr.ExternalFileError`, never referenced past its end. Each
+detector file referenced is remembered with its identity (device, inode), size
+and modification time; at stop it is looked at again (:meth:`VirtualFrames.verify`).
+The points whose frames lie in a file that vanished, was replaced by another
+file, or was cut short of their bytes are taken off ``_written`` and their
+references deleted (the cube reads whole, the fill value there); the stream
+group's ``virtual`` attribute names each file (``files``: its size and
+modification time at the last reference) and what changed (``changed``: why,
+and the points; a file modified in place or appended to after its last
+reference is named too, its points kept).
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ import numpy as np
 
 from . import _zarr
 from ._errors import (
+    ExternalFileError,
     MissingDependencyError,
     StorageError,
     StoreExistsError,
@@ -556,6 +571,27 @@ class _Layout:
     codecs_id: str
 
 
+#: Points listed at most per changed file in the ``virtual`` attribute (the
+#: ``_written`` mask tells them all).
+LISTED_POINTS = 100
+
+
+@dataclass
+class _File:
+    """A detector file that references point into, as it was when referenced."""
+
+    path: str
+    #: Its size and modification time (ns) at the last reference into it.
+    size: int
+    mtime_ns: int
+    #: The end of the bytes referenced, per point, by (stream, data key).
+    ends: dict[tuple[str, str], dict[tuple[int, ...], int]] = field(default_factory=dict)
+    #: The chunks (their grid indices) referencing it, per point, likewise.
+    chunks: dict[tuple[str, str], dict[tuple[int, ...], list[tuple[int, ...]]]] = field(
+        default_factory=dict
+    )
+
+
 @dataclass
 class VirtualFrames:
     """Turns the rows that stream_datum (and area-detector datum) documents
@@ -563,6 +599,11 @@ class VirtualFrames:
 
     run: ExternalRun
     keys: dict[tuple[str, str], _KeyState] = field(default_factory=dict)
+    #: The files referenced, by (path, device, inode): a file replaced under
+    #: the same name is another file.
+    files: dict[tuple[str, int, int], _File] = field(default_factory=dict)
+    #: What :meth:`verify` found changed, per stream: path -> record.
+    changed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def place(
         self,
@@ -659,6 +700,7 @@ class VirtualFrames:
             virtual.ensure_container(os.path.abspath(path))
         spec = next(s for s in stream.layout.arrays.values() if s.key == key)
         sink = stream.sinks[spec.name]
+        self._remember(stream, key, paths, specs)
         virtual.set_refs("/" + sink.array.path, specs)
         if index[0].size:
             lo = [int(ix.min()) for ix in index]
@@ -668,6 +710,105 @@ class VirtualFrames:
             region = tuple(slice(lo_, h) for lo_, h in zip(lo, hi))
             stream.mark_on_disk(sink, region, filled)
         return None
+
+    def _remember(
+        self, stream: StreamWriter, key: str, paths: list[str], specs: list[Any]
+    ) -> None:
+        """Note the file, size and modification time behind each reference."""
+        by_uri: dict[str, _File] = {}
+        new_file = False
+        for path in paths:
+            try:
+                info = os.stat(path)
+            except OSError as err:
+                raise ExternalFileError(
+                    f"the detector file {path} vanished before its frames were referenced: "
+                    f"{err}"
+                ) from err
+            ident = (os.path.abspath(path), info.st_dev, info.st_ino)
+            seen = self.files.get(ident)
+            if seen is None:
+                seen = self.files[ident] = _File(ident[0], info.st_size, info.st_mtime_ns)
+                new_file = True
+            seen.size, seen.mtime_ns = info.st_size, info.st_mtime_ns
+            by_uri[Path(path).resolve().as_uri()] = seen
+        n_scan = stream.n_scan
+        for spec in specs:
+            seen = by_uri[spec.location]
+            ends = seen.ends.setdefault((stream.name, key), {})
+            point = tuple(int(i) for i in spec.index[:n_scan])
+            ends[point] = max(ends.get(point, 0), int(spec.offset) + int(spec.length))
+            chunks = seen.chunks.setdefault((stream.name, key), {}).setdefault(point, [])
+            chunks.append(tuple(int(i) for i in spec.index))
+        if new_file:
+            self._record(stream)
+
+    def verify(self) -> int:
+        """At stop: look at every file referenced again. Points whose bytes are
+        gone (the file vanished, was replaced, or was cut short of them) are
+        taken off ``_written``; a file modified since its last reference is
+        named, its points kept. Returns the number of points taken off."""
+        lost_points = 0
+        touched: set[str] = set()
+        for ident, seen in self.files.items():
+            try:
+                now: os.stat_result | None = os.stat(seen.path)
+            except FileNotFoundError:
+                now = None
+            if now is None:
+                why, lost = "vanished", None
+            elif (now.st_dev, now.st_ino) != ident[1:]:
+                why, lost = "replaced by another file of the same name", None
+            elif now.st_size < seen.size:
+                why = f"cut from {seen.size} to {now.st_size} bytes"
+                lost = now.st_size
+            elif now.st_mtime_ns != seen.mtime_ns:
+                why = (
+                    f"modified after its last reference (now {now.st_size} bytes, "
+                    f"was {seen.size}): appended to, or rewritten in place"
+                )
+                lost = -1  # nothing is known to be gone
+            else:
+                continue
+            for (stream_name, key), ends in seen.ends.items():
+                stream = self.run.streams[stream_name]
+                gone = [
+                    p for p, end in ends.items() if lost is None or (lost >= 0 and end > lost)
+                ]
+                if gone:
+                    spec = next(a for a in stream.layout.arrays.values() if a.key == key)
+                    index = tuple(np.array(axis, dtype=np.int64) for axis in zip(*gone))
+                    stream.unmark(spec.name, index)
+                    # The references go too: the cube reads whole, the fill
+                    # value where the frames were.
+                    chunks = seen.chunks[stream_name, key]
+                    self._forget_chunks(stream, spec.name, [c for p in gone for c in chunks[p]])
+                    lost_points += len(gone)
+                kept = len(ends) - len(gone)
+                record = self.changed.setdefault(stream_name, {})
+                record[seen.path] = {
+                    "why": why,
+                    "data_key": key,
+                    "points_unwritten": len(gone),
+                    "points_kept": kept,
+                    "points": [list(p) for p in (gone or list(ends))[:LISTED_POINTS]],
+                }
+                touched.add(stream_name)
+        for name in touched | {n for n, _ in self.keys}:
+            if name in self.run.streams:
+                self._record(self.run.streams[name])
+        return lost_points
+
+    def _forget_chunks(
+        self, stream: StreamWriter, name: str, chunks: list[tuple[int, ...]]
+    ) -> None:
+        """Delete the references of ``chunks`` of array ``name``."""
+        array = stream.sinks[name].array
+        store = self.run.virtual.store
+        separator = array.metadata.separator
+        for index in chunks:
+            key = "c" + separator + separator.join(str(i) for i in index)
+            _zarr.delete(store, f"{array.path}/{key}")
 
     def _copied(self, stream: StreamWriter, key: str, state: _KeyState, reason: str) -> str:
         if state.copied != reason:
@@ -682,7 +823,14 @@ class VirtualFrames:
         attrs: dict[str, Any] = {
             "referenced": sorted(k for k, s in states.items() if s.chunks is not None),
             "copied": {k: s.copied for k, s in sorted(states.items()) if s.copied},
+            "files": {
+                f.path: {"size": f.size, "mtime": f.mtime_ns / 1e9}
+                for f in self.files.values()
+                if any(name == stream.name for name, _ in f.ends)
+            },
         }
+        if stream.name in self.changed:
+            attrs["changed"] = self.changed[stream.name]
         with self.run.meta_lock:
             stream.group = self.run.metadata.set_attributes(stream.name, {"virtual": attrs})
             self.run.metadata.consolidate()
@@ -819,8 +967,13 @@ def _chunk_specs(
     index: tuple[np.ndarray, ...],
     row_shape: tuple[int, ...],
 ) -> tuple[list[Any], str | None]:
-    """The virtual chunk specs of events ``start..stop``, or why they cannot be made."""
+    """The virtual chunk specs of events ``start..stop``, or why they cannot be
+    made; raises :class:`ExternalFileError` for rows whose bytes are not in
+    the file (it is never referenced past its end)."""
+    from ._formats import check_hdf5_rows
+
     ic = _icechunk()
+    check_hdf5_rows(dataset, path, start * per_index, stop * per_index)
     location = Path(path).resolve().as_uri()
     specs = []
     tiles = tuple(
@@ -828,8 +981,8 @@ def _chunk_specs(
     ) if row_shape else ()
     if dataset.chunks is None:
         offset = dataset.id.get_offset()
-        if offset is None:
-            return [], f"{path}: the contiguous dataset holds no data yet"
+        if offset is None:  # checked above; the file changed since
+            raise ExternalFileError(f"{path}: the contiguous dataset holds no data")
         row_bytes = math.prod(row_shape) * dataset.dtype.itemsize
         for e in range(stop - start):
             point = [int(ix[e]) for ix in index]
@@ -851,8 +1004,8 @@ def _chunk_specs(
             for tile in np.ndindex(*tiles) if tiles else [()]:
                 where = (row,) + tuple(t * c for t, c in zip(tile, tile_shape))
                 stored = get(where)
-                if stored.byte_offset is None:
-                    return [], f"{path}: rows {row} of the dataset have no chunk on disk yet"
+                if stored.byte_offset is None:  # checked above; the file changed since
+                    raise ExternalFileError(f"{path}: row {row} of the dataset has no chunk")
                 if stored.filter_mask:
                     return [], (
                         f"{path}: a chunk was stored with its filter skipped "

@@ -1,9 +1,27 @@
-"""The public callback: one :class:`ZarrWriter` serves every run."""
+"""The public callback: one :class:`ZarrWriter` serves every run.
+
+**Interrupted, the runs are finished.** A run whose stop document never
+comes because the process ends is finished by the writer itself: what is
+buffered is written, the store records ``exit_status`` ``"abort"`` and why
+(``"interrupted: ..."``), its lock is released and the worker threads end.
+This happens at the interpreter's exit (``atexit``: a script whose RunEngine
+was paused by Ctrl-C raises ``RunEngineInterrupted`` and ends), and on
+SIGTERM, whose default action (ending the process at once, no ``atexit``)
+is replaced, while no one else handles SIGTERM, by: finish the runs, then
+end the process by SIGTERM as before. A document that comes after (a
+RunEngine emitting a stop while the interpreter shuts down) is refused at
+once, never waited on: no thread can start then.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
+import signal
+import sys
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,6 +46,63 @@ from ._run import RunWriter, _json_verbatim
 from ._storage import is_url, resolve_root
 from ._tiled import DEFAULT_TILED_TIMEOUT, TiledRegistrar, check_tiled_option
 from ._validate import check_bulk_events, check_document
+
+logger = logging.getLogger(__name__)
+
+#: Why the runs still open when the process exits were finished.
+EXIT_REASON = (
+    "interrupted: the process exited before the run's stop document came (a "
+    "RunEngine paused by Ctrl-C, or an exception, ended the script)"
+)
+SIGTERM_REASON = "interrupted: SIGTERM came before the run's stop document"
+
+#: Seconds an interruption waits for a document being written to be done
+#: before it finishes the runs anyway.
+INTERRUPT_WAIT = 10.0
+
+#: The writers of this process, finished at exit or on SIGTERM.
+_writers: weakref.WeakSet[ZarrWriter] = weakref.WeakSet()
+_sigterm_installed = False
+
+
+def _interrupt_all(reason: str) -> None:
+    """Finish the open runs of every writer of this process as aborted."""
+    for writer in list(_writers):
+        try:
+            writer._interrupt(reason)
+        except Exception:  # noqa: BLE001 - the other writers are finished all the same
+            logger.exception("bluesky-zarr: finishing the runs of %r failed", writer)
+
+
+atexit.register(_interrupt_all, EXIT_REASON)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM: finish the open runs (on a thread: the main thread may be in
+    the middle of a document), then end the process by SIGTERM. A second
+    SIGTERM ends it at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def finish_then_end() -> None:
+        try:
+            _interrupt_all(SIGTERM_REASON)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=finish_then_end, name="bluesky-zarr-sigterm").start()
+
+
+def _handle_sigterm() -> None:
+    """Finish the runs on SIGTERM, if SIGTERM has its default action (nobody
+    else handles it) and this is the main thread (the only one that can set
+    a handler)."""
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _sigterm_installed = True
+
 
 #: Ended runs remembered (oldest dropped first), so that their documents
 #: refused after the end are kept in their stores too.
@@ -170,7 +245,10 @@ class ZarrWriter:
         ``TILED_API_KEY`` environment variable.
     tiled_timeout
         Seconds the stop document waits at most for the run's final
-        registration (it goes on in the background after that).
+        registration. A registration gives up this long after it was asked
+        for (no request of it waits longer); a run not registered when the
+        stop's wait ends is in :attr:`tiled_failures` with why, and taken off
+        if a later registration succeeds.
     """
 
     def __init__(
@@ -236,6 +314,13 @@ class ZarrWriter:
         self.buffer = BlockBuffer(self.options.max_buffer_bytes, self.options.workers)
         # The threads end with the writer (or at close()).
         weakref.finalize(self, self.buffer.stop)
+        #: Held while a document is taken, and while runs are finished.
+        self._lock = threading.RLock()
+        #: Why the writer was shut (the process is ending): it takes no
+        #: document any more.
+        self._shut: str | None = None
+        _writers.add(self)
+        _handle_sigterm()
         self._router = RunRouter(
             [self._factory], filler_class=_PassThrough  # type: ignore[arg-type]
         )
@@ -286,19 +371,35 @@ class ZarrWriter:
         such as ophyd's subscription threads only log exceptions. That holds
         also for a document of a run that has ended (a start delivered twice,
         an event sent after the stop): it is kept in the ended run's store,
-        which then no longer claims to be complete.
+        which then no longer claims to be complete. A failure in the
+        background (a write, the frames of an earlier stream_datum) is raised
+        after the next document of its run is taken, which is not refused for
+        it.
         """
+        if sys.is_finalizing():
+            # Refused at once, no lock taken: no thread runs or starts any more.
+            raise WriteError(
+                f"the {name} document is not written: the Python interpreter is shutting down"
+            )
+        with self._lock:
+            return self._call(name, doc)
+
+    def _call(self, name: str, doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if self._shut is not None:
+            raise WriteError(
+                f"the {name} document is not written: the writer was shut ({self._shut})"
+            )
         if name == "bulk_events" and isinstance(doc, Mapping):
             # The legacy batch of events: the same events as event pages.
             check_bulk_events(doc)
             for page in bulk_events_to_event_pages(dict(doc)):
-                self("event_page", page)
+                self._call("event_page", page)
             return name, doc
         # The run the document belongs to as it came (a stop that fails ends
         # its run before the failure is raised: it is not kept as refused).
         run = self._run_of(name, doc)
         try:
-            return self._take(name, doc)
+            result = self._take(name, doc)
         except BlueskyZarrError as err:
             self._keep_refused(run, name, doc, err)
             raise
@@ -312,6 +413,11 @@ class ZarrWriter:
             wrapped = DocumentError(f"the {name} document cannot be written: {err!r}")
             self._keep_refused(run, name, doc, wrapped)
             raise wrapped from err
+        # What failed in the background since (a write, the frames of an
+        # earlier stream_datum) is raised now: this document itself is taken.
+        if isinstance(run, RunWriter) and not run.finished:
+            run.raise_failures()
+        return result
 
     def _take(self, name: str, doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         if name not in _KINDS:
@@ -411,7 +517,9 @@ class ZarrWriter:
         if isinstance(run, str):
             self._keep_after_end(run, name, doc, error)
             return
-        if run is None or run.finished:
+        if run is None or run.finished or getattr(error, "kept", False):
+            # (A refusal the run kept itself: a document it held, refused
+            # when a later one let it be placed.)
             return
         run.refuse(name, doc, error)
         uid = doc.get("uid")
@@ -525,6 +633,10 @@ class ZarrWriter:
         With ``tiled=``, then bring their registration up to date (waiting
         ``tiled_timeout`` seconds at most).
         """
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         for run in list(self._runs.values()):
             run.flush()
         if self._tiled is not None:
@@ -539,37 +651,67 @@ class ZarrWriter:
         down, a recorded file that ends early). Their stores keep
         ``bluesky_zarr.complete == False`` and record ``reason``. With
         ``tiled=``, also closes the connection to Tiled (a later run opens
-        it again).
+        it again); a run not registered by then is in :attr:`tiled_failures`.
+        When it returns, no thread of the writer runs (a later run starts
+        them again).
         """
+        with self._lock:
+            self._close_runs(reason)
+
+    def _close_runs(self, reason: str, exit_status: str | None = None) -> None:
         errors: list[BaseException] = []
         for uid in list(self._runs):
             run = self._runs[uid]
             try:
-                run.close_incomplete(reason)
+                run.close_incomplete(reason, exit_status)
             except Exception as err:  # noqa: BLE001 - finish the others, then raise
                 errors.append(err)
             self._register_finished(uid)
             self._forget(uid)
         if self._tiled is not None:
             self._tiled.close()
-        self.buffer.stop()
+        self.buffer.stop(join=True)
         if errors:
             raise errors[0]
+
+    def _interrupt(self, reason: str) -> None:
+        """The process is ending: finish every open run as aborted (exit
+        status ``"abort"``, ``reason``), end the threads, and take no document
+        any more. Waits at most ``INTERRUPT_WAIT`` seconds for a document being
+        taken on another thread (a RunEngine's) to be done."""
+        locked = self._lock.acquire(timeout=INTERRUPT_WAIT)
+        try:
+            self._shut = reason
+            for uid, run in list(self._runs.items()):
+                if isinstance(run.path, Path) and not run.path.is_dir():
+                    logger.warning("bluesky-zarr: %s; the store %s is gone", reason, run.path)
+                    run.discard()
+                    self._forget(uid)
+            if self._runs:
+                logger.warning(
+                    "bluesky-zarr: %s; finishing %d open run(s): %s", reason, len(self._runs),
+                    ", ".join(str(run.path) for run in self._runs.values()),
+                )
+            self._close_runs(reason, exit_status="abort")
+        finally:
+            if locked:
+                self._lock.release()
 
     def close_run(self, uid: str, reason: str) -> None:
         """Finish one open run as incomplete (as :meth:`close` does) and forget
         it, so that its documents may be given again from its start document
         (which then replaces the unfinished store with ``overwrite="incomplete"``)."""
-        run = self._runs.get(uid)
-        self._seen_starts.discard(uid)
-        self._ended.pop(uid, None)
-        if run is None:
-            return
-        try:
-            run.close_incomplete(reason)
-        finally:
-            # Its documents may come again: they are the run's, not late ones.
-            self._forget(uid, ended=False)
+        with self._lock:
+            run = self._runs.get(uid)
+            self._seen_starts.discard(uid)
+            self._ended.pop(uid, None)
+            if run is None:
+                return
+            try:
+                run.close_incomplete(reason)
+            finally:
+                # Its documents may come again: they are the run's, not late ones.
+                self._forget(uid, ended=False)
 
     @property
     def open_runs(self) -> Iterable[Path | str]:

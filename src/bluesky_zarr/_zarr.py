@@ -116,6 +116,17 @@ def get(store: Any, key: str) -> bytes | None:
     return None if value is None else bytes(value.to_bytes())
 
 
+def delete(store: Any, key: str) -> None:
+    """Delete ``key`` of ``store``."""
+    run(store.delete(key))
+
+
+def chunk_key(array: Any, coords: tuple[int, ...]) -> str:
+    """The key, below a zarr-python array's own, of the chunk (the shard, if
+    it is sharded) at grid position ``coords`` (V2 or V3, any encoding)."""
+    return str(array.metadata.encode_chunk_key(coords))
+
+
 def delete_dir(store: Any, prefix: str) -> None:
     """Delete every key of ``store`` below ``prefix``."""
     run(store.delete_dir(prefix))
