@@ -27,9 +27,9 @@ from ophyd import Device
 from ophyd.status import Status
 
 from bluesky_zarr import ExternalIndexError, ZarrWriter
-from bluesky_zarr._formats import ZarrSource
-from bluesky_zarr._run import REFUSED_FILE
+from bluesky_zarr.external._formats import ZarrSource
 from bluesky_zarr.sim import frame_at, motors
+from bluesky_zarr.write._run import REFUSED_FILE
 
 from conftest import open_stream
 

@@ -1,6 +1,6 @@
 """Whole write units written directly are the files zarr-python writes.
 
-:class:`~bluesky_zarr._io.DirectWriter` encodes complete write units itself
+:class:`~bluesky_zarr.storage._shards.DirectWriter` encodes complete write units itself
 and writes each chunk or shard file in one call, bypassing zarr-python's
 write path. Its promise is that the files are byte for byte the ones
 zarr-python writes for the same data. Checked here twice over:
@@ -44,15 +44,15 @@ from ophyd.sim import SynSignal, det
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-import bluesky_zarr._storage
+import bluesky_zarr.storage._roots
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._io import DirectWriter
-from bluesky_zarr._metadata import ArrayNode
-from bluesky_zarr._spec import ArrayMetadata
-from bluesky_zarr._storage import LocalFiles
-from bluesky_zarr._stream import StreamWriter
-from bluesky_zarr._zarr import LocalFilesStore
 from bluesky_zarr.sim import PointCamera, motors
+from bluesky_zarr.storage._metadata import ArrayNode
+from bluesky_zarr.storage._roots import LocalFiles
+from bluesky_zarr.storage._shards import DirectWriter
+from bluesky_zarr.storage._spec import ArrayMetadata
+from bluesky_zarr.storage._zarr import LocalFilesStore
+from bluesky_zarr.write._stream import StreamWriter
 
 from conftest import assert_frames_match, epoch_seconds, open_stream
 
@@ -219,8 +219,8 @@ def check_case(case: Case) -> None:
         by_zarr[region] = data
         writer = DirectWriter.of(as_node(direct_array))
         assert writer is not None, f"no direct writer for {case}"
-        threshold = 1 if case.around_cache else bluesky_zarr._storage.AROUND_CACHE_FROM_BYTES
-        with mock.patch.object(bluesky_zarr._storage, "AROUND_CACHE_FROM_BYTES", threshold):
+        threshold = 1 if case.around_cache else bluesky_zarr.storage._roots.AROUND_CACHE_FROM_BYTES
+        with mock.patch.object(bluesky_zarr.storage._roots, "AROUND_CACHE_FROM_BYTES", threshold):
             writer.write(origin, data, direct_array.shape)
 
         reference = files_below(Path(tmp) / "zarr" / "array")
@@ -600,7 +600,7 @@ def test_a_scan_written_directly_is_the_scan_written_by_zarr_python(
 ) -> None:
     if around_cache:
         # Every file, however small, written around the page cache (O_DIRECT).
-        monkeypatch.setattr(bluesky_zarr._storage, "AROUND_CACHE_FROM_BYTES", 1)
+        monkeypatch.setattr(bluesky_zarr.storage._roots, "AROUND_CACHE_FROM_BYTES", 1)
     scan = SCANS[name]
     counter = WriteCounter()
     counter.install(monkeypatch)

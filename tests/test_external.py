@@ -30,7 +30,7 @@ from ophyd_async.core import (
     init_devices,
 )
 
-import bluesky_zarr._external
+import bluesky_zarr.external._data
 from bluesky_zarr import (
     DocumentOrderError,
     ExternalFileError,
@@ -352,7 +352,7 @@ def test_ophyd_async_fly_acquisition_appends_many_frames(
 ):
     # Read two events at a time: a stream_datum of many events takes several reads.
     monkeypatch.setattr(
-        bluesky_zarr._external, "READ_BATCH_BYTES", 2 * frames_per_event * 240 * 320
+        bluesky_zarr.external._data, "READ_BATCH_BYTES", 2 * frames_per_event * 240 * 320
     )
     positions = itertools.count(0.0, 0.37)
     pattern = sim.PatternGenerator()
@@ -522,7 +522,7 @@ def test_bad_external_options_are_refused(tmp_path, options):
 
 
 def test_stream_datum_frames_are_read_off_the_run_engines_thread(RE, tmp_path, monkeypatch):
-    from bluesky_zarr._stream import StreamWriter
+    from bluesky_zarr.write._stream import StreamWriter
 
     placed_on: list[str] = []
     put_frames = StreamWriter.put_frames
@@ -548,7 +548,7 @@ def test_stream_datum_frames_are_read_off_the_run_engines_thread(RE, tmp_path, m
 def test_a_failed_background_read_is_kept_and_raised_at_the_next_document(
     RE, tmp_path, monkeypatch
 ):
-    from bluesky_zarr._external import ExternalData
+    from bluesky_zarr.external._data import ExternalData
 
     docs = step_scan_docs(RE, tmp_path, points=4)
     read_rows = ExternalData._read_rows

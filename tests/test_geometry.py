@@ -35,8 +35,8 @@ from ophyd_async import sim
 from scanspec.specs import Line
 
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._geometry import DECIDED, OK, RELAYOUT, StreamGeometry
-from bluesky_zarr._plan import plan_scan
+from bluesky_zarr.plan._geometry import DECIDED, OK, RELAYOUT, StreamGeometry
+from bluesky_zarr.plan._scan import plan_scan
 from bluesky_zarr.sim import PointCamera, frame_at, motors
 from geometry_plans import PLANS, frames_at_their_setpoints, run_plan
 

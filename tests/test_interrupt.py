@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bluesky_zarr._catalog import list_stores
-from bluesky_zarr._inspect import describe_store, format_description
+from bluesky_zarr.catalog._inspect import describe_store, format_description
+from bluesky_zarr.catalog._ls import list_stores
 
 from conftest import assert_written_points_hold_their_frames, open_stream
 

@@ -14,8 +14,8 @@ from event_model import pack_event_page
 from ophyd.sim import det
 
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._buffer import MERGE_COPIES
 from bluesky_zarr.sim import PointCamera, frame_at, motors
+from bluesky_zarr.write._buffer import MERGE_COPIES
 
 from conftest import assert_frames_match, assert_times, open_stream
 

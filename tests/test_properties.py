@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._buffer import MERGE_COPIES
+from bluesky_zarr.write._buffer import MERGE_COPIES
 
 from conftest import assert_times
 
