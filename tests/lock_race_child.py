@@ -39,7 +39,7 @@ from bluesky_zarr.sim import PointCamera, motors
 try:
     from bluesky_zarr.write._run import StoreLock
 except ImportError:  # the lock may live with the storage code
-    from bluesky_zarr.storage._roots import StoreLock
+    from bluesky_zarr.storage._lock import StoreLock
 
 
 def now() -> float:

@@ -47,8 +47,8 @@ from zarr.storage import LocalStore
 import bluesky_zarr.storage._roots
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr.sim import PointCamera, motors
+from bluesky_zarr.storage._files import LocalFiles
 from bluesky_zarr.storage._metadata import ArrayNode
-from bluesky_zarr.storage._roots import LocalFiles
 from bluesky_zarr.storage._shards import DirectWriter
 from bluesky_zarr.storage._spec import ArrayMetadata
 from bluesky_zarr.storage._zarr import LocalFilesStore
@@ -219,7 +219,7 @@ def check_case(case: Case) -> None:
         by_zarr[region] = data
         writer = DirectWriter.of(as_node(direct_array))
         assert writer is not None, f"no direct writer for {case}"
-        threshold = 1 if case.around_cache else bluesky_zarr.storage._roots.AROUND_CACHE_FROM_BYTES
+        threshold = 1 if case.around_cache else bluesky_zarr.storage._files.AROUND_CACHE_FROM_BYTES
         with mock.patch.object(bluesky_zarr.storage._roots, "AROUND_CACHE_FROM_BYTES", threshold):
             writer.write(origin, data, direct_array.shape)
 

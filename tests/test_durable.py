@@ -15,7 +15,7 @@ from bluesky.plans import grid_scan
 import bluesky_zarr
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr.sim import PointCamera, motors
-from bluesky_zarr.storage._roots import LocalFiles, aligned_empty, write_around_cache
+from bluesky_zarr.storage._files import LocalFiles, aligned_empty, write_around_cache
 
 from conftest import assert_frames_match, open_stream
 
@@ -40,9 +40,9 @@ def test_durable_writes_flush_every_file_and_directory(RE, tmp_path, monkeypatch
     writer = ZarrWriter(tmp_path, durable=durable, flush_interval=None)
     synced = _fsynced(monkeypatch)
     started: list[str] = []
-    real_start = bluesky_zarr.storage._roots.start_writeback
+    real_start = bluesky_zarr.storage._files.start_writeback
     around: list[str] = []
-    real_around = bluesky_zarr.storage._roots.write_around_cache
+    real_around = bluesky_zarr.storage._files.write_around_cache
 
     def start_writeback(fd: int) -> None:
         started.append(os.readlink(f"/proc/self/fd/{fd}"))
@@ -125,7 +125,7 @@ def _parts(rng: np.random.Generator, kinds: str) -> list[Any]:
 def test_writes_around_the_cache_hold_exactly_the_bytes_given(tmp_path, monkeypatch, kinds):
     # A small staging buffer, so that copies fill it and wrap around.
     monkeypatch.setattr(bluesky_zarr.storage._roots, "STAGING_BYTES", 2 * PAGE)
-    monkeypatch.setattr(bluesky_zarr.storage._roots._staging, "buffer", None, raising=False)
+    monkeypatch.setattr(bluesky_zarr.storage._files._staging, "buffer", None, raising=False)
     rng = np.random.default_rng(abs(hash(kinds)) % 2**32)
     parts = _parts(rng, kinds)
     path = tmp_path / "file"

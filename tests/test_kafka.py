@@ -37,7 +37,7 @@ from bluesky_zarr.feeds._kafka import (
     read_config_file,
 )
 from bluesky_zarr.sim import PointCamera, motors
-from bluesky_zarr.storage._roots import StoreLock
+from bluesky_zarr.storage._lock import StoreLock
 
 from conftest import assert_written_points_hold_their_frames, open_stream
 

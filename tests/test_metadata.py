@@ -30,8 +30,8 @@ from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr.sim import PointCamera, motors
+from bluesky_zarr.storage._files import LocalFiles
 from bluesky_zarr.storage._metadata import StoreMetadata
-from bluesky_zarr.storage._roots import LocalFiles
 from bluesky_zarr.storage._spec import DEFAULT_COMPRESSOR
 from bluesky_zarr.storage._zarr import LocalFilesStore
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ._version import __version__
 from .catalog._ls import DEFAULT_FIELDS
-from .plan._scan import DEFAULT_NAME_TEMPLATE
+from .plan._names import DEFAULT_NAME_TEMPLATE
 
 #: Each option's default in its help (argparse adds it to every option that has one).
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -13,6 +12,7 @@ from .._errors import StorageError
 from ..storage import _zarr
 from ..storage._roots import open_store
 from ._ls import check_run_store
+from ._text import iso_time, shape_text
 
 
 def describe_store(
@@ -58,8 +58,8 @@ def describe_store(
         "plan_args": start.get("plan_args"),
         "motors": start.get("motors"),
         "detectors": start.get("detectors"),
-        "started": _iso(start.get("time")),
-        "stopped": _iso(stop.get("time")) if isinstance(stop, Mapping) else None,
+        "started": iso_time(start.get("time")),
+        "stopped": iso_time(stop.get("time")) if isinstance(stop, Mapping) else None,
         "exit_status": attrs.get("exit_status"),
         "reason": stop.get("reason") if isinstance(stop, Mapping) else None,
         "complete": bool(info.get("complete", False)),
@@ -115,12 +115,6 @@ def _describe_array(array: Any) -> dict[str, Any]:
     return result
 
 
-def _iso(timestamp: Any) -> str | None:
-    if not isinstance(timestamp, (int, float)):
-        return None
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
-    return moment.isoformat(timespec="seconds")
-
 
 def _size(nbytes: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
@@ -129,9 +123,6 @@ def _size(nbytes: float) -> str:
         nbytes /= 1000
     return f"{nbytes} B"
 
-
-def _shape(shape: Any) -> str:
-    return "-" if shape is None else " x ".join(str(s) for s in shape) or "()"
 
 
 def format_description(description: Mapping[str, Any]) -> str:
@@ -143,7 +134,7 @@ def format_description(description: Mapping[str, Any]) -> str:
     )
     if run["scan_dims"]:
         lines.append(
-            f"scan      {_shape(run['scan_shape']) if run['scan_shape'] else 'growing'}"
+            f"scan      {shape_text(run['scan_shape']) if run['scan_shape'] else 'growing'}"
             f"  ({', '.join(run['scan_dims'])})"
         )
     lines.append(f"started   {run['started'] or '?'}")
@@ -183,10 +174,10 @@ def format_description(description: Mapping[str, Any]) -> str:
                 (
                     array_name,
                     ", ".join(array["dims"]),
-                    _shape(array["shape"]),
+                    shape_text(array["shape"]),
                     array["dtype"],
-                    _shape(array["chunks"]),
-                    _shape(array["shards"]),
+                    shape_text(array["chunks"]),
+                    shape_text(array["shards"]),
                     _size(array["nbytes"]),
                 )
             )

@@ -8,7 +8,6 @@ recorded their end, to count their points).
 
 from __future__ import annotations
 
-import datetime
 import functools
 import json
 import math
@@ -21,6 +20,7 @@ from .._errors import NotAStoreError, StorageError
 from ..plan._scan import primary_stream
 from ..storage._icechunk import is_repository_listing
 from ..storage._roots import REMOTE_SCHEMES, is_url
+from ._text import iso_time, shape_text
 
 #: Start document fields shown by default beside the run's own.
 DEFAULT_FIELDS = ("sample",)
@@ -163,7 +163,7 @@ def summarise_root(
         "scan_id": start.get("scan_id"),
         "plan_name": start.get("plan_name"),
         "time": started if isinstance(started, (int, float)) else None,
-        "started": _iso(started),
+        "started": iso_time(started),
         "fields": {name: start.get(name) for name in fields},
         "stream": stream,
         "scan_dims": info.get("scan_dims"),
@@ -191,17 +191,6 @@ def _planned_points(
         return int(num_events[stream])
     return None
 
-
-def _iso(timestamp: Any) -> str | None:
-    if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
-        return None
-    try:
-        moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
-    except (OverflowError, ValueError, OSError):
-        # No calendar date (a time in milliseconds or nanoseconds, NaN): the
-        # run is listed without one.
-        return None
-    return moment.isoformat(timespec="seconds")
 
 
 def check_run_store(
@@ -638,11 +627,6 @@ def _count_written(store: Any, stream: str) -> int | None:
 
 
 # ----------------------------------------------------------------- printing
-def _shape(shape: Any) -> str:
-    if not isinstance(shape, list):
-        return "growing" if shape is None else str(shape)
-    return "x".join(str(n) for n in shape) or "()"  # one word: easy to cut or awk
-
 
 def _value(value: Any) -> str:
     if value is None:
@@ -676,7 +660,7 @@ def format_listing(entries: Sequence[Mapping[str, Any]], fields: Sequence[str]) 
                 _value(e["plan_name"]),
                 (e["started"] or "-").replace("+00:00", "Z"),
                 *(_value(e["fields"].get(f)) for f in fields),
-                _shape(e["shape"]),
+                shape_text(e["shape"], separator="x", missing="growing"),
                 f"{written}/{planned}",
                 status,
             )

@@ -40,8 +40,8 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .._errors import MissingDependencyError, OptionError, TiledError
+from ..plan._text import json_safe
 from ..storage import _zarr
-from ..storage._metadata import json_safe
 from ..storage._roots import is_url, open_store
 
 logger = logging.getLogger(__name__)

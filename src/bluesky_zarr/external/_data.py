@@ -62,7 +62,7 @@ from .._errors import (
     MissingDependencyError,
     UnknownSpecError,
 )
-from ..storage._metadata import json_safe
+from ..plan._text import json_safe
 from ..write._workers import BackgroundWriter
 from ._formats import REMOTE_HINT, SOURCES, FrameSource, HDF5Source, check_hdf5_rows, source_class
 

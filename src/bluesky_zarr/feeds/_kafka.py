@@ -50,7 +50,7 @@ from .._errors import (
     ServeError,
     StoreLockedError,
 )
-from ..storage._roots import run_finished
+from ..storage._records import run_finished
 from ..write._writer import ZarrWriter
 from ._serve import give_document
 

@@ -42,7 +42,7 @@ from .._errors import (
 from ..catalog._ls import count_written_points, run_attributes, summarise_root
 from ..external._data import DEFAULT_HANDLERS, VIRTUAL_HANDLERS
 from ..external._handlers import handler_registry
-from ..plan._scan import store_name, store_path
+from ..plan._names import store_name, store_path
 from ..storage._roots import LocalRoot
 from ..write._writer import ZarrWriter
 

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import OptionError
-from ..storage._metadata import json_safe
+from ._text import json_safe
 
 logger = logging.getLogger(__name__)
 

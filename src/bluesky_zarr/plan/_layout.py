@@ -11,7 +11,8 @@ import numpy as np
 
 from .._errors import DocumentError, OptionError
 from ._conventions import TIME_ATTRIBUTES, data_key_attributes
-from ._scan import ScanDim, sanitize_name
+from ._names import sanitize_name
+from ._scan import ScanDim
 from ._validate import MAX_FRAME_ELEMENTS, check_descriptor, check_dtype, checked_shape
 
 #: Names of the arrays every stream group carries besides its data keys.

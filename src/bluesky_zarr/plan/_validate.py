@@ -16,6 +16,7 @@ import numpy as np
 
 from .._errors import DataShapeError, DataTypeError, DocumentError, ScanIndexError
 from ..storage import _zarr
+from ._text import preview
 
 #: Most points a scan (or a stream that grows) may have. The writer keeps a
 #: mask of one byte per point and array in memory and writes each motor's
@@ -27,10 +28,6 @@ MAX_SCAN_POINTS = 2**27
 #: a frame is one chunk, and is held whole in memory while it is written.
 MAX_FRAME_ELEMENTS = 2**30
 
-
-def preview(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_integer(value: Any) -> bool:

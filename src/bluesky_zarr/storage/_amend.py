@@ -26,7 +26,9 @@ from typing import Any
 
 from .._errors import StorageError
 from . import _spec, _zarr
-from ._roots import FsspecRoot, LocalFiles, Root, StoreLock, _fsync_directory
+from ._files import LocalFiles, fsync_directory
+from ._lock import StoreLock
+from ._roots import FsspecRoot, Root
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ def _keep_local(store: Path, run_uid: str, line: bytes, durable: bool) -> None:
                 file.flush()
                 os.fsync(file.fileno())
         if durable:
-            _fsync_directory(store)
+            fsync_directory(store)
         LocalFiles(store, durable=durable).write_parts("zarr.json", [_root_text(root)])
     finally:
         lock.release()

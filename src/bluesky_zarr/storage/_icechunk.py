@@ -486,7 +486,8 @@ def create_repository(
     """Make the run's repository holding ``metadata`` as its root ``zarr.json``;
     sets ``run.virtual``. Locally it is built aside and renamed into place, so
     it appears whole or not at all."""
-    from ._roots import LocalRoot, put_in_place
+    from ._files import put_in_place
+    from ._roots import LocalRoot
 
     ic = _icechunk()
     storage = run.storage
@@ -520,7 +521,7 @@ def create_repository(
                 errno.EIO, f"cannot create the repository {path}: {err!r}"
             ) from err
     else:
-        from ..plan._scan import store_name
+        from ..plan._names import store_name
 
         url = f"{storage.scheme}://" + "/".join([storage.prefix, *store_name(
             options.name_template, doc

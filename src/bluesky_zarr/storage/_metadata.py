@@ -31,35 +31,6 @@ from . import _spec, _zarr
 
 logger = logging.getLogger(__name__)
 
-#: Largest array (elements) that metadata attributes hold in full.
-MAX_ATTR_ARRAY = 10_000
-
-
-def json_safe(value: Any) -> Any:
-    """A copy of ``value`` that JSON (and so Zarr attributes) can hold."""
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        if value.size > MAX_ATTR_ARRAY:
-            # Metadata, not data: a frame that a device reports in its
-            # configuration would bloat every metadata read of the store.
-            return f"<array shape={value.shape} dtype={value.dtype} not stored in metadata>"
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        item = value.item()
-        # float128 and the like have no Python equivalent: item() returns them as is.
-        return repr(value) if isinstance(item, np.generic) else json_safe(item)
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if value is None or isinstance(value, (str, bool, int)):
-        return value
-    return repr(value)
-
-
 def _compressor_templates(compressors: Any) -> tuple[Any, ...]:
     """The compressors as a tuple: JSON templates (dicts) and zarr codecs."""
     if compressors is None:

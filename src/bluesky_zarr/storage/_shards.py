@@ -110,7 +110,7 @@ class DirectWriter:
         encoder: _Encoder,
         sharding: Mapping[str, Any] | None,
     ) -> None:
-        #: The store's file writer (:class:`bluesky_zarr.storage._roots.LocalFiles`).
+        #: The store's file writer (:class:`bluesky_zarr.storage._files.LocalFiles`).
         self.files = files
         self.path = path
         self.unit = unit

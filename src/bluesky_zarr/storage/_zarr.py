@@ -134,7 +134,7 @@ def delete_dir(store: Any, prefix: str) -> None:
 
 class LocalFilesStore(zarr.storage.LocalStore):
     """A local store whose writes go through ``files`` (the package's file
-    writer, :class:`bluesky_zarr.storage._roots.LocalFiles`): each file written
+    writer, :class:`bluesky_zarr.storage._files.LocalFiles`): each file written
     aside and renamed, no part of a deleted store made again, around the
     page cache where it pays. Reads are zarr-python's own."""
 

@@ -29,8 +29,9 @@ import numpy as np
 
 from .._errors import DataShapeError, DataTypeError
 from ..plan._layout import ArraySpec, fill_value_for
+from ..plan._text import preview
+from ..storage._files import aligned_empty
 from ..storage._metadata import ArrayNode
-from ..storage._roots import aligned_empty
 from ..storage._shards import UnitIO
 from ._workers import Workers
 
@@ -212,10 +213,6 @@ class ArraySink:
             )
         return array
 
-
-def preview(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class BlockOwner(Protocol):

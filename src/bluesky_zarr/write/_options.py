@@ -9,7 +9,7 @@ from typing import Any
 from .._errors import OptionError
 from ..plan._frame_coords import check_frame_coords
 from ..plan._layout import DEFAULT_SHARD_BYTES
-from ..plan._scan import DEFAULT_NAME_TEMPLATE, check_name_template
+from ..plan._names import DEFAULT_NAME_TEMPLATE, check_name_template
 from ..storage import _zarr
 from ..storage._spec import DEFAULT_COMPRESSOR
 

@@ -22,10 +22,12 @@ from ..plan._conventions import CONVENTIONS
 from ..plan._geometry import GEOMETRY_ATTRIBUTE, RELAYOUT, StreamGeometry
 from ..plan._layout import plan_stream
 from ..plan._scan import plan_scan
+from ..plan._text import json_safe, json_verbatim
 from ..plan._validate import check_descriptor
 from ..storage import _zarr
-from ..storage._metadata import StoreMetadata, json_safe, root_metadata
-from ..storage._roots import LocalRoot, Root, StoreLock
+from ..storage._lock import StoreLock
+from ..storage._metadata import StoreMetadata, root_metadata
+from ..storage._roots import LocalRoot, Root
 from ._buffer import BlockBuffer
 from ._options import WriterOptions
 from ._relayout import delete_node, move_node, placed_points
@@ -40,17 +42,6 @@ REFUSED_FILE = "refused_documents.jsonl"
 
 #: Seconds between looks for the store's directory (see RunWriter.check_health).
 HEALTH_INTERVAL = 0.02
-
-
-def _json_verbatim(value: Any) -> Any:
-    """JSON for what the standard encoder cannot take: arrays in full."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    return repr(value)
 
 
 #: A document held until its points can be placed: (kind it is placed as,
@@ -508,7 +499,7 @@ class RunWriter(DocumentRouter):
         """
         line = json.dumps(
             {"name": name, "doc": doc, "error": f"{type(error).__name__}: {error}"},
-            default=_json_verbatim,
+            default=json_verbatim,
         ).encode() + b"\n"
         with self.meta_lock:
             self._refused += 1

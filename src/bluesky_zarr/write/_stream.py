@@ -34,10 +34,11 @@ from ..plan._layout import (
     default_chunking,
     fill_value_for,
 )
-from ..plan._scan import sanitize_name
+from ..plan._names import sanitize_name
+from ..plan._text import preview
 from ..storage._metadata import ArrayNode, GroupNode
 from ..storage._shards import UnitIO
-from ._buffer import ArraySink, Block, BlockBuffer, preview
+from ._buffer import ArraySink, Block, BlockBuffer
 
 if TYPE_CHECKING:
     from ..storage._metadata import StoreMetadata

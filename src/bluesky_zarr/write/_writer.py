@@ -33,13 +33,14 @@ from event_model import RunRouter, bulk_events_to_event_pages
 from .._errors import BlueskyZarrError, DocumentError, DocumentOrderError, OptionError, WriteError
 from ..catalog._tiled import DEFAULT_TILED_TIMEOUT, TiledRegistrar, check_tiled_option
 from ..plan._layout import DEFAULT_SHARD_BYTES
-from ..plan._scan import DEFAULT_NAME_TEMPLATE
+from ..plan._names import DEFAULT_NAME_TEMPLATE
+from ..plan._text import json_verbatim
 from ..plan._validate import check_bulk_events, check_document
 from ..storage._amend import keep_after_end
 from ..storage._roots import is_url, resolve_root
 from ._buffer import BlockBuffer
 from ._options import DEFAULT_MAX_BUFFER_BYTES, WriterOptions, make_options
-from ._run import RunWriter, _json_verbatim
+from ._run import RunWriter
 
 logger = logging.getLogger(__name__)
 
@@ -534,7 +535,7 @@ class ZarrWriter:
         """Keep a document of an ended run in that run's store (see ``_ended``)."""
         line = json.dumps(
             {"name": name, "doc": doc, "error": f"{type(error).__name__}: {error}"},
-            default=_json_verbatim,
+            default=json_verbatim,
         ).encode() + b"\n"
         keep_after_end(
             self.storage, self._ended[run_uid], run_uid, line,

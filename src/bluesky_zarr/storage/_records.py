@@ -1,0 +1,67 @@
+"""What a store records of its run, read without opening it as Zarr.
+
+The root ``zarr.json`` holds the start document and how the run ended; a
+run written with ``external="virtual"`` is an Icechunk repository, told
+from a plain store by its listing. This module is the one place that reads
+those records and tells the two kinds apart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .._errors import (
+    StorageError,
+    StoreExistsError,
+)
+
+INCOMPLETE = "incomplete"
+
+
+def parse_attributes(metadata: bytes) -> dict[str, Any]:
+    try:
+        attributes = json.loads(metadata).get("attributes", {})
+    except (ValueError, AttributeError):
+        return {}
+    return attributes if isinstance(attributes, dict) else {}
+
+
+def read_root_attributes(path: Path) -> dict[str, Any] | None:
+    """The root attributes of the store whose ``zarr.json`` is ``path``, None if
+    there is none (an unreadable one gives ``{}``)."""
+    try:
+        return parse_attributes(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise StorageError(f"cannot read {path}: {err}") from err
+
+
+def run_finished(attributes: Mapping[str, Any]) -> bool:
+    """Whether a store's root attributes say its run was finished by its stop
+    document (complete or not): such a store is final."""
+    info = attributes.get("bluesky_zarr")
+    complete = isinstance(info, Mapping) and info.get("complete") is True
+    return complete or "stop" in attributes
+
+
+def check_replaceable(
+    location: str, attributes: Mapping[str, Any] | None, start: Mapping[str, Any]
+) -> None:
+    """Raise :class:`StoreExistsError` unless the existing store at ``location``
+    (root ``attributes``) is an unfinished store of the run ``start`` begins."""
+    stored = (attributes or {}).get("start")
+    stored_uid = stored.get("uid") if isinstance(stored, Mapping) else None
+    if stored_uid != start.get("uid"):
+        raise StoreExistsError(
+            f"{location} already exists and holds another run ({stored_uid!r}, not "
+            f"{start.get('uid')!r}); refusing to overwrite it"
+        )
+    if run_finished(attributes or {}):
+        raise StoreExistsError(
+            f"{location} already holds the finished run {stored_uid!r}; a finished "
+            f"store is never rewritten"
+        )
