@@ -29,9 +29,10 @@ from ._errors import (
     WriteError,
 )
 from ._version import __version__
+from .catalog._virtual import open_virtual
 from .external._data import NpySequenceHandler
 from .feeds._export import export
-from .storage._icechunk import open_virtual, virtual_store
+from .storage._icechunk import virtual_store
 from .write._writer import ZarrWriter
 
 __all__ = [

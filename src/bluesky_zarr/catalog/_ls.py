@@ -18,7 +18,7 @@ from typing import Any
 
 from .._errors import NotAStoreError, StorageError
 from ..plan._scan import primary_stream
-from ..storage._icechunk import is_repository_listing
+from ..storage._records import is_repository_listing
 from ..storage._roots import REMOTE_SCHEMES, is_url
 from ._text import iso_time, shape_text
 

@@ -394,7 +394,7 @@ class ExternalData:
     ) -> bool:
         """external="virtual": reference the frames of area-detector HDF5 datums
         in place; False if they must be copied (``_virtual`` records why)."""
-        from ..storage._icechunk import VirtualFrames
+        from ._virtual import VirtualFrames
 
         datums = [self._datum(d, key) for d in datum_ids]
         resources = [self.resources.get(d["resource"]) for d in datums]
@@ -628,7 +628,7 @@ class ExternalData:
     ) -> str | None:
         """external="virtual": reference the rows in place (``_virtual``);
         returns why they must be copied instead, or None."""
-        from ..storage._icechunk import VirtualFrames
+        from ._virtual import VirtualFrames
 
         source = self._sources.get(sres["uid"])
         if not isinstance(source, HDF5Source) or source.array is None:

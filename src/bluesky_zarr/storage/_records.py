@@ -9,7 +9,7 @@ those records and tells the two kinds apart.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +65,26 @@ def check_replaceable(
             f"{location} already holds the finished run {stored_uid!r}; a finished "
             f"store is never rewritten"
         )
+
+
+def is_repository_listing(
+    directories: set[str], files: set[str], has_branch: Callable[[], bool]
+) -> bool:
+    """Whether a directory holding ``directories`` and ``files`` is an
+    Icechunk repository (a virtual run's store), not a Zarr node nor a
+    directory of runs that a name template happened to name alike.
+
+    Icechunk 2 keeps one table of contents (the file ``repo``) beside its
+    ``snapshots``; Icechunk 1 keeps each branch as ``refs/branch.<name>``
+    (``has_branch`` looks there, only when needed: a listing more).
+    """
+    if "snapshots" not in directories or "zarr.json" in files:
+        return False
+    if "repo" in files:
+        return True
+    if "refs" not in directories:
+        return False
+    try:
+        return has_branch()
+    except OSError:
+        return False
