@@ -269,12 +269,12 @@ def count_written_points(
     store: str | os.PathLike[str], stream: str, storage_options: Mapping[str, Any] | None = None
 ) -> int | None:
     """Points of ``stream`` whose ``_written`` flag is set; None if it has none yet."""
-    from ..storage._icechunk import is_repository
+    from ..storage._icechunk import is_repository, metadata_store
     from ..storage._roots import open_store
 
     if is_repository(store, storage_options):
         try:
-            return _count_written(_repository_store(str(store), storage_options), stream)
+            return _count_written(metadata_store(str(store), storage_options), stream)
         except Exception:  # noqa: BLE001 - icechunk's own errors: not counted
             return None
     return _count_written(open_store(store, storage_options, read_only=True), stream)
@@ -528,30 +528,14 @@ def _has_branch(list_directory: Any, refs: Any) -> bool:
 def _repository_root(store: str, storage_options: Mapping[str, Any] | None) -> bytes | None:
     """The root ``zarr.json`` of an Icechunk repository's last commit (a run
     written with ``external="virtual"``); None if ``store`` is not one."""
-    from ..storage._icechunk import is_repository
+    from ..storage._icechunk import is_repository, read_root
 
     if not is_repository(store, storage_options):
         return None
-    from ..storage import _zarr
-
     try:
-        return _zarr.get(_repository_store(store, storage_options), "zarr.json")
+        return read_root(store, storage_options)
     except Exception:  # noqa: BLE001 - icechunk's own errors: listed as unreadable
         return None
-
-
-def _repository_store(store: str, storage_options: Mapping[str, Any] | None) -> Any:
-    """A read-only store over the last commit of a run's Icechunk repository,
-    for its metadata and ``_written`` mask: no manifest is loaded ahead (a
-    repository deleted while it is listed would have Icechunk log the failure
-    on stdout, inside ``ls --json``), no detector directory authorized."""
-    from ..storage._icechunk import BRANCH, _icechunk, repository_storage
-
-    ic = _icechunk()
-    config = ic.RepositoryConfig.default()
-    config.manifest = ic.ManifestConfig(preload=ic.ManifestPreloadConfig(max_total_refs=0))
-    repo = ic.Repository.open(repository_storage(store, storage_options), config=config)
-    return repo.readonly_session(branch=BRANCH).store
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:

@@ -96,7 +96,8 @@ class ExternalRun(Protocol):
     def refuse(self, name: str, doc: Mapping[str, Any], error: BaseException) -> None: ...
 
     #: The Icechunk repository of an ``external="virtual"`` run (``_virtual``).
-    virtual: Any
+    @property
+    def repository(self) -> Any: ...
 
 
 #: The ``external`` prefix of data keys whose frames stream_datum documents give.

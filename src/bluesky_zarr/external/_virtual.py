@@ -224,7 +224,7 @@ class VirtualFrames:
         index: tuple[np.ndarray, ...],
     ) -> None:
         """Store prepared virtual chunks of files ``paths`` and mark their points."""
-        virtual = self.run.virtual
+        virtual = self.run.repository
         assert virtual is not None
         if stream.growing and index[0].size:
             stream.ensure_length(int(index[0].max()) + 1)
@@ -336,7 +336,7 @@ class VirtualFrames:
     ) -> None:
         """Delete the references of ``chunks`` of array ``name``."""
         array = stream.sinks[name].array
-        store = self.run.virtual.store
+        store = self.run.repository.store
         separator = array.metadata.separator
         for index in chunks:
             key = "c" + separator + separator.join(str(i) for i in index)

@@ -42,8 +42,6 @@ from .._errors import (
 from ..catalog._ls import count_written_points, run_attributes, summarise_root
 from ..external._data import DEFAULT_HANDLERS, VIRTUAL_HANDLERS
 from ..external._handlers import handler_registry
-from ..plan._names import store_name, store_path
-from ..storage._roots import LocalRoot
 from ..write._writer import ZarrWriter
 
 #: The ``location`` of the ReplayError raised after the last file, listing
@@ -475,11 +473,7 @@ class _Batch:
 
     def store_of(self, start: Mapping[str, Any]) -> str:
         """Where the writer puts a run's store (without making anything)."""
-        storage = self.writer.storage
-        template = self.writer.options.name_template
-        if isinstance(storage, LocalRoot):
-            return str(store_path(storage.directory, template, start))
-        return "/".join([str(storage.display), *store_name(template, start)])
+        return str(self.writer.storage.where(self.writer.options.name_template, start))
 
     def count(self, run: ReplayedRun) -> None:
         """Fill in the points the run's store holds, and how it ended, as its

@@ -28,38 +28,11 @@ from .._errors import StorageError
 from . import _spec, _zarr
 from ._files import LocalFiles, fsync_directory
 from ._lock import StoreLock
-from ._roots import FsspecRoot, Root
 
 logger = logging.getLogger(__name__)
 
 #: The file that keeps refused documents (the same name as RunWriter's).
 REFUSED_FILE = "refused_documents.jsonl"
-
-
-def keep_after_end(
-    storage: Root, store: Path | str, run_uid: str, line: bytes, virtual: bool
-) -> None:
-    """Append ``line`` (one refused document, as JSON) to the refused file of
-    the finished store of run ``run_uid`` and amend its root record.
-
-    Never raises (the caller is raising the refusal itself): a store that is
-    gone, held by another writer, or holds another run now is left alone and
-    the failure is logged.
-    """
-    try:
-        if virtual:
-            _keep_in_repository(storage, store, run_uid, line)
-        elif isinstance(store, Path):
-            _keep_local(store, run_uid, line, getattr(storage, "durable", False))
-        elif isinstance(storage, FsspecRoot):
-            _keep_remote(storage, store, run_uid, line)
-        else:
-            raise StorageError(f"no way to amend {store}")
-    except Exception as err:  # noqa: BLE001 - logged; the refusal is raised anyway
-        logger.error(
-            "bluesky-zarr: cannot keep a document refused after run %s ended in its "
-            "store %s: %r", run_uid, store, err,
-        )
 
 
 def amended(attributes: Mapping[str, Any], run_uid: str) -> dict[str, Any]:
@@ -92,7 +65,9 @@ def _root_text(root: Mapping[str, Any]) -> bytes:
     return _spec.dumps(root, _zarr.json_indent()).encode()
 
 
-def _keep_local(store: Path, run_uid: str, line: bytes, durable: bool) -> None:
+def keep_local(store: Path, run_uid: str, line: bytes, durable: bool) -> None:
+    """Keep ``line`` in the finished local store of run ``run_uid`` (under its
+    lock, only if it still holds that run) and amend its root record."""
     lock = StoreLock(store)  # StoreLockedError: another writer has taken the store
     try:
         root = json.loads((store / "zarr.json").read_bytes())
@@ -109,27 +84,38 @@ def _keep_local(store: Path, run_uid: str, line: bytes, durable: bool) -> None:
         lock.release()
 
 
-def _keep_remote(storage: FsspecRoot, store: str, run_uid: str, line: bytes) -> None:
+def keep_remote(fs: Any, store: str, run_uid: str, line: bytes) -> None:
+    """Keep ``line`` in the finished store of run ``run_uid`` on object
+    storage (file system ``fs``: read, changed and written back; object
+    storage has no lock) and amend its root record."""
     key = store.partition("://")[2]
-    root = json.loads(storage.fs.cat_file(f"{key}/zarr.json"))
+    root = json.loads(fs.cat_file(f"{key}/zarr.json"))
     root["attributes"] = amended(root.get("attributes") or {}, run_uid)
+    _append_object(fs, f"{key}/{REFUSED_FILE}", line)
+    fs.pipe_file(f"{key}/zarr.json", _root_text(root))
+
+
+def _append_object(fs: Any, key: str, line: bytes) -> None:
     try:
-        kept = storage.fs.cat_file(f"{key}/{REFUSED_FILE}")
+        kept = fs.cat_file(key)
     except FileNotFoundError:
         kept = b""
-    storage.fs.pipe_file(f"{key}/{REFUSED_FILE}", kept + line)
-    storage.fs.pipe_file(f"{key}/zarr.json", _root_text(root))
+    fs.pipe_file(key, kept + line)
 
 
-def _keep_in_repository(storage: Root, store: Path | str, run_uid: str, line: bytes) -> None:
-    from ._icechunk import BRANCH, _icechunk, repository_storage
+def keep_in_repository(
+    repository: Any, store: Path | str, fs: Any, run_uid: str, line: bytes
+) -> None:
+    """Keep ``line`` beside the finished Icechunk repository of run
+    ``run_uid`` (``repository``: its Icechunk storage; ``fs``: the object
+    storage it is on, or ``None`` for a local one) and commit its amended root
+    record."""
+    from ._icechunk import BRANCH, _icechunk
 
     lock = StoreLock(store) if isinstance(store, Path) else None
     try:
         ic = _icechunk()
-        repo = ic.Repository.open(
-            repository_storage(store, getattr(storage, "storage_options", None))
-        )
+        repo = ic.Repository.open(repository)
         session = repo.writable_session(BRANCH)
         root = _zarr.open_group(session.store, mode="r+")
         attributes = amended(dict(root.attrs.asdict()), run_uid)
@@ -137,13 +123,7 @@ def _keep_in_repository(storage: Root, store: Path | str, run_uid: str, line: by
             with open(store / REFUSED_FILE, "ab") as file:
                 file.write(line)
         else:
-            assert isinstance(storage, FsspecRoot)
-            key = store.partition("://")[2]
-            try:
-                kept = storage.fs.cat_file(f"{key}/{REFUSED_FILE}")
-            except FileNotFoundError:
-                kept = b""
-            storage.fs.pipe_file(f"{key}/{REFUSED_FILE}", kept + line)
+            _append_object(fs, f"{store.partition('://')[2]}/{REFUSED_FILE}", line)
         root.attrs.put(attributes)
         session.commit("a document refused after the run ended")
     finally:

@@ -23,7 +23,7 @@ import shutil
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .._errors import (
     MissingDependencyError,
@@ -31,11 +31,12 @@ from .._errors import (
     StoreExistsError,
     WriteError,
 )
-from . import _zarr
-from ._records import is_repository_listing
-
-if TYPE_CHECKING:
-    from ..write._run import RunWriter
+from ..plan._names import store_name
+from . import _amend, _zarr
+from ._files import put_in_place
+from ._lock import StoreLock
+from ._records import is_repository_listing, parse_attributes
+from ._roots import FsspecRoot, LocalRoot, RunStore, is_url
 
 #: The branch a run's repository is written on.
 BRANCH = "main"
@@ -94,8 +95,6 @@ def repository_storage(
     location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
 ) -> Any:
     """Icechunk storage for a repository's directory or ``s3://`` URL."""
-    from ._roots import is_url
-
     if is_url(location):
         return _s3_storage(str(location), storage_options or {})
     return _icechunk().local_filesystem_storage(str(Path(location).resolve()))
@@ -105,8 +104,6 @@ def is_repository(
     location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
 ) -> bool:
     """Whether ``location`` holds an Icechunk repository (a virtual run store)."""
-    from ._roots import is_url
-
     if not is_url(location):
         path = Path(location)
         try:
@@ -239,6 +236,15 @@ class SessionStore(_zarr.WrapperStore[Any]):
     def _with_store(self, store: Any) -> SessionStore:
         return type(self)(store, self.gate)
 
+    @property
+    def current(self) -> Any:
+        """The session's store written to now."""
+        return self._store
+
+    def switch(self, store: Any) -> None:
+        """Go on with ``store``: the new session's, after a commit."""
+        self._store = store
+
     # zarr-python names the store (str) when it makes an array object. The
     # session's own name waits for the session, which a commit holds on
     # another thread (Icechunk 2, without letting the interpreter go): a
@@ -331,7 +337,7 @@ class VirtualRepository:
             raise WriteError(f"committing the run's repository failed: {err!r}") from err
         self.commits += 1
         self.session = self.repo.writable_session(BRANCH)
-        self.store._store = self.session.store
+        self.store.switch(self.session.store)
         return snapshot
 
     def ensure_container(self, file: str) -> None:
@@ -356,13 +362,13 @@ class VirtualRepository:
             )
             self.repo.save_config()
             self.session = self.repo.writable_session(BRANCH)
-            self.store._store = self.session.store
+            self.store.switch(self.session.store)
             self.containers.add(prefix)
 
     def set_refs(self, array_path: str, specs: list[Any]) -> None:
         self.store.gate.enter()
         try:
-            failed = self.store._store.set_virtual_refs(array_path, specs)
+            failed = self.store.current.set_virtual_refs(array_path, specs)
         finally:
             self.store.gate.leave()
         if failed:
@@ -372,72 +378,146 @@ class VirtualRepository:
             )
 
 
-def create_repository(
-    run: RunWriter, doc: Mapping[str, Any], metadata: bytes
-) -> tuple[Path | str, Any]:
-    """Make the run's repository holding ``metadata`` as its root ``zarr.json``;
-    sets ``run.virtual``. Locally it is built aside and renamed into place, so
-    it appears whole or not at all."""
-    from ._files import put_in_place
-    from ._roots import LocalRoot
+class _RepositoryStore(RunStore):
+    """A run's store that is an Icechunk repository: files kept beside it
+    (in its directory, or as objects beside its own on object storage),
+    readers see its last commit."""
 
-    ic = _icechunk()
-    storage = run.storage
-    options = run.options
+    def __init__(self, path: Path | str, repository: VirtualRepository, fs: Any) -> None:
+        super().__init__(path, repository.store)
+        self.repository = repository
+        #: The object storage it is on (``None``: a local directory).
+        self.fs = fs
+        self._kept: dict[str, list[bytes]] = {}
 
-    def first_commit(repo: Any) -> None:
-        session = repo.writable_session(BRANCH)
-        _zarr.put(session.store, "zarr.json", metadata)
-        session.commit("start")
+    def keep(self, name: str, line: bytes) -> None:
+        if isinstance(self.path, Path):
+            if self.gone():
+                raise FileNotFoundError(f"{self.path} no longer exists")
+            with open(self.path / name, "ab") as file:
+                file.write(line)
+            return
+        # Object storage has no append: the object is rewritten whole.
+        lines = self._kept.setdefault(name, [])
+        lines.append(line)
+        self.fs.pipe_file(f"{str(self.path).partition('://')[2]}/{name}", b"".join(lines))
 
-    if isinstance(storage, LocalRoot):
-        path = storage.location(options.name_template, doc)
-        storage._remove_leftovers(path)
-        if path.exists() and not options.overwrite:
-            raise StoreExistsError(
-                f"{path} already exists; refusing to overwrite another run "
-                f"(pass overwrite=True or choose another name_template)"
-            )
-        aside = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    def commit(self, message: str) -> None:
+        self.repository.commit(message)
+
+    def gone(self) -> bool:
+        return isinstance(self.path, Path) and not self.path.is_dir()
+
+
+class RepositoryRoot:
+    """Each run's store an Icechunk repository (``external="virtual"``), in a
+    local directory or under an ``s3://`` prefix (``base``, whose naming,
+    locking and options it shares). A local repository is built aside and
+    renamed into place, so it appears whole or not at all."""
+
+    def __init__(self, base: LocalRoot | FsspecRoot) -> None:
+        self.base = base
+
+    @property
+    def display(self) -> Path | str:
+        return self.base.display
+
+    def where(self, template: str, start: Mapping[str, Any]) -> Path | str:
+        return self.base.where(template, start)
+
+    def lock(self, template: str, start: Mapping[str, Any]) -> StoreLock | None:
+        return self.base.lock(template, start)
+
+    def existing_attributes(
+        self, template: str, start: Mapping[str, Any]
+    ) -> tuple[Path | str, dict[str, Any] | None]:
+        location, _ = self.base.existing_attributes(template, start)
+        if not is_repository(location, self._options()):
+            return location, None
+        root = read_root(location, self._options())
+        return location, parse_attributes(root) if root is not None else {}
+
+    def keep_after_end(self, store: Path | str, run_uid: str, line: bytes) -> None:
+        fs = self.base.fs if isinstance(self.base, FsspecRoot) else None
+        _amend.keep_in_repository(
+            repository_storage(store, self._options()), store, fs, run_uid, line
+        )
+
+    def _options(self) -> dict[str, Any] | None:
+        return self.base.storage_options if isinstance(self.base, FsspecRoot) else None
+
+    def create_store(
+        self, template: str, start: Mapping[str, Any], *, overwrite: bool | str, metadata: bytes
+    ) -> RunStore:
+        """Make the run's repository holding ``metadata`` as its root ``zarr.json``."""
+        ic = _icechunk()
+
+        def first_commit(repo: Any) -> None:
+            session = repo.writable_session(BRANCH)
+            _zarr.put(session.store, "zarr.json", metadata)
+            session.commit("start")
+
+        if isinstance(self.base, LocalRoot):
+            path = self.base.location(template, start)
+            self.base.remove_leftovers(path)
+            if path.exists() and not overwrite:
+                raise StoreExistsError(
+                    f"{path} already exists; refusing to overwrite another run "
+                    f"(pass overwrite=True or choose another name_template)"
+                )
+            aside = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+            try:
+                first_commit(ic.Repository.create(ic.local_filesystem_storage(str(aside))))
+                put_in_place(aside, path)
+                ic_storage = ic.local_filesystem_storage(str(path.resolve()))
+                repo = ic.Repository.open(ic_storage)
+            except OSError as err:
+                shutil.rmtree(aside, ignore_errors=True)
+                raise StorageError(f"cannot create the repository {path}: {err}") from err
+            except Exception as err:  # noqa: BLE001 - icechunk raises its own error types
+                shutil.rmtree(aside, ignore_errors=True)
+                raise StorageError(
+                    errno.EIO, f"cannot create the repository {path}: {err!r}"
+                ) from err
+            return _RepositoryStore(path, VirtualRepository(repo, ic_storage), None)
+        base = self.base
+        key = "/".join([base.prefix, *store_name(template, start)])
+        url = f"{base.scheme}://{key}"
+        ic_storage = repository_storage(url, base.storage_options)
         try:
-            first_commit(ic.Repository.create(ic.local_filesystem_storage(str(aside))))
-            put_in_place(aside, path)
-            ic_storage = ic.local_filesystem_storage(str(path.resolve()))
-            repo = ic.Repository.open(ic_storage)
-        except OSError as err:
-            shutil.rmtree(aside, ignore_errors=True)
-            raise StorageError(f"cannot create the repository {path}: {err}") from err
-        except Exception as err:  # noqa: BLE001 - icechunk raises its own error types
-            shutil.rmtree(aside, ignore_errors=True)
-            raise StorageError(
-                errno.EIO, f"cannot create the repository {path}: {err!r}"
-            ) from err
-    else:
-        from ..plan._names import store_name
-
-        url = f"{storage.scheme}://" + "/".join([storage.prefix, *store_name(
-            options.name_template, doc
-        )])
-        ic_storage = repository_storage(url, storage.storage_options)
-        try:
-            key = url.partition("://")[2]
-            if ic.Repository.exists(ic_storage) or storage.fs.exists(f"{key}/zarr.json"):
-                if not options.overwrite:
+            if ic.Repository.exists(ic_storage) or base.fs.exists(f"{key}/zarr.json"):
+                if not overwrite:
                     raise StoreExistsError(
                         f"{url} already exists; refusing to overwrite another run "
                         f"(pass overwrite=True or choose another name_template)"
                     )
-                storage.fs.rm(key, recursive=True)
+                base.fs.rm(key, recursive=True)
             first_commit(ic.Repository.create(ic_storage))
             repo = ic.Repository.open(ic_storage)
         except StoreExistsError:
             raise
         except Exception as err:  # noqa: BLE001 - icechunk raises its own error types
             raise StorageError(f"cannot create the repository {url}: {err!r}") from err
-        run.virtual = VirtualRepository(repo, ic_storage)
-        run.virtual.beside = (storage.fs, key)
-        return url, run.virtual.store
-    run.virtual = VirtualRepository(repo, ic_storage)
-    return path, run.virtual.store
+        return _RepositoryStore(url, VirtualRepository(repo, ic_storage), base.fs)
 
 
+def metadata_store(
+    location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+) -> Any:
+    """A read-only store over the last commit of a run's repository, for its
+    metadata and ``_written`` mask: no manifest is loaded ahead (a repository
+    deleted while it is read would have Icechunk log the failure on stdout,
+    inside ``ls --json``), no detector directory authorized."""
+    ic = _icechunk()
+    config = ic.RepositoryConfig.default()
+    config.manifest = ic.ManifestConfig(preload=ic.ManifestPreloadConfig(max_total_refs=0))
+    repo = ic.Repository.open(repository_storage(location, storage_options), config=config)
+    return repo.readonly_session(branch=BRANCH).store
+
+
+def read_root(
+    location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+) -> bytes | None:
+    """The root ``zarr.json`` of a repository's last commit (a run written
+    with ``external="virtual"``); ``None`` if it has none."""
+    return _zarr.get(metadata_store(location, storage_options), "zarr.json")

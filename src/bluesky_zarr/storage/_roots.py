@@ -24,7 +24,7 @@ import shutil
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .._errors import (
     MissingDependencyError,
@@ -33,7 +33,7 @@ from .._errors import (
     StoreExistsError,
 )
 from ..plan._names import store_name, store_path
-from . import _zarr
+from . import _amend, _zarr
 from ._files import LocalFiles, fsync_directory, put_in_place
 from ._lock import StoreLock
 from ._records import INCOMPLETE, check_replaceable, parse_attributes, read_root_attributes
@@ -42,10 +42,98 @@ from ._records import INCOMPLETE, check_replaceable, parse_attributes, read_root
 REMOTE_SCHEMES = {"s3": "s3", "s3a": "s3"}
 
 
-#: ``overwrite=`` value: replace only an unfinished store of the same run.
 def is_url(root: str | os.PathLike[str]) -> bool:
     """Whether ``root`` names object storage (``s3://...``) rather than a directory."""
     return isinstance(root, str) and "://" in root
+
+
+class RunStore:
+    """One run's store as its writer holds it: where it is (``path``), the
+    Zarr store its metadata and arrays go to (``zarr``), and what its kind of
+    storage does besides: keep a file of its own with it (:meth:`keep`),
+    make what was written visible to readers (:meth:`commit`, for a
+    repository), tell whether it is still there (:meth:`gone`).
+
+    ``repository`` is the Icechunk repository of a run written with
+    ``external="virtual"`` (its virtual chunk references), else ``None``.
+    """
+
+    repository: Any = None
+
+    def __init__(self, path: Path | str, zarr_store: Any) -> None:
+        self.path = path
+        self.zarr = zarr_store
+
+    def keep(self, name: str, line: bytes) -> None:
+        """Add ``line`` to the file ``name`` kept with the store (not a Zarr node)."""
+        raise NotImplementedError
+
+    def commit(self, message: str) -> None:
+        """Make what was written so far visible to readers (a store's writes
+        are as they are made: nothing to do but for a repository)."""
+
+    def gone(self) -> bool:
+        """Whether the store has been deleted since it was made."""
+        return False
+
+
+class _DirectoryStore(RunStore):
+    """A store in a local directory: files kept in it are appended to."""
+
+    path: Path
+
+    def keep(self, name: str, line: bytes) -> None:
+        if self.gone():
+            raise FileNotFoundError(f"{self.path} no longer exists")
+        with open(self.path / name, "ab") as file:
+            file.write(line)
+
+    def gone(self) -> bool:
+        return not self.path.is_dir()
+
+
+class _ObjectStore(RunStore):
+    """A store on object storage, which has no append: a file kept with it is
+    rewritten whole (its lines are held for that)."""
+
+    def __init__(self, path: str, zarr_store: Any) -> None:
+        super().__init__(path, zarr_store)
+        self._kept: dict[str, list[bytes]] = {}
+
+    def keep(self, name: str, line: bytes) -> None:
+        lines = self._kept.setdefault(name, [])
+        lines.append(line)
+        _zarr.put(self.zarr, name, b"".join(lines))
+
+
+class Root(Protocol):
+    """Where runs' stores are made: a local directory, a bucket, a repository."""
+
+    @property
+    def display(self) -> Path | str:
+        """The root as people name it (a path, or a URL)."""
+
+    def where(self, template: str, start: Mapping[str, Any]) -> Path | str:
+        """Where the run's store goes (nothing is made)."""
+
+    def lock(self, template: str, start: Mapping[str, Any]) -> StoreLock | None:
+        """Lock the run's store before it is made or replaced (``None`` where
+        the store is claimed by a conditional write instead)."""
+
+    def create_store(
+        self, template: str, start: Mapping[str, Any], *, overwrite: bool | str, metadata: bytes
+    ) -> RunStore:
+        """Make the run's store, whole or not at all, holding ``metadata`` as
+        its root ``zarr.json``."""
+
+    def existing_attributes(
+        self, template: str, start: Mapping[str, Any]
+    ) -> tuple[Path | str, dict[str, Any] | None]:
+        """The run's store location and the root attributes of a store already there."""
+
+    def keep_after_end(self, store: Path | str, run_uid: str, line: bytes) -> None:
+        """Keep a document refused after run ``run_uid`` ended in its finished
+        store, and record it there (see :mod:`._amend`)."""
 
 
 class LocalRoot:
@@ -69,6 +157,9 @@ class LocalRoot:
     @property
     def display(self) -> Path:
         return self.directory
+
+    def where(self, template: str, start: Mapping[str, Any]) -> Path:
+        return store_path(self.directory, template, start)
 
     def location(self, template: str, start: Mapping[str, Any]) -> Path:
         """The path the run's store will have (its parent directory made)."""
@@ -99,7 +190,7 @@ class LocalRoot:
         *,
         overwrite: bool | str,
         metadata: bytes,
-    ) -> tuple[Path, Any]:
+    ) -> RunStore:
         """Make the run's store, holding ``metadata`` as its root ``zarr.json``.
 
         The store is built in a hidden directory beside its path and renamed
@@ -107,7 +198,7 @@ class LocalRoot:
         not at all. The caller holds the path's :class:`StoreLock`.
         """
         path = self.location(template, start)
-        self._remove_leftovers(path)
+        self.remove_leftovers(path)
         if path.exists() and overwrite == INCOMPLETE:
             check_replaceable(str(path), read_root_attributes(path / "zarr.json"), start)
         elif path.exists() and not overwrite:
@@ -127,10 +218,13 @@ class LocalRoot:
         except OSError as err:
             shutil.rmtree(aside, ignore_errors=True)
             raise StorageError(f"cannot create the store {path}: {err}") from err
-        return path, _zarr.LocalFilesStore(LocalFiles(path, durable=self.durable))
+        return _DirectoryStore(path, _zarr.LocalFilesStore(LocalFiles(path, durable=self.durable)))
+
+    def keep_after_end(self, store: Path | str, run_uid: str, line: bytes) -> None:
+        _amend.keep_local(Path(store), run_uid, line, self.durable)
 
     @staticmethod
-    def _remove_leftovers(path: Path) -> None:
+    def remove_leftovers(path: Path) -> None:
         """Remove what a writer killed while making or replacing ``path`` left."""
         for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
             for leftover in path.parent.glob(pattern):
@@ -180,7 +274,7 @@ class FsspecRoot:
         *,
         overwrite: bool | str,
         metadata: bytes,
-    ) -> tuple[str, Any]:
+    ) -> RunStore:
         """Claim the run's prefix with a conditional write of its root
         ``zarr.json`` (``metadata``), then open it."""
         key = "/".join([self.prefix, *store_name(template, start)])
@@ -201,27 +295,45 @@ class FsspecRoot:
             ) from None
         except OSError as err:
             raise StorageError(f"cannot create the store {url}: {err}") from err
-        return url, open_store(url, self.storage_options, read_only=False)
+        return _ObjectStore(url, open_store(url, self.storage_options, read_only=False))
 
+    def where(self, template: str, start: Mapping[str, Any]) -> str:
+        return f"{self.scheme}://" + "/".join([self.prefix, *store_name(template, start)])
 
-Root = LocalRoot | FsspecRoot
+    def lock(self, template: str, start: Mapping[str, Any]) -> None:
+        """Object storage claims a store with a conditional write: no lock."""
+        return None
+
+    def keep_after_end(self, store: Path | str, run_uid: str, line: bytes) -> None:
+        _amend.keep_remote(self.fs, str(store), run_uid, line)
 
 
 def resolve_root(
     root: str | os.PathLike[str],
     storage_options: Mapping[str, Any] | None = None,
     durable: bool = False,
+    *,
+    repositories: bool = False,
 ) -> Root:
-    """The storage root named by a directory or an ``s3://bucket/prefix`` URL."""
+    """The storage root named by a directory or an ``s3://bucket/prefix`` URL;
+    ``repositories``: each run's store an Icechunk repository there
+    (``external="virtual"``)."""
+    base: LocalRoot | FsspecRoot
     if is_url(root):
         # An object is durable once its write returns.
-        return FsspecRoot(str(root), storage_options)
-    if storage_options:
+        base = FsspecRoot(str(root), storage_options)
+    elif storage_options:
         raise OptionError(
             f"storage_options= apply to object storage URLs (s3://...), not to the "
             f"local directory {str(root)!r}"
         )
-    return LocalRoot(root, durable=durable)
+    else:
+        base = LocalRoot(root, durable=durable)
+    if repositories:
+        from ._icechunk import RepositoryRoot
+
+        return RepositoryRoot(base)
+    return base
 
 
 def open_store(

@@ -24,10 +24,9 @@ from ..plan._layout import plan_stream
 from ..plan._scan import plan_scan
 from ..plan._text import json_safe, json_verbatim
 from ..plan._validate import check_descriptor
-from ..storage import _zarr
 from ..storage._lock import StoreLock
 from ..storage._metadata import StoreMetadata, root_metadata
-from ..storage._roots import LocalRoot, Root
+from ..storage._roots import Root, RunStore
 from ._buffer import BlockBuffer
 from ._options import WriterOptions
 from ._relayout import delete_node, move_node, placed_points
@@ -96,13 +95,12 @@ class RunWriter(DocumentRouter):
         self._stop_flusher = threading.Event()
         self._flusher: threading.Thread | None = None
         self._refused = 0
-        self._refused_lines: list[bytes] = []
         #: external="virtual": points whose referenced bytes were gone at stop.
         self._lost_references = 0
         #: Whether the run has been finished (stopped or closed).
         self.finished = False
-        #: external="virtual": the run's Icechunk repository (``_virtual``).
-        self.virtual: Any = None
+        #: The run's store (made at the start document).
+        self.store: RunStore | None = None
         self.external = ExternalData(self)
         #: Each stream's geometry (see ``_geometry``), and its descriptor as
         #: its arrays are laid out from it.
@@ -116,6 +114,11 @@ class RunWriter(DocumentRouter):
         #: Per stream: documents whose points have still to be shown by an
         #: event (a stream_datum that came before its event), in order.
         self._waiting: dict[str, list[_Item]] = {}
+
+    @property
+    def repository(self) -> Any:
+        """The run's Icechunk repository (``external="virtual"``), else ``None``."""
+        return self.store.repository if self.store is not None else None
 
     @property
     def buffer_lock(self) -> threading.RLock:
@@ -148,20 +151,16 @@ class RunWriter(DocumentRouter):
         # A local store is locked before it is made (or replaced), so two
         # writers never take the same directory; object storage claims its
         # store with a conditional write instead.
-        if isinstance(self.storage, LocalRoot):
-            self._lock = self.storage.lock(self.options.name_template, doc)
+        self._lock = self.storage.lock(self.options.name_template, doc)
         try:
-            if self.options.external == "virtual":  # an Icechunk repository (_virtual)
-                from ..storage._icechunk import create_repository
-
-                self.path, store = create_repository(self, doc, root_metadata(attributes))
-            else:
-                self.path, store = self.storage.create_store(
-                    self.options.name_template,
-                    doc,
-                    overwrite=self.options.overwrite,
-                    metadata=root_metadata(attributes),
-                )
+            self.store = self.storage.create_store(
+                self.options.name_template,
+                doc,
+                overwrite=self.options.overwrite,
+                metadata=root_metadata(attributes),
+            )
+            self.path = self.store.path
+            store = self.store.zarr
             if self.options.store_wrapper is not None:
                 store = self.options.store_wrapper(store)
             self.metadata = StoreMetadata(store, attributes)
@@ -504,18 +503,9 @@ class RunWriter(DocumentRouter):
         with self.meta_lock:
             self._refused += 1
             try:
-                if isinstance(self.path, Path):
-                    if not self.path.is_dir():
-                        raise FileNotFoundError(f"{self.path} no longer exists")
-                    with open(self.path / REFUSED_FILE, "ab") as file:
-                        file.write(line)
-                else:
-                    # Object storage has no append: the object is rewritten.
-                    self._refused_lines.append(line)
-                    if self.virtual is not None:  # beside the repository (_virtual)
-                        self.virtual.put_beside(REFUSED_FILE, b"".join(self._refused_lines))
-                        return
-                    _zarr.put(self.metadata.store, REFUSED_FILE, b"".join(self._refused_lines))
+                if self.store is None:
+                    raise StorageError("the run has no store")
+                self.store.keep(REFUSED_FILE, line)
             except Exception as err:  # noqa: BLE001 - counted; the refusal is raised anyway
                 logger.error(
                     "bluesky-zarr: cannot keep a refused %s document in %s: %r",
@@ -529,8 +519,8 @@ class RunWriter(DocumentRouter):
         while not self._stop_flusher.wait(interval / 2):
             try:
                 self.buffer.spill(self, older_than=interval)
-                if self.virtual is not None:  # readers see the last commit (_virtual)
-                    self.virtual.commit("flush")
+                if self.store is not None:  # readers of a repository see its last commit
+                    self.store.commit("flush")
             except Exception:  # noqa: BLE001 - logged; the caller sees write failures
                 logger.exception("bluesky-zarr: periodic flush failed")
 
@@ -541,8 +531,8 @@ class RunWriter(DocumentRouter):
         self.buffer.spill(self)
         if self.background is not None:
             self.background.drain()
-        if self.virtual is not None:
-            self.virtual.commit("flush")
+        if self.store is not None:
+            self.store.commit("flush")
 
     def take_written_regions(self) -> list[tuple[Any, tuple[int, ...], tuple[int, ...]]]:
         """The arrays of every stream written to since the last call, each
@@ -562,9 +552,9 @@ class RunWriter(DocumentRouter):
         refused for an earlier one's failure."""
         now = time.monotonic()
         if (
-            isinstance(self.path, Path)
+            self.store is not None
             and now - self._health_checked >= HEALTH_INTERVAL
-            and not self.path.is_dir()
+            and self.store.gone()
         ):
             raise StorageError(
                 f"the store {self.path} has been deleted during the run; the writer "
@@ -628,8 +618,8 @@ class RunWriter(DocumentRouter):
                 self._flusher.join()
             attempt(self.external.close)
             attempt(lambda: self._record_end(doc, incomplete_reason, errors, exit_status))
-            if self.virtual is not None:
-                attempt(lambda: self.virtual.commit("stop"))
+            if self.store is not None:
+                attempt(lambda: self.store.commit("stop"))
         finally:
             self._release_lock()
         self._warn_unused_options()

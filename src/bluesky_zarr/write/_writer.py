@@ -36,7 +36,6 @@ from ..plan._layout import DEFAULT_SHARD_BYTES
 from ..plan._names import DEFAULT_NAME_TEMPLATE
 from ..plan._text import json_verbatim
 from ..plan._validate import check_bulk_events, check_document
-from ..storage._amend import keep_after_end
 from ..storage._roots import is_url, resolve_root
 from ._buffer import BlockBuffer
 from ._options import DEFAULT_MAX_BUFFER_BYTES, WriterOptions, make_options
@@ -286,7 +285,9 @@ class ZarrWriter:
         if not is_url(directory):
             # "~/data" is the user's data directory, not a folder named "~".
             directory = os.path.expanduser(directory)
-        self.storage = resolve_root(directory, storage_options, durable)
+        self.storage = resolve_root(
+            directory, storage_options, durable, repositories=external == "virtual"
+        )
         self.directory: Path | str = self.storage.display
         self.options: WriterOptions = make_options(
             dims=dims,
@@ -537,10 +538,16 @@ class ZarrWriter:
             {"name": name, "doc": doc, "error": f"{type(error).__name__}: {error}"},
             default=json_verbatim,
         ).encode() + b"\n"
-        keep_after_end(
-            self.storage, self._ended[run_uid], run_uid, line,
-            virtual=self.options.external == "virtual",
-        )
+        store = self._ended[run_uid]
+        try:
+            self.storage.keep_after_end(store, run_uid, line)
+        except Exception as err:  # noqa: BLE001 - logged; the refusal is raised anyway
+            # A store that is gone, held by another writer, or holds another
+            # run now is left alone.
+            logger.error(
+                "bluesky-zarr: cannot keep a document refused after run %s ended in its "
+                "store %s: %r", run_uid, store, err,
+            )
         uid = doc.get("uid")
         if name in ("descriptor", "resource", "stream_resource") and isinstance(uid, str):
             # The documents that refer to it are kept with the run too.
