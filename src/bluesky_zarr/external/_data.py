@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -63,42 +63,8 @@ from .._errors import (
     UnknownSpecError,
 )
 from ..plan._text import json_safe
-from ..write._workers import BackgroundWriter
 from ._formats import REMOTE_HINT, SOURCES, FrameSource, HDF5Source, check_hdf5_rows, source_class
-
-if TYPE_CHECKING:
-    from ..storage._metadata import StoreMetadata
-    from ..write._buffer import BlockBuffer
-    from ..write._options import WriterOptions
-    from ..write._stream import StreamWriter
-
-
-class ExternalRun(Protocol):
-    """What external data need of their run (a :class:`~bluesky_zarr.write._run.RunWriter`)."""
-
-    options: WriterOptions
-    metadata: StoreMetadata
-    buffer: BlockBuffer
-    meta_lock: threading.RLock
-    #: The run's streams by name, and by the uid of each of their descriptors.
-    streams: dict[str, StreamWriter]
-    descriptors: dict[str, StreamWriter]
-    #: The run's store: a local path, or a URL on object storage.
-    path: Path | str | None
-
-    @property
-    def buffer_lock(self) -> threading.RLock: ...
-
-    def point_index(
-        self, stream: StreamWriter, seq_nums: np.ndarray
-    ) -> tuple[np.ndarray, ...]: ...
-
-    def refuse(self, name: str, doc: Mapping[str, Any], error: BaseException) -> None: ...
-
-    #: The Icechunk repository of an ``external="virtual"`` run (``_virtual``).
-    @property
-    def repository(self) -> Any: ...
-
+from ._target import ExternalOptions, ExternalRun, FrameTarget
 
 #: The ``external`` prefix of data keys whose frames stream_datum documents give.
 STREAM_EXTERNAL = "STREAM:"
@@ -258,16 +224,123 @@ class _References:
         return attrs
 
 
+class _Mode:
+    """What a run does with the frames documents point to (``external=``),
+    chosen once when the run opens: read them into the cube (``fill``),
+    record the documents (``reference``), or reference the frames in place
+    where they map (``virtual``)."""
+
+    name = "fill"
+    #: Whether frames are read here (their handler or format must be known).
+    reads = True
+    #: Handlers the mode adds to the defaults, by spec.
+    handlers: Mapping[str, Any] = {}
+
+    def datums(
+        self,
+        data: ExternalData,
+        stream: FrameTarget,
+        page: Mapping[str, Any],
+        key: str,
+        values: list[Any],
+        todo: list[int],
+    ) -> bool:
+        """Take the datum ids ``values[todo]`` of ``key`` without reading
+        them; False if they are to be read into the page."""
+        return False
+
+    def placer(
+        self,
+        data: ExternalData,
+        sres: Mapping[str, Any],
+        info: StreamKey,
+        stream: FrameTarget,
+        key: str,
+        start: int,
+        stop: int,
+        index: tuple[np.ndarray, ...],
+    ) -> Callable[[], str | None] | None:
+        """What places the rows of a stream_datum in place of reading them
+        (returns why it could not), or None: they are read."""
+        return None
+
+
+class _Reference(_Mode):
+    name = "reference"
+    reads = False
+
+    def datums(
+        self,
+        data: ExternalData,
+        stream: FrameTarget,
+        page: Mapping[str, Any],
+        key: str,
+        values: list[Any],
+        todo: list[int],
+    ) -> bool:
+        seq_nums = page.get("seq_num", [])
+        record = data._record(stream.name)
+        column = record.event_datum.setdefault(key, {"seq_num": [], "datum_id": []})
+        for i in todo:
+            datum = data._datum(values[i], key)
+            record.datum[datum["datum_id"]] = datum
+            record.add_resource(
+                "resource", datum["resource"], data.resources.get(datum["resource"])
+            )
+            column["seq_num"].append(int(seq_nums[i]))
+            column["datum_id"].append(values[i])
+        record.dirty = True
+        # The points stay unwritten: the frames are elsewhere.
+        return True
+
+
+class _Virtual(_Mode):
+    name = "virtual"
+    handlers = VIRTUAL_HANDLERS
+
+    def datums(
+        self,
+        data: ExternalData,
+        stream: FrameTarget,
+        page: Mapping[str, Any],
+        key: str,
+        values: list[Any],
+        todo: list[int],
+    ) -> bool:
+        # Area-detector HDF5 frames in place (_virtual), where they map.
+        return len(todo) == len(values) and data._datums_virtual(stream, page, key, values)
+
+    def placer(
+        self,
+        data: ExternalData,
+        sres: Mapping[str, Any],
+        info: StreamKey,
+        stream: FrameTarget,
+        key: str,
+        start: int,
+        stop: int,
+        index: tuple[np.ndarray, ...],
+    ) -> Callable[[], str | None] | None:
+        def place() -> str | None:
+            return data._place_virtual(sres, info, stream, key, start, stop, index)
+
+        return place
+
+
+#: The modes by their ``external=`` name.
+MODES: dict[str, _Mode] = {mode.name: mode for mode in (_Mode(), _Reference(), _Virtual())}
+
+
 class ExternalData:
     """Resolves the external data of one run and hands frames to its streams."""
 
-    def __init__(self, run: ExternalRun) -> None:
+    def __init__(self, run: ExternalRun, options: ExternalOptions) -> None:
         self.run = run
-        options = run.options
-        self.mode = options.external
-        self.handlers: dict[str, Any] = {**DEFAULT_HANDLERS, **options.handler_registry}
-        if self.mode == "virtual":
-            self.handlers = {**VIRTUAL_HANDLERS, **self.handlers}
+        self.mode = MODES[options.mode]
+        self.flush_interval = options.flush_interval
+        self.handlers: dict[str, Any] = {
+            **self.mode.handlers, **DEFAULT_HANDLERS, **options.handler_registry
+        }
         self.root_map: Mapping[str, str] = options.root_map
         self.resources: dict[str, Mapping[str, Any]] = {}
         self.datums: dict[str, Mapping[str, Any]] = {}
@@ -288,7 +361,6 @@ class ExternalData:
         self._last_written = time.monotonic()
         #: The frames of stream_datum documents, read on the writer's reader
         #: thread, off the RunEngine's: what is pending, and what failed.
-        self._reads = BackgroundWriter(run.buffer.reader)
         #: external="virtual": frames referenced in place (``_virtual``).
         self._virtual_frames: Any = None
 
@@ -320,7 +392,7 @@ class ExternalData:
     def resource(self, doc: Mapping[str, Any]) -> None:
         uid = _field(doc, "uid", "resource")
         spec = _field(doc, "spec", "resource")
-        if self.mode != "reference" and spec not in self.handlers:
+        if self.mode.reads and spec not in self.handlers:
             raise UnknownSpecError(
                 f"resource {uid!r} has spec {spec!r}, for which no handler is "
                 f"registered (registered: {sorted(self.handlers)}); pass "
@@ -333,7 +405,7 @@ class ExternalData:
         for datum in unpack_datum_page(doc):  # type: ignore[arg-type]
             self.datums[_field(datum, "datum_id", "datum")] = datum
 
-    def fill_page(self, stream: StreamWriter, page: Mapping[str, Any]) -> Mapping[str, Any]:
+    def fill_page(self, stream: FrameTarget, page: Mapping[str, Any]) -> Mapping[str, Any]:
         """The event page with frames in place of datum ids (or, to reference
         them, without the datum-external columns)."""
         keys = self.datum_keys.get(stream.name)
@@ -354,27 +426,7 @@ class ExternalData:
             ]
             if not todo:
                 continue
-            if self.mode == "reference":
-                seq_nums = page.get("seq_num", [])
-                record = self._record(stream.name)
-                column = record.event_datum.setdefault(key, {"seq_num": [], "datum_id": []})
-                for i in todo:
-                    datum = self._datum(values[i], key)
-                    record.datum[datum["datum_id"]] = datum
-                    record.add_resource(
-                        "resource", datum["resource"], self.resources.get(datum["resource"])
-                    )
-                    column["seq_num"].append(int(seq_nums[i]))
-                    column["datum_id"].append(values[i])
-                record.dirty = True
-                # Leave the points unwritten: the frames are elsewhere.
-                del new_data[key]
-                continue
-            if (
-                self.mode == "virtual"  # area-detector HDF5 frames in place (_virtual)
-                and len(todo) == len(values)
-                and self._datums_virtual(stream, page, key, values)
-            ):
+            if self.mode.datums(self, stream, page, key, values, todo):
                 del new_data[key]
                 continue
             declared = next(
@@ -391,7 +443,7 @@ class ExternalData:
         return {**page, "data": new_data}
 
     def _datums_virtual(
-        self, stream: StreamWriter, page: Mapping[str, Any], key: str, datum_ids: list[Any]
+        self, stream: FrameTarget, page: Mapping[str, Any], key: str, datum_ids: list[Any]
     ) -> bool:
         """external="virtual": reference the frames of area-detector HDF5 datums
         in place; False if they must be copied (``_virtual`` records why)."""
@@ -451,7 +503,7 @@ class ExternalData:
             )
         return datum
 
-    def _read_datum(self, datum_id: Any, key: str, stream: StreamWriter) -> np.ndarray:
+    def _read_datum(self, datum_id: Any, key: str, stream: FrameTarget) -> np.ndarray:
         datum = self._datum(datum_id, key)
         resource_uid = datum["resource"]
         handler = self._handler(resource_uid, stream)
@@ -480,7 +532,7 @@ class ExternalData:
             ) from err
         return np.asarray(value)
 
-    def _handler(self, resource_uid: str, stream: StreamWriter) -> Any:
+    def _handler(self, resource_uid: str, stream: FrameTarget) -> Any:
         handler = self._handler_instances.get(resource_uid)
         if handler is not None:
             return handler
@@ -527,7 +579,7 @@ class ExternalData:
         uid = _field(doc, "uid", "stream_resource")
         _field(doc, "data_key", "stream_resource")
         mimetype = _field(doc, "mimetype", "stream_resource")
-        if self.mode != "reference":
+        if self.mode.reads:
             source = source_class(mimetype)
             if source is None:
                 raise UnknownSpecError(
@@ -597,19 +649,15 @@ class ExternalData:
         seq_nums = np.arange(seq_start, seq_stop, dtype=np.int64)
         index = self.run.point_index(stream, seq_nums)
         stream.note_points(index, descriptor)
-        if self.mode == "reference":
+        if not self.mode.reads:
             record.stream_datum.append(doc)
             record.dirty = True
         else:
             # What can be refused is checked here, at the document; the rows
-            # are read in the background, in batches.
+            # are read in the background, in batches (unless the mode places
+            # them otherwise: referenced in place where they map).
             batches = self._read_rows(sres, info, start, stop, uid)
-            place = None
-            if self.mode == "virtual":  # referenced in place where they map (_virtual)
-
-                def place() -> str | None:
-                    return self._place_virtual(sres, info, stream, key, start, stop, index)
-
+            place = self.mode.placer(self, sres, info, stream, key, start, stop, index)
             self._read_later(doc, stream, key, index, batches, place)
         if stream.name in self.stream_only and seq_nums.size:
             # No event will say when these points were taken: time stays NaN.
@@ -621,7 +669,7 @@ class ExternalData:
         self,
         sres: Mapping[str, Any],
         info: StreamKey,
-        stream: StreamWriter,
+        stream: FrameTarget,
         key: str,
         start: int,
         stop: int,
@@ -645,7 +693,7 @@ class ExternalData:
     def _read_later(
         self,
         doc: Mapping[str, Any],
-        stream: StreamWriter,
+        stream: FrameTarget,
         key: str,
         index: tuple[np.ndarray, ...],
         batches: Iterator[tuple[int, np.ndarray]],
@@ -671,15 +719,15 @@ class ExternalData:
                 raise failure from err
 
         what = f"reading the frames of stream_datum {doc.get('uid')!r}"
-        self._reads.submit(0, read, 0, what, lambda: None)
+        self.run.reads.submit(0, read, 0, what, lambda: None)
 
     def wait_for_reads(self) -> None:
         """Wait until the frames of every stream_datum so far are placed."""
-        self._reads.drain()
+        self.run.reads.drain()
 
     def new_read_failures(self) -> list[BaseException]:
         """Reads that failed since the last call."""
-        return [failure.error for failure in self._reads.new_failures()]
+        return [failure.error for failure in self.run.reads.new_failures()]
 
     def _read_rows(
         self, sres: Mapping[str, Any], info: StreamKey, start: int, stop: int, uid: str
@@ -741,7 +789,7 @@ class ExternalData:
         """Write the recorded documents into each stream group's ``external``
         attribute: new resources at once, datums at most once per flush
         interval (and at every flush), since the attribute is rewritten whole."""
-        interval = self.run.options.flush_interval
+        interval = self.flush_interval
         due = (
             force
             or any(r.urgent for r in self.references.values())
@@ -759,7 +807,7 @@ class ExternalData:
                     if stream is None:
                         continue
                     stream.group = self.run.metadata.set_attributes(
-                        name, {"external": json_safe(record.as_attrs(self.mode))}
+                        name, {"external": json_safe(record.as_attrs(self.mode.name))}
                     )
                     record.dirty = record.urgent = False
                 self.run.metadata.consolidate()

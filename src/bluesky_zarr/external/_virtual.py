@@ -55,8 +55,8 @@ from ..storage import _zarr
 from ..storage._icechunk import _icechunk
 
 if TYPE_CHECKING:
-    from ..external._data import ExternalRun, StreamKey
-    from ..write._stream import StreamWriter
+    from ._data import StreamKey
+    from ._target import ExternalRun, FrameTarget
 
 
 
@@ -139,7 +139,7 @@ class VirtualFrames:
 
     def place(
         self,
-        stream: StreamWriter,
+        stream: FrameTarget,
         key: str,
         dataset: Any,
         path: str,
@@ -160,14 +160,14 @@ class VirtualFrames:
         self.apply(stream, key, [path], specs, index)
         return None
 
-    def settled_copied(self, stream: StreamWriter, key: str) -> bool:
+    def settled_copied(self, stream: FrameTarget, key: str) -> bool:
         """Whether the key's frames are copied from now on."""
         state = self.keys.get((stream.name, key))
         return state is not None and state.chunks is None and state.copied is not None
 
     def prepare(
         self,
-        stream: StreamWriter,
+        stream: FrameTarget,
         key: str,
         dataset: Any,
         path: str,
@@ -217,7 +217,7 @@ class VirtualFrames:
 
     def apply(
         self,
-        stream: StreamWriter,
+        stream: FrameTarget,
         key: str,
         paths: list[str],
         specs: list[Any],
@@ -231,20 +231,19 @@ class VirtualFrames:
         for path in paths:
             virtual.ensure_container(os.path.abspath(path))
         spec = next(s for s in stream.layout.arrays.values() if s.key == key)
-        sink = stream.sinks[spec.name]
         self._remember(stream, key, paths, specs)
-        virtual.set_refs("/" + sink.array.path, specs)
+        virtual.set_refs("/" + stream.array_node(spec.name).path, specs)
         if index[0].size:
             lo = [int(ix.min()) for ix in index]
             hi = [int(ix.max()) + 1 for ix in index]
             filled = np.zeros([h - lo_ for lo_, h in zip(lo, hi)], dtype=bool)
             filled[tuple(ix - lo_ for ix, lo_ in zip(index, lo))] = True
             region = tuple(slice(lo_, h) for lo_, h in zip(lo, hi))
-            stream.mark_on_disk(sink, region, filled)
+            stream.mark_referenced(spec.name, region, filled)
         return None
 
     def _remember(
-        self, stream: StreamWriter, key: str, paths: list[str], specs: list[Any]
+        self, stream: FrameTarget, key: str, paths: list[str], specs: list[Any]
     ) -> None:
         """Note the file, size and modification time behind each reference."""
         by_uri: dict[str, _File] = {}
@@ -332,23 +331,23 @@ class VirtualFrames:
         return lost_points
 
     def _forget_chunks(
-        self, stream: StreamWriter, name: str, chunks: list[tuple[int, ...]]
+        self, stream: FrameTarget, name: str, chunks: list[tuple[int, ...]]
     ) -> None:
         """Delete the references of ``chunks`` of array ``name``."""
-        array = stream.sinks[name].array
+        array = stream.array_node(name)
         store = self.run.repository.store
         separator = array.metadata.separator
         for index in chunks:
             key = "c" + separator + separator.join(str(i) for i in index)
             _zarr.delete(store, f"{array.path}/{key}")
 
-    def _copied(self, stream: StreamWriter, key: str, state: _KeyState, reason: str) -> str:
+    def _copied(self, stream: FrameTarget, key: str, state: _KeyState, reason: str) -> str:
         if state.copied != reason:
             state.copied = reason
             self._record(stream)
         return reason
 
-    def _record(self, stream: StreamWriter) -> None:
+    def _record(self, stream: FrameTarget) -> None:
         """Write the stream group's ``virtual`` attribute: the keys referenced,
         and the keys copied with why."""
         states = {k: s for (name, k), s in self.keys.items() if name == stream.name}
@@ -369,7 +368,7 @@ class VirtualFrames:
 
     def _lay_out(
         self,
-        stream: StreamWriter,
+        stream: FrameTarget,
         spec: Any,
         chunks: tuple[int, ...],
         layout: _Layout,
@@ -377,38 +376,21 @@ class VirtualFrames:
     ) -> str | None:
         """Make the key's array anew with one point's frames per chunk and the
         codecs of the file; returns why not, if its frames were placed before."""
-        from ..plan._layout import fill_value_for
-        from ..write._buffer import ArraySink
-
+        # The file's byte order (the machine's, for a native dtype).
+        serializer: dict[str, Any] = {"name": "bytes"}
+        if sample.dtype.itemsize > 1:
+            serializer["configuration"] = {"endian": layout.endian or sys.byteorder}
         with self.run.buffer_lock, self.run.meta_lock:
-            sink = stream.sinks.get(spec.name)
-            if sink is None:
-                sink = stream._create_pending(spec, sample)
-            if sink.blocks or sink.submitted or stream.on_disk[spec.name].any():
-                return (
-                    "frames of this key were copied before the first that can be "
-                    "referenced"
-                )
-            old = sink.array
-            # The file's byte order (the machine's, for a native dtype).
-            serializer: dict[str, Any] = {"name": "bytes"}
-            if old.dtype.itemsize > 1:
-                serializer["configuration"] = {"endian": layout.endian or sys.byteorder}
-            array = self.run.metadata.add_array(
-                f"{stream.name}/{spec.name}",
-                shape=old.shape,
-                dtype=old.dtype,
+            why = stream.remake_array(
+                spec.name,
+                sample,
                 chunks=chunks,
-                shards=None,
                 serializer=serializer,
                 compressors=layout.compressors,
-                fill_value=fill_value_for(sink.dtype),
-                dimension_names=old.metadata.dimension_names,
-                attributes=dict(old.attrs),
             )
-            stream.sinks[spec.name] = ArraySink(sink.spec, array, stream.n_scan)
-            self.run.metadata.consolidate()
-        return None
+            if why is None:
+                self.run.metadata.consolidate()
+        return why
 
 
 def _dtype_mismatch(dtype: np.dtype | None, stored: np.dtype) -> str | None:

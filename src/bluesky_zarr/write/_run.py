@@ -18,6 +18,7 @@ from event_model.documents import Event, EventDescriptor, EventPage, RunStart, R
 from .._errors import BlueskyZarrError, DocumentError, StorageError, WriteError
 from .._version import __version__
 from ..external._data import ExternalData
+from ..external._target import ExternalOptions, FrameTarget
 from ..plan._conventions import CONVENTIONS
 from ..plan._geometry import GEOMETRY_ATTRIBUTE, RELAYOUT, StreamGeometry
 from ..plan._layout import plan_stream
@@ -101,7 +102,17 @@ class RunWriter(DocumentRouter):
         self.finished = False
         #: The run's store (made at the start document).
         self.store: RunStore | None = None
-        self.external = ExternalData(self)
+        #: The reads of detector files, on the writer's reader thread.
+        self._reads = BackgroundWriter(buffer.reader)
+        self.external = ExternalData(
+            self,
+            ExternalOptions(
+                mode=options.external,
+                handler_registry=options.handler_registry,
+                root_map=options.root_map,
+                flush_interval=options.flush_interval,
+            ),
+        )
         #: Each stream's geometry (see ``_geometry``), and its descriptor as
         #: its arrays are laid out from it.
         self.geometries: dict[str, StreamGeometry] = {}
@@ -114,6 +125,11 @@ class RunWriter(DocumentRouter):
         #: Per stream: documents whose points have still to be shown by an
         #: event (a stream_datum that came before its event), in order.
         self._waiting: dict[str, list[_Item]] = {}
+
+    @property
+    def reads(self) -> BackgroundWriter:
+        """The queue of the reads of detector files (external data)."""
+        return self._reads
 
     @property
     def repository(self) -> Any:
@@ -324,7 +340,7 @@ class RunWriter(DocumentRouter):
         with self.buffer_lock:
             stream.put_page(page, index)
 
-    def point_index(self, stream: StreamWriter, seq_nums: np.ndarray) -> tuple[np.ndarray, ...]:
+    def point_index(self, stream: FrameTarget, seq_nums: np.ndarray) -> tuple[np.ndarray, ...]:
         """Index arrays (one per scan dimension) of the points ``seq_nums`` name."""
         index = self.geometries[stream.name].index(seq_nums)
         if index is None:

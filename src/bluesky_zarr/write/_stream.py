@@ -672,8 +672,52 @@ class StreamWriter:
         with self.lock:
             self.on_disk[name][index] = False
             region = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in index)
-            written = np.logical_and.reduce([mask[region] for mask in self.on_disk.values()])
+            written = np.all([mask[region] for mask in self.on_disk.values()], axis=0)
             self._update(self.written, region, written & (not self.pending))
+
+    # ------------------------------------------------- external data's access
+    def array_node(self, name: str) -> ArrayNode:
+        """The array (node) of array ``name``."""
+        return self.sinks[name].array
+
+    def mark_referenced(self, name: str, region: tuple[slice, ...], filled: np.ndarray) -> None:
+        """Points of array ``name`` referenced in place (virtual chunks) are on disk."""
+        self.mark_on_disk(self.sinks[name], region, filled)
+
+    def remake_array(
+        self,
+        name: str,
+        sample: np.ndarray,
+        *,
+        chunks: tuple[int, ...],
+        serializer: Mapping[str, Any],
+        compressors: Sequence[Any],
+    ) -> str | None:
+        """Make array ``name`` anew with one point's frames a chunk and the
+        codecs a detector's file stores its chunks with (for references to
+        them); returns why not if its frames were placed before. The caller
+        holds the run's buffer and metadata locks, and consolidates."""
+        spec = self.layout.arrays[name]
+        sink = self.sinks.get(name)
+        if sink is None:
+            sink = self._create_pending(spec, sample)
+        if sink.blocks or sink.submitted or self.on_disk[name].any():
+            return "frames of this key were copied before the first that can be referenced"
+        old = sink.array
+        array = self.run.metadata.add_array(
+            f"{self.name}/{name}",
+            shape=old.shape,
+            dtype=old.dtype,
+            chunks=chunks,
+            shards=None,
+            serializer=serializer,
+            compressors=compressors,
+            fill_value=fill_value_for(sink.dtype),
+            dimension_names=old.metadata.dimension_names,
+            attributes=dict(old.attrs),
+        )
+        self.sinks[name] = ArraySink(sink.spec, array, self.n_scan)
+        return None
 
     def _update(self, array: ArrayNode, region: tuple[slice, ...], values: np.ndarray) -> None:
         """Write ``values`` over ``region`` of the mask or a coordinate (under
