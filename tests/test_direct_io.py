@@ -44,7 +44,7 @@ from ophyd.sim import SynSignal, det
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-import bluesky_zarr.storage._roots
+import bluesky_zarr.storage._files
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr.sim import PointCamera, motors
 from bluesky_zarr.storage._files import LocalFiles
@@ -220,7 +220,7 @@ def check_case(case: Case) -> None:
         writer = DirectWriter.of(as_node(direct_array))
         assert writer is not None, f"no direct writer for {case}"
         threshold = 1 if case.around_cache else bluesky_zarr.storage._files.AROUND_CACHE_FROM_BYTES
-        with mock.patch.object(bluesky_zarr.storage._roots, "AROUND_CACHE_FROM_BYTES", threshold):
+        with mock.patch.object(bluesky_zarr.storage._files, "AROUND_CACHE_FROM_BYTES", threshold):
             writer.write(origin, data, direct_array.shape)
 
         reference = files_below(Path(tmp) / "zarr" / "array")
@@ -600,7 +600,7 @@ def test_a_scan_written_directly_is_the_scan_written_by_zarr_python(
 ) -> None:
     if around_cache:
         # Every file, however small, written around the page cache (O_DIRECT).
-        monkeypatch.setattr(bluesky_zarr.storage._roots, "AROUND_CACHE_FROM_BYTES", 1)
+        monkeypatch.setattr(bluesky_zarr.storage._files, "AROUND_CACHE_FROM_BYTES", 1)
     scan = SCANS[name]
     counter = WriteCounter()
     counter.install(monkeypatch)

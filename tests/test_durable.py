@@ -52,11 +52,11 @@ def test_durable_writes_flush_every_file_and_directory(RE, tmp_path, monkeypatch
         around.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real_around(fd, parts)
 
-    monkeypatch.setattr(bluesky_zarr.storage._roots, "start_writeback", start_writeback)
-    monkeypatch.setattr(bluesky_zarr.storage._roots, "write_around_cache", write_around_cache)
+    monkeypatch.setattr(bluesky_zarr.storage._files, "start_writeback", start_writeback)
+    monkeypatch.setattr(bluesky_zarr.storage._files, "write_around_cache", write_around_cache)
     # Small files go through the page cache; here the frames' shards (4
     # frames of 512 bytes) pass the threshold, the masks do not.
-    monkeypatch.setattr(bluesky_zarr.storage._roots, "AROUND_CACHE_FROM_BYTES", 1024)
+    monkeypatch.setattr(bluesky_zarr.storage._files, "AROUND_CACHE_FROM_BYTES", 1024)
     RE.subscribe(writer)
     RE(grid_scan([cam], wavelength, 400, 700, 3, position, 0, 5, 4))
 
@@ -124,7 +124,7 @@ def _parts(rng: np.random.Generator, kinds: str) -> list[Any]:
 )
 def test_writes_around_the_cache_hold_exactly_the_bytes_given(tmp_path, monkeypatch, kinds):
     # A small staging buffer, so that copies fill it and wrap around.
-    monkeypatch.setattr(bluesky_zarr.storage._roots, "STAGING_BYTES", 2 * PAGE)
+    monkeypatch.setattr(bluesky_zarr.storage._files, "STAGING_BYTES", 2 * PAGE)
     monkeypatch.setattr(bluesky_zarr.storage._files._staging, "buffer", None, raising=False)
     rng = np.random.default_rng(abs(hash(kinds)) % 2**32)
     parts = _parts(rng, kinds)
@@ -150,7 +150,7 @@ def test_a_file_system_that_refuses_writes_around_the_cache_gets_them_through_it
         return real(fd, buffers)
 
     monkeypatch.setattr(os, "writev", writev)
-    monkeypatch.setattr(bluesky_zarr.storage._roots, "AROUND_CACHE_FROM_BYTES", 1024)
+    monkeypatch.setattr(bluesky_zarr.storage._files, "AROUND_CACHE_FROM_BYTES", 1024)
     parts = _parts(np.random.default_rng(3), "auab")
     store = LocalFiles(tmp_path)
     (tmp_path / "a").mkdir()  # the array's directory

@@ -29,11 +29,11 @@ from ._errors import (
     WriteError,
 )
 from ._version import __version__
-from .catalog._virtual import open_virtual
-from .external._data import NpySequenceHandler
-from .feeds._export import export
-from .storage._icechunk import virtual_store
-from .write._writer import ZarrWriter
+from .catalog import open_virtual
+from .external import NpySequenceHandler
+from .feeds import export
+from .storage import virtual_store
+from .write import ZarrWriter
 
 __all__ = [
     "BlueskyZarrError",

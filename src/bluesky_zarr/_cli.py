@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .catalog._ls import DEFAULT_FIELDS
-from .plan._names import DEFAULT_NAME_TEMPLATE
+from .catalog import DEFAULT_FIELDS
+from .plan import DEFAULT_NAME_TEMPLATE
 
 #: Each option's default in its help (argparse adds it to every option that has one).
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter
@@ -183,7 +183,7 @@ def _demo_interrupted(RE: Any, writer: Any) -> int:
 def _handler_entry(text: str) -> tuple[str, Any]:
     """``SPEC=module:Class`` of ``--handler``: the class, imported."""
     from ._errors import OptionError
-    from .external._handlers import parse_handler
+    from .external import parse_handler
 
     try:
         return parse_handler(text)
@@ -193,7 +193,7 @@ def _handler_entry(text: str) -> tuple[str, Any]:
 
 def _replay(args: argparse.Namespace) -> int:
     from ._errors import BlueskyZarrError, ReplayError, ReplayInterrupted
-    from .feeds._replay import BATCH_END, ReplayReport, format_summary, replay
+    from .feeds import BATCH_END, ReplayReport, format_summary, replay
 
     def error(message: str) -> None:
         print(f"bluesky-zarr replay: error: {_replay_flag_names(message)}", file=sys.stderr)
@@ -243,7 +243,7 @@ def _inspect(args: argparse.Namespace) -> int:
     import json
 
     from ._errors import BlueskyZarrError
-    from .catalog._inspect import describe_store, format_description
+    from .catalog import describe_store, format_description
 
     try:
         description = describe_store(args.store)
@@ -264,7 +264,7 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     from ._errors import BlueskyZarrError
-    from .feeds._serve import DocumentService
+    from .feeds import DocumentService
 
     if args.kafka is not None:
         return _serve_kafka(args)
@@ -298,7 +298,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _register(args: argparse.Namespace) -> int:
     from ._errors import BlueskyZarrError
-    from .catalog._tiled import connect, register_store
+    from .catalog import connect, register_store
 
     try:
         node = connect(args.tiled, getattr(args, "api_key", None))
@@ -339,7 +339,7 @@ def _ls(args: argparse.Namespace) -> int:
     import json
 
     from ._errors import BlueskyZarrError
-    from .catalog._ls import format_listing, list_stores
+    from .catalog import format_listing, list_stores
 
     fields = getattr(args, "fields", None) or list(DEFAULT_FIELDS)
     problems: list[str] = []
@@ -363,7 +363,7 @@ def _serve_kafka(args: argparse.Namespace) -> int:
     import logging
 
     from ._errors import BlueskyZarrError, ServeError
-    from .feeds._kafka import KafkaDocumentService, parse_config, read_config_file
+    from .feeds import KafkaDocumentService, parse_config, read_config_file
 
     try:
         if not args.topic or not args.group_id:

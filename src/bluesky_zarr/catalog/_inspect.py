@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import StorageError
-from ..storage import _zarr
-from ..storage._roots import open_store
+from ..storage import open_group, open_store
 from ._ls import check_run_store
 from ._text import iso_time, shape_text
 
@@ -33,8 +32,7 @@ def describe_store(
         ``location`` is missing, a directory of stores (the message points to
         ``bluesky-zarr ls``), a group inside a store, or another Zarr node.
     """
-    from ..storage._icechunk import is_repository, virtual_store
-    from ..storage._roots import is_url
+    from ..storage import is_repository, is_url, virtual_store
 
     if not is_url(location):
         location = os.path.expanduser(location)
@@ -44,7 +42,7 @@ def describe_store(
         check_run_store(location, storage_options)
         store = open_store(location, storage_options, read_only=True)
     try:
-        root = _zarr.open_group(store)
+        root = open_group(store)
     except FileNotFoundError as err:
         raise StorageError(f"{location} is not a Zarr V3 store: {err}") from err
     attrs: dict[str, Any] = dict(root.attrs.asdict())

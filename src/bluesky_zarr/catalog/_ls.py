@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import NotAStoreError, StorageError
-from ..plan._scan import primary_stream
-from ..storage._records import is_repository_listing
-from ..storage._roots import REMOTE_SCHEMES, is_url
+from ..plan import primary_stream
+from ..storage import REMOTE_SCHEMES, is_repository_listing, is_url
 from ._text import iso_time, shape_text
 
 #: Start document fields shown by default beside the run's own.
@@ -269,8 +268,7 @@ def count_written_points(
     store: str | os.PathLike[str], stream: str, storage_options: Mapping[str, Any] | None = None
 ) -> int | None:
     """Points of ``stream`` whose ``_written`` flag is set; None if it has none yet."""
-    from ..storage._icechunk import is_repository, metadata_store
-    from ..storage._roots import open_store
+    from ..storage import is_repository, metadata_store, open_store
 
     if is_repository(store, storage_options):
         try:
@@ -528,7 +526,7 @@ def _has_branch(list_directory: Any, refs: Any) -> bool:
 def _repository_root(store: str, storage_options: Mapping[str, Any] | None) -> bytes | None:
     """The root ``zarr.json`` of an Icechunk repository's last commit (a run
     written with ``external="virtual"``); None if ``store`` is not one."""
-    from ..storage._icechunk import is_repository, read_root
+    from ..storage import is_repository, read_root
 
     if not is_repository(store, storage_options):
         return None
@@ -601,10 +599,10 @@ def _count_written(store: Any, stream: str) -> int | None:
     """Points of ``stream`` whose ``_written`` flag is set; None if unreadable."""
     import numpy as np
 
-    from ..storage import _zarr
+    from ..storage import open_array
 
     try:
-        mask = _zarr.open_array(store, f"{stream}/_written")
+        mask = open_array(store, f"{stream}/_written")
         return int(np.count_nonzero(mask[...]))
     except (OSError, KeyError, ValueError):
         return None  # no descriptor yet, or the array is being replaced

@@ -40,9 +40,8 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .._errors import MissingDependencyError, OptionError, TiledError
-from ..plan._text import json_safe
-from ..storage import _zarr
-from ..storage._roots import is_url, open_store
+from ..plan import json_safe
+from ..storage import is_array, is_url, open_group, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -443,7 +442,7 @@ def _register(
     storage_options: Mapping[str, Any] | None,
     relocate: bool = False,
 ) -> Registration:
-    from ..storage._icechunk import is_repository
+    from ..storage import is_repository
 
     if is_repository(store, storage_options):
         raise TiledError(
@@ -453,7 +452,7 @@ def _register(
         )
     zstore = open_store(store, storage_options, read_only=True)
     try:
-        root = _zarr.open_group(zstore)
+        root = open_group(zstore)
     except FileNotFoundError as err:
         if is_url(store) or not Path(store).exists():
             raise TiledError(f"{store}: no store there (moved or deleted?)") from err
@@ -561,7 +560,7 @@ def _register_stream(
             report.removed.append(f"{path}/{key}")
     for key, (dims, is_coord, var_attrs) in sorted(variables.items()):
         array = group[key]
-        if not _zarr.is_array(array):  # xarray's variables are arrays
+        if not is_array(array):  # xarray's variables are arrays
             continue
         why_not = _servable(array)
         if why_not is not None:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..storage._icechunk import virtual_store
+from ..storage import virtual_store
 
 if TYPE_CHECKING:
     pass

@@ -62,7 +62,7 @@ from .._errors import (
     MissingDependencyError,
     UnknownSpecError,
 )
-from ..plan._text import json_safe
+from ..plan import json_safe
 from ._formats import REMOTE_HINT, SOURCES, FrameSource, HDF5Source, check_hdf5_rows, source_class
 from ._target import ExternalOptions, ExternalRun, FrameTarget
 

@@ -461,12 +461,12 @@ class ZarrSource(_RowSource):
         return None
 
     def _open(self) -> Any:
-        from ..storage import _zarr
+        from ..storage import open_array
 
         found = self._locate()
         name = found[0] if found is not None else self.name
         try:
-            return _zarr.open_array(self.path, name)
+            return open_array(self.path, name)
         except (OSError, ValueError) as err:
             raise ExternalFileError(
                 f"stream_resource {self.uid!r} for data key {self.key!r} points to the "
@@ -545,11 +545,11 @@ class ZarrSource(_RowSource):
         would read it as the fill value). Rows past it are the ones a live
         producer has not declared yet: read once every unit holding them is
         on disk and whole."""
-        from ..storage import _zarr
+        from ..storage import array_over, local_store, open_array
 
         stated = int(metadata["shape"][0])
         if last <= stated:
-            array = _zarr.open_array(self.path, name)
+            array = open_array(self.path, name)
             self._check_units(array, name, first, last)
             return np.asarray(array[first:last]), stated
         if not _whole_when_present(metadata):
@@ -557,7 +557,7 @@ class ZarrSource(_RowSource):
         # Past the stated shape: an array over the same metadata, as long as
         # the rows asked for.
         longer = {**metadata, "shape": [last, *metadata["shape"][1:]]}
-        array = _zarr.array_over(_zarr.local_store(self.path), name, longer)
+        array = array_over(local_store(self.path), name, longer)
         self._check_units(array, name, first, min(last, stated))
         absent = self._first_absent_row(array, name, max(first, stated), last)
         if absent is not None:
@@ -572,7 +572,7 @@ class ZarrSource(_RowSource):
     def _units(self, array: Any, name: str, first: int, last: int) -> Iterator[tuple[int, str]]:
         """``(first row, file)`` of every storage unit (the shard, if sharded)
         holding rows ``first..last`` of ``array``."""
-        from ..storage import _zarr
+        from ..storage import chunk_key
 
         base = os.path.join(self.path, *[p for p in name.split("/") if p])
         unit = array.shards or array.chunks
@@ -580,7 +580,7 @@ class ZarrSource(_RowSource):
         for row in range(first - first % unit[0], last, unit[0]):
             for tile in itertools.product(*tiles):
                 coords = tuple(i // c for i, c in zip((row, *tile), unit))
-                yield row, os.path.join(base, _zarr.chunk_key(array, coords))
+                yield row, os.path.join(base, chunk_key(array, coords))
 
     def _check_units(self, array: Any, name: str, first: int, last: int) -> None:
         """Every chunk (shard, if sharded) file holding the rows is in the store.

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..plan._layout import StreamLayout
-from ..storage._metadata import StoreMetadata
+from ..plan import StreamLayout
+from ..storage import StoreMetadata
 
 
 @dataclass(frozen=True)

@@ -51,8 +51,7 @@ import numpy as np
 from .._errors import (
     ExternalFileError,
 )
-from ..storage import _zarr
-from ..storage._icechunk import _icechunk
+from ..storage import delete_key, load_icechunk
 
 if TYPE_CHECKING:
     from ._data import StreamKey
@@ -339,7 +338,7 @@ class VirtualFrames:
         separator = array.metadata.separator
         for index in chunks:
             key = "c" + separator + separator.join(str(i) for i in index)
-            _zarr.delete(store, f"{array.path}/{key}")
+            delete_key(store, f"{array.path}/{key}")
 
     def _copied(self, stream: FrameTarget, key: str, state: _KeyState, reason: str) -> str:
         if state.copied != reason:
@@ -486,7 +485,7 @@ def _chunk_specs(
     the file (it is never referenced past its end)."""
     from ..external._formats import check_hdf5_rows
 
-    ic = _icechunk()
+    ic = load_icechunk()
     check_hdf5_rows(dataset, path, start * per_index, stop * per_index)
     location = Path(path).resolve().as_uri()
     specs = []

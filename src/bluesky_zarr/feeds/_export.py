@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..write._writer import ZarrWriter
+from ..write import ZarrWriter
 
 
 def export(

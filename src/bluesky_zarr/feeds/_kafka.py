@@ -50,8 +50,8 @@ from .._errors import (
     ServeError,
     StoreLockedError,
 )
-from ..storage._records import run_finished
-from ..write._writer import ZarrWriter
+from ..storage import run_finished
+from ..write import ZarrWriter
 from ._serve import give_document
 
 logger = logging.getLogger("bluesky_zarr.kafka")

@@ -39,10 +39,9 @@ from .._errors import (
     ReplayInterrupted,
     StoreExistsError,
 )
-from ..catalog._ls import count_written_points, run_attributes, summarise_root
-from ..external._data import DEFAULT_HANDLERS, VIRTUAL_HANDLERS
-from ..external._handlers import handler_registry
-from ..write._writer import ZarrWriter
+from ..catalog import count_written_points, run_attributes, summarise_root
+from ..external import DEFAULT_HANDLERS, VIRTUAL_HANDLERS, handler_registry
+from ..write import ZarrWriter
 
 #: The ``location`` of the ReplayError raised after the last file, listing
 #: the runs not replayed whole.

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._errors import BlueskyZarrError, DocumentOrderError, MissingDependencyError, ServeError
-from ..write._writer import ZarrWriter
+from ..write import ZarrWriter
 
 logger = logging.getLogger("bluesky_zarr.serve")
 

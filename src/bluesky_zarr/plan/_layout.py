@@ -13,7 +13,7 @@ from .._errors import DocumentError, OptionError
 from ._conventions import TIME_ATTRIBUTES, data_key_attributes
 from ._names import sanitize_name
 from ._scan import ScanDim
-from ._validate import MAX_FRAME_ELEMENTS, check_descriptor, check_dtype, checked_shape
+from ._validate import MAX_FRAME_ELEMENTS, check_descriptor, checked_shape
 
 #: Names of the arrays every stream group carries besides its data keys.
 RESERVED = ("time", "seq_num", "_written")
@@ -53,7 +53,6 @@ def numpy_dtype(key: str, data_key: Mapping[str, Any]) -> np.dtype | None:
             # Text of a bounded width (ophyd-async's EPICS strings and enums
             # say "|S40"): the values come as str, and are stored as strings.
             return np.dtype(f"<U{max(1, dtype.itemsize)}")
-        check_dtype(key, dtype, fill_value_for(dtype))
         return dtype
     kind = data_key.get("dtype")
     if kind in ("number", "integer"):

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import DataShapeError, DataTypeError, DocumentError, ScanIndexError
-from ..storage import _zarr
+from .._errors import DataShapeError, DocumentError, ScanIndexError
 from ._text import preview
 
 #: Most points a scan (or a stream that grows) may have. The writer keeps a
@@ -212,24 +211,6 @@ def check_descriptor(doc: Mapping[str, Any]) -> None:
                 f"got {preview(external)}"
             )
 
-
-
-def check_dtype(key: str, dtype: np.dtype, fill_value: Any) -> None:
-    """Refuse a dtype that zarr-python cannot store as a Zarr V3 array with
-    ``fill_value`` (e.g. ``float128``, which no Zarr data type holds).
-
-    Text (numpy kinds ``O`` and ``U``) is stored as Zarr strings whatever its
-    numpy dtype, so it is always accepted.
-    """
-    if dtype.kind in "OU":
-        return
-    try:
-        _zarr.check_data_type(dtype, fill_value)
-    except (TypeError, ValueError) as err:
-        raise DataTypeError(
-            f"data key {key!r}: dtype_numpy {dtype.str!r} ({dtype}) cannot be stored "
-            f"in a Zarr V3 array: {err}"
-        ) from None
 
 
 #: The ids each kind of document must carry, as strings: the writer keys its

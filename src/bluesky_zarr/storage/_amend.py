@@ -110,11 +110,11 @@ def keep_in_repository(
     ``run_uid`` (``repository``: its Icechunk storage; ``fs``: the object
     storage it is on, or ``None`` for a local one) and commit its amended root
     record."""
-    from ._icechunk import BRANCH, _icechunk
+    from ._icechunk import BRANCH, load_icechunk
 
     lock = StoreLock(store) if isinstance(store, Path) else None
     try:
-        ic = _icechunk()
+        ic = load_icechunk()
         repo = ic.Repository.open(repository)
         session = repo.writable_session(BRANCH)
         root = _zarr.open_group(session.store, mode="r+")

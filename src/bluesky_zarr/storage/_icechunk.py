@@ -31,7 +31,7 @@ from .._errors import (
     StoreExistsError,
     WriteError,
 )
-from ..plan._names import store_name
+from ..plan import store_name
 from . import _amend, _zarr
 from ._files import put_in_place
 from ._lock import StoreLock
@@ -44,7 +44,7 @@ BRANCH = "main"
 _quieted = False
 
 
-def _icechunk() -> Any:
+def load_icechunk() -> Any:
     global _quieted
     try:
         import icechunk
@@ -69,7 +69,7 @@ def _icechunk() -> Any:
 # ------------------------------------------------------------------- storage
 def _s3_storage(url: str, storage_options: Mapping[str, Any]) -> Any:
     """Icechunk S3 storage for ``s3://bucket/prefix``, from s3fs-style options."""
-    ic = _icechunk()
+    ic = load_icechunk()
     bucket, _, prefix = url.partition("://")[2].partition("/")
     options = dict(storage_options)
     client = dict(options.get("client_kwargs") or {})
@@ -97,7 +97,7 @@ def repository_storage(
     """Icechunk storage for a repository's directory or ``s3://`` URL."""
     if is_url(location):
         return _s3_storage(str(location), storage_options or {})
-    return _icechunk().local_filesystem_storage(str(Path(location).resolve()))
+    return load_icechunk().local_filesystem_storage(str(Path(location).resolve()))
 
 
 def is_repository(
@@ -116,7 +116,7 @@ def is_repository(
             lambda: any(n.startswith("branch.") for n in os.listdir(path / "refs")),
         )
     try:
-        ic = _icechunk()
+        ic = load_icechunk()
     except MissingDependencyError:
         return False
     try:
@@ -128,7 +128,7 @@ def is_repository(
 def _authorized(storage: Any) -> dict[str, Any]:
     """Read access to the virtual chunk containers a run's repository declares
     (the detector directories its writer referenced), with no credentials."""
-    ic = _icechunk()
+    ic = load_icechunk()
     config = ic.Repository.fetch_config(storage)
     containers = (config.virtual_chunk_containers or {}) if config is not None else {}
     return ic.containers_credentials(_local_access(containers))
@@ -138,7 +138,7 @@ def _local_access(prefixes: Iterable[str]) -> dict[str, Any]:
     """Read access without credentials to local (``file://``) containers:
     Icechunk 2.1 and later name it with a sentinel (its ``None`` is
     deprecated); Icechunk 1 takes ``None``."""
-    credentials = getattr(_icechunk(), "credentials", None)
+    credentials = getattr(load_icechunk(), "credentials", None)
     access = getattr(credentials, "LocalFileSystemAccess", None)
     return {prefix: access for prefix in prefixes}
 
@@ -151,7 +151,7 @@ def virtual_store(
 ) -> Any:
     """A read-only Zarr store over a virtual run's last commit (or ``snapshot``),
     with its detector directories authorized for reading."""
-    ic = _icechunk()
+    ic = load_icechunk()
     storage = repository_storage(location, storage_options)
     try:
         repo = ic.Repository.open(storage, authorize_virtual_chunk_access=_authorized(storage))
@@ -345,7 +345,7 @@ class VirtualRepository:
         references into it are valid and readers can authorize it."""
         if any(Path(file).as_uri().startswith(p) for p in self.containers):
             return
-        ic = _icechunk()
+        ic = load_icechunk()
         directory = _container_directory(os.path.dirname(file))
         prefix = Path(directory).as_uri().rstrip("/") + "/"
         with self.lock, self.store.gate.alone():
@@ -355,7 +355,7 @@ class VirtualRepository:
             config.set_virtual_chunk_container(
                 ic.VirtualChunkContainer(prefix, ic.local_filesystem_store(directory))
             )
-            self.repo = _icechunk().Repository.open(
+            self.repo = load_icechunk().Repository.open(
                 self.storage,
                 config=config,
                 authorize_virtual_chunk_access=_local_access(self.containers | {prefix}),
@@ -450,7 +450,7 @@ class RepositoryRoot:
         self, template: str, start: Mapping[str, Any], *, overwrite: bool | str, metadata: bytes
     ) -> RunStore:
         """Make the run's repository holding ``metadata`` as its root ``zarr.json``."""
-        ic = _icechunk()
+        ic = load_icechunk()
 
         def first_commit(repo: Any) -> None:
             session = repo.writable_session(BRANCH)
@@ -508,7 +508,7 @@ def metadata_store(
     metadata and ``_written`` mask: no manifest is loaded ahead (a repository
     deleted while it is read would have Icechunk log the failure on stdout,
     inside ``ls --json``), no detector directory authorized."""
-    ic = _icechunk()
+    ic = load_icechunk()
     config = ic.RepositoryConfig.default()
     config.manifest = ic.ManifestConfig(preload=ic.ManifestPreloadConfig(max_total_refs=0))
     repo = ic.Repository.open(repository_storage(location, storage_options), config=config)

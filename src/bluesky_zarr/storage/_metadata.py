@@ -27,9 +27,26 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import DataTypeError
 from . import _spec, _zarr
 
 logger = logging.getLogger(__name__)
+
+def check_storable(key: str, dtype: np.dtype, fill_value: Any) -> None:
+    """Refuse a data key's dtype that no Zarr V3 array holds with
+    ``fill_value`` (e.g. ``float128``, which no Zarr data type holds), as
+    zarr-python tells. Text (numpy kinds ``O`` and ``U``) is stored as Zarr
+    strings whatever its numpy dtype, so it is always accepted."""
+    if dtype.kind in "OU":
+        return
+    try:
+        _zarr.check_data_type(dtype, fill_value)
+    except (TypeError, ValueError) as err:
+        raise DataTypeError(
+            f"data key {key!r}: dtype_numpy {dtype.str!r} ({dtype}) cannot be stored "
+            f"in a Zarr V3 array: {err}"
+        ) from None
+
 
 def _compressor_templates(compressors: Any) -> tuple[Any, ...]:
     """The compressors as a tuple: JSON templates (dicts) and zarr codecs."""

@@ -32,7 +32,7 @@ from .._errors import (
     StorageError,
     StoreExistsError,
 )
-from ..plan._names import store_name, store_path
+from ..plan import store_name, store_path
 from . import _amend, _zarr
 from ._files import LocalFiles, fsync_directory, put_in_place
 from ._lock import StoreLock

@@ -116,7 +116,7 @@ def get(store: Any, key: str) -> bytes | None:
     return None if value is None else bytes(value.to_bytes())
 
 
-def delete(store: Any, key: str) -> None:
+def delete_key(store: Any, key: str) -> None:
     """Delete ``key`` of ``store``."""
     run(store.delete(key))
 

@@ -28,11 +28,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .._errors import DataShapeError, DataTypeError
-from ..plan._layout import ArraySpec, fill_value_for
-from ..plan._text import preview
-from ..storage._files import aligned_empty
-from ..storage._metadata import ArrayNode
-from ..storage._shards import UnitIO
+from ..plan import ArraySpec, fill_value_for, preview
+from ..storage import ArrayNode, UnitIO, aligned_empty
 from ._workers import Workers
 
 if TYPE_CHECKING:

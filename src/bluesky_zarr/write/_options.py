@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import OptionError
-from ..plan._frame_coords import check_frame_coords
-from ..plan._layout import DEFAULT_SHARD_BYTES
-from ..plan._names import DEFAULT_NAME_TEMPLATE, check_name_template
-from ..storage import _zarr
-from ..storage._spec import DEFAULT_COMPRESSOR
+from ..plan import (
+    DEFAULT_NAME_TEMPLATE,
+    DEFAULT_SHARD_BYTES,
+    check_frame_coords,
+    check_name_template,
+)
+from ..storage import DEFAULT_COMPRESSOR, is_bytes_codec
 
 #: The default codec: Blosc LZ4 with bit-shuffle, the fastest of the
 #: compressors measured on detector-like frames (see the README's
@@ -113,7 +115,7 @@ def make_options(
             tuple(compressors) if isinstance(compressors, (list, tuple)) else (compressors,)
         )
         for codec in codecs:
-            if not _zarr.is_bytes_codec(codec):
+            if not is_bytes_codec(codec):
                 raise OptionError(
                     f"compressors= must be 'default', None or zarr bytes-to-bytes codecs "
                     f"(e.g. zarr.codecs.ZstdCodec()), got {codec!r}"

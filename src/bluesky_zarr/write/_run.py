@@ -17,20 +17,32 @@ from event_model.documents import Event, EventDescriptor, EventPage, RunStart, R
 
 from .._errors import BlueskyZarrError, DocumentError, StorageError, WriteError
 from .._version import __version__
-from ..external._data import ExternalData
-from ..external._target import ExternalOptions, FrameTarget
-from ..plan._conventions import CONVENTIONS
-from ..plan._geometry import GEOMETRY_ATTRIBUTE, RELAYOUT, StreamGeometry
-from ..plan._layout import plan_stream
-from ..plan._scan import plan_scan
-from ..plan._text import json_safe, json_verbatim
-from ..plan._validate import check_descriptor
-from ..storage._lock import StoreLock
-from ..storage._metadata import StoreMetadata, root_metadata
-from ..storage._roots import Root, RunStore
+from ..external import ExternalData, ExternalOptions, FrameTarget
+from ..plan import (
+    CONVENTIONS,
+    GEOMETRY_ATTRIBUTE,
+    RELAYOUT,
+    StreamGeometry,
+    check_descriptor,
+    fill_value_for,
+    json_safe,
+    json_verbatim,
+    plan_scan,
+    plan_stream,
+)
+from ..storage import (
+    Root,
+    RunStore,
+    StoreLock,
+    StoreMetadata,
+    check_storable,
+    delete_node,
+    move_node,
+    root_metadata,
+)
 from ._buffer import BlockBuffer
 from ._options import WriterOptions
-from ._relayout import delete_node, move_node, placed_points
+from ._relayout import placed_points
 from ._stream import StreamWriter
 from ._workers import BackgroundWriter
 
@@ -253,6 +265,9 @@ class RunWriter(DocumentRouter):
     def _make_stream(self, name: str, group: Any, geometry: StreamGeometry) -> StreamWriter:
         """Make the arrays of a stream whose geometry is decided."""
         layout = plan_stream(geometry.dims, self._laid_out[name])
+        for spec in layout.arrays.values():
+            if spec.dtype is not None and spec.key is not None:
+                check_storable(spec.key, spec.dtype, fill_value_for(spec.dtype))
         if name == self.plan.stream:
             layout.claimed_scan_ndim = len(self.plan.dims)
         setpoints: dict[str, np.ndarray] = {}

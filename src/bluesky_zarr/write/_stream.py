@@ -24,24 +24,26 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .._errors import DataTypeError, DocumentError
-from ..plan._conventions import WRITTEN_ATTRIBUTES, typed
-from ..plan._frame_coords import PER_POINT_SUFFIX, FrameCoordinate, find_axis
-from ..plan._layout import (
+from ..plan import (
+    PER_POINT_SUFFIX,
     RESERVED,
+    WRITTEN_ATTRIBUTES,
     ArraySpec,
+    FrameCoordinate,
     StreamLayout,
     check_chunking,
     default_chunking,
     fill_value_for,
+    find_axis,
+    preview,
+    sanitize_name,
+    typed,
 )
-from ..plan._names import sanitize_name
-from ..plan._text import preview
-from ..storage._metadata import ArrayNode, GroupNode
-from ..storage._shards import UnitIO
+from ..storage import ArrayNode, GroupNode, UnitIO
 from ._buffer import ArraySink, Block, BlockBuffer
 
 if TYPE_CHECKING:
-    from ..storage._metadata import StoreMetadata
+    from ..storage import StoreMetadata
     from ._options import WriterOptions
     from ._workers import BackgroundWriter
 

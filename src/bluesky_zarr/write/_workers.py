@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._errors import WriteError
-from ..storage._files import limit_staging
+from ..storage import limit_staging
 
 if TYPE_CHECKING:
     from ._buffer import MemoryBudget

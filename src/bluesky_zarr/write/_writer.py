@@ -31,12 +31,15 @@ from typing import Any
 from event_model import RunRouter, bulk_events_to_event_pages
 
 from .._errors import BlueskyZarrError, DocumentError, DocumentOrderError, OptionError, WriteError
-from ..catalog._tiled import DEFAULT_TILED_TIMEOUT, TiledRegistrar, check_tiled_option
-from ..plan._layout import DEFAULT_SHARD_BYTES
-from ..plan._names import DEFAULT_NAME_TEMPLATE
-from ..plan._text import json_verbatim
-from ..plan._validate import check_bulk_events, check_document
-from ..storage._roots import is_url, resolve_root
+from ..catalog import DEFAULT_TILED_TIMEOUT, TiledRegistrar, check_tiled_option
+from ..plan import (
+    DEFAULT_NAME_TEMPLATE,
+    DEFAULT_SHARD_BYTES,
+    check_bulk_events,
+    check_document,
+    json_verbatim,
+)
+from ..storage import is_url, resolve_root
 from ._buffer import BlockBuffer
 from ._options import DEFAULT_MAX_BUFFER_BYTES, WriterOptions, make_options
 from ._run import RunWriter
