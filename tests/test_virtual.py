@@ -35,7 +35,7 @@ from ophyd_async.sim import _pattern_generator
 from bluesky_zarr import ZarrWriter, open_virtual
 from bluesky_zarr._cli import main
 from bluesky_zarr.catalog._inspect import describe_store
-from bluesky_zarr.external._data import AreaDetectorHDF5Handler
+from bluesky_zarr.external._handlers import AreaDetectorHDF5Handler
 
 from conftest import blob_detector, fly, quick_sleep
 

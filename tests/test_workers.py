@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bluesky_zarr.write._buffer import ArrivalEncoding, MemoryBudget
+from bluesky_zarr.write._buffer import ArrivalEncoding
+from bluesky_zarr.write._memory import MemoryBudget
 from bluesky_zarr.write._workers import WORKER_NICENESS, BackgroundWriter, Workers
 
 

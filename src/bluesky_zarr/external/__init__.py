@@ -8,8 +8,14 @@ place (``_virtual``). It never imports the live writer: the run hands it
 narrow interfaces (``_target``).
 """
 
-from ._data import DEFAULT_HANDLERS, VIRTUAL_HANDLERS, ExternalData, NpySequenceHandler
-from ._handlers import handler_registry, parse_handler
+from ._data import ExternalData
+from ._handlers import (
+    DEFAULT_HANDLERS,
+    VIRTUAL_HANDLERS,
+    NpySequenceHandler,
+    handler_registry,
+    parse_handler,
+)
 from ._target import ExternalOptions, FrameTarget
 
 __all__ = [

@@ -59,18 +59,19 @@ from .._errors import (
     ExternalFileError,
     ExternalIndexError,
     HandlerError,
-    MissingDependencyError,
     UnknownSpecError,
 )
 from ..plan import json_safe
-from ._formats import REMOTE_HINT, SOURCES, FrameSource, HDF5Source, check_hdf5_rows, source_class
+from ._formats import REMOTE_HINT, SOURCES, FrameSource, HDF5Source, source_class
+from ._handlers import DEFAULT_HANDLERS, VIRTUAL_HANDLERS, AreaDetectorHDF5Handler
+from ._keys import (
+    STREAM_EXTERNAL,
+    StreamKey,
+    is_datum_key,
+    is_stream_key,
+    layout_data_key,
+)
 from ._target import ExternalOptions, ExternalRun, FrameTarget
-
-#: The ``external`` prefix of data keys whose frames stream_datum documents give.
-STREAM_EXTERNAL = "STREAM:"
-
-#: The name of the kept frames-per-point dimension.
-FRAME_DIM = "frame"
 
 #: Most bytes read from a file at once: a stream_datum of many frames is read
 #: and buffered in batches of this size.
@@ -82,115 +83,6 @@ STREAM_MIMETYPES = frozenset(SOURCES)
 _REMOTE_HINT = REMOTE_HINT
 
 
-class NpySequenceHandler:
-    """Handler of spec ``NPY_SEQ``: one ``<path>_<index>.npy`` file per datum.
-
-    This is the format ``ophyd.sim``'s ``SynSignalWithRegistry`` (the ``img``
-    detector) writes: ``resource_path`` is a file stem, each datum's
-    ``index`` picks one file.
-    """
-
-    specs = frozenset({"NPY_SEQ"})
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __call__(self, index: int) -> np.ndarray:
-        path = f"{self.path}_{int(index)}.npy"
-        try:
-            return np.load(path, allow_pickle=False)
-        except ValueError as err:  # a short file: numpy reads fewer bytes than its header says
-            raise ExternalFileError(f"the NPY file {path} is not whole: {err}") from err
-
-
-class AreaDetectorHDF5Handler:
-    """Handler of specs ``AD_HDF5`` and ``AD_HDF5_SWMR``: an area detector's
-    HDF5 file, frames in ``/entry/data/data``, ``frame_per_point`` rows a datum
-    (``point_number``). Returns ``(frame_per_point, *frame shape)``."""
-
-    specs = frozenset({"AD_HDF5", "AD_HDF5_SWMR"})
-    dataset_name = "/entry/data/data"
-
-    def __init__(self, path: str, frame_per_point: int = 1) -> None:
-        try:
-            import h5py
-        except ImportError as err:
-            raise MissingDependencyError(
-                "AD_HDF5 resources are HDF5 files; reading them needs h5py "
-                "(pip install 'bluesky-zarr[hdf5]')"
-            ) from err
-        self.path = path
-        self.frame_per_point = int(frame_per_point)
-        self.file = h5py.File(path, "r", swmr=True)
-        self.dataset = self.file[self.dataset_name]
-
-    def __call__(self, point_number: int) -> np.ndarray:
-        start = int(point_number) * self.frame_per_point
-        stop = start + self.frame_per_point
-        if stop > self.dataset.shape[0] and self.file.swmr_mode:
-            self.dataset.refresh()
-        if start < 0 or stop > self.dataset.shape[0]:
-            raise IndexError(
-                f"rows {start}..{stop} of {self.dataset_name} in {self.path}, which holds "
-                f"{self.dataset.shape[0]}"
-            )
-        # SWMR reads past the end of a file cut short as zeros: the bytes are
-        # checked before and after the read.
-        check_hdf5_rows(self.dataset, self.path, start, stop)
-        frames = np.asarray(self.dataset[start:stop])
-        check_hdf5_rows(self.dataset, self.path, start, stop)
-        return frames
-
-    def close(self) -> None:
-        self.file.close()
-
-
-#: Handlers registered by default, by spec.
-DEFAULT_HANDLERS: dict[str, Any] = {"NPY_SEQ": NpySequenceHandler}
-
-#: Handlers registered with external="virtual": they read what does not map.
-VIRTUAL_HANDLERS: dict[str, Any] = {
-    spec: AreaDetectorHDF5Handler for spec in AreaDetectorHDF5Handler.specs
-}
-
-
-def is_stream_key(data_key: Mapping[str, Any]) -> bool:
-    """Whether stream_datum documents (not events) give this data key's values."""
-    return str(data_key.get("external") or "").startswith(STREAM_EXTERNAL)
-
-
-def is_datum_key(data_key: Mapping[str, Any]) -> bool:
-    """Whether events carry datum ids for this data key."""
-    return bool(data_key.get("external")) and not is_stream_key(data_key)
-
-
-@dataclass
-class StreamKey:
-    """How one stream-external data key's declared shape maps to stored frames."""
-
-    declared: tuple[int | None, ...] | None
-    squeezed: bool
-
-
-def layout_data_key(key: str, data_key: Mapping[str, Any]) -> tuple[dict[str, Any], StreamKey]:
-    """The data key as the array is laid out: the frames-per-point dim settled."""
-    shape = data_key.get("shape")
-    declared = None if shape is None else tuple(shape)
-    result = dict(data_key)
-    if not declared:
-        return result, StreamKey(declared, False)
-    dims = data_key.get("dims")
-    if declared[0] == 1:
-        result["shape"] = list(declared[1:])
-        if dims and len(dims) == len(declared):
-            result["dims"] = list(dims[1:])
-        return result, StreamKey(declared, True)
-    if not (dims and len(dims) == len(declared)):
-        rest = len(declared) - 1
-        result["dims"] = [FRAME_DIM] + (
-            ["y", "x"] if rest == 2 else [f"{key}_dim_{n}" for n in range(rest)]
-        )
-    return result, StreamKey(declared, False)
 
 
 @dataclass

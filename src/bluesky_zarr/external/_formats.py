@@ -70,7 +70,8 @@ from .._errors import (
 )
 
 if TYPE_CHECKING:
-    from ._data import ExternalData, StreamKey
+    from ._keys import StreamKey
+    from ._target import FileContext
 
 #: Said when a file cannot be read where the writer runs.
 REMOTE_HINT = (
@@ -102,7 +103,7 @@ class FrameSource:
     #: What the format is called in messages.
     label: ClassVar[str] = ""
 
-    def __init__(self, sres: Mapping[str, Any], info: StreamKey, external: ExternalData):
+    def __init__(self, sres: Mapping[str, Any], info: StreamKey, external: FileContext):
         self.sres = sres
         self.uid = str(sres["uid"])
         self.key = str(sres["data_key"])
@@ -282,7 +283,7 @@ class _RowSource(FrameSource):
     #: The parameter naming the array inside the file or store.
     name_parameter: ClassVar[str] = ""
 
-    def __init__(self, sres: Mapping[str, Any], info: StreamKey, external: ExternalData):
+    def __init__(self, sres: Mapping[str, Any], info: StreamKey, external: FileContext):
         super().__init__(sres, info, external)
         self.path = external.uri_path(sres)
         self.name = self.parameters.get(self.name_parameter, self._default_name())
@@ -677,7 +678,7 @@ def _whole_when_present(metadata: Mapping[str, Any]) -> bool:
 class _FileSequence(FrameSource):
     """One file per frame (or per ``chunk_shape[0]`` frames), named by a template."""
 
-    def __init__(self, sres: Mapping[str, Any], info: StreamKey, external: ExternalData):
+    def __init__(self, sres: Mapping[str, Any], info: StreamKey, external: FileContext):
         super().__init__(sres, info, external)
         self.base = external.uri_path(sres)
         self.template = str(self.parameters["template"])

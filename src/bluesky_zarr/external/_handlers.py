@@ -1,5 +1,6 @@
-"""Handlers of ophyd v1 ``resource`` specs named on the command line, or
-installed by other packages.
+"""Handlers of ophyd v1 ``resource`` specs: the package's own (``NPY_SEQ``,
+``AD_HDF5``), those named on the command line, and those installed by other
+packages.
 
 Handlers follow the ``event_model.Filler`` convention (see ``_external``):
 ``Handler(full_path, **resource_kwargs)``, then ``handler(**datum_kwargs)``.
@@ -17,7 +18,10 @@ from collections.abc import Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from .._errors import HandlerError, OptionError
+import numpy as np
+
+from .._errors import ExternalFileError, HandlerError, MissingDependencyError, OptionError
+from ._formats import check_hdf5_rows
 
 #: The entry point group that handler packages register their handlers in.
 ENTRY_POINT_GROUP = "databroker.handlers"
@@ -107,3 +111,75 @@ def handler_registry(
     registry: dict[str, Any] = dict(installed_handlers(built_in)) if installed else {}
     registry.update(given or {})
     return registry
+
+
+class NpySequenceHandler:
+    """Handler of spec ``NPY_SEQ``: one ``<path>_<index>.npy`` file per datum.
+
+    This is the format ``ophyd.sim``'s ``SynSignalWithRegistry`` (the ``img``
+    detector) writes: ``resource_path`` is a file stem, each datum's
+    ``index`` picks one file.
+    """
+
+    specs = frozenset({"NPY_SEQ"})
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self, index: int) -> np.ndarray:
+        path = f"{self.path}_{int(index)}.npy"
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as err:  # a short file: numpy reads fewer bytes than its header says
+            raise ExternalFileError(f"the NPY file {path} is not whole: {err}") from err
+
+
+class AreaDetectorHDF5Handler:
+    """Handler of specs ``AD_HDF5`` and ``AD_HDF5_SWMR``: an area detector's
+    HDF5 file, frames in ``/entry/data/data``, ``frame_per_point`` rows a datum
+    (``point_number``). Returns ``(frame_per_point, *frame shape)``."""
+
+    specs = frozenset({"AD_HDF5", "AD_HDF5_SWMR"})
+    dataset_name = "/entry/data/data"
+
+    def __init__(self, path: str, frame_per_point: int = 1) -> None:
+        try:
+            import h5py
+        except ImportError as err:
+            raise MissingDependencyError(
+                "AD_HDF5 resources are HDF5 files; reading them needs h5py "
+                "(pip install 'bluesky-zarr[hdf5]')"
+            ) from err
+        self.path = path
+        self.frame_per_point = int(frame_per_point)
+        self.file = h5py.File(path, "r", swmr=True)
+        self.dataset = self.file[self.dataset_name]
+
+    def __call__(self, point_number: int) -> np.ndarray:
+        start = int(point_number) * self.frame_per_point
+        stop = start + self.frame_per_point
+        if stop > self.dataset.shape[0] and self.file.swmr_mode:
+            self.dataset.refresh()
+        if start < 0 or stop > self.dataset.shape[0]:
+            raise IndexError(
+                f"rows {start}..{stop} of {self.dataset_name} in {self.path}, which holds "
+                f"{self.dataset.shape[0]}"
+            )
+        # SWMR reads past the end of a file cut short as zeros: the bytes are
+        # checked before and after the read.
+        check_hdf5_rows(self.dataset, self.path, start, stop)
+        frames = np.asarray(self.dataset[start:stop])
+        check_hdf5_rows(self.dataset, self.path, start, stop)
+        return frames
+
+    def close(self) -> None:
+        self.file.close()
+
+
+#: Handlers registered by default, by spec.
+DEFAULT_HANDLERS: dict[str, Any] = {"NPY_SEQ": NpySequenceHandler}
+
+#: Handlers registered with external="virtual": they read what does not map.
+VIRTUAL_HANDLERS: dict[str, Any] = {
+    spec: AreaDetectorHDF5Handler for spec in AreaDetectorHDF5Handler.specs
+}

@@ -149,3 +149,16 @@ class ExternalRun(Protocol):
 
     def refuse(self, name: str, doc: Mapping[str, Any], error: BaseException) -> None:
         """Keep a document refused (and count it)."""
+
+
+class FileContext(Protocol):
+    """What a reader of a detector's files needs of the run's external data."""
+
+    def uri_path(self, sres: Mapping[str, Any]) -> str:
+        """The local path of a stream resource's ``uri`` (``root_map`` applied)."""
+
+    def shared_file(self, path: str, open_file: Callable[[str], Any]) -> Any:
+        """The file at ``path``, opened once for every resource in it."""
+
+    def wait_for_reads(self) -> None:
+        """Wait until every read so far is done."""

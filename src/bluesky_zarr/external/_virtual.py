@@ -54,7 +54,7 @@ from .._errors import (
 from ..storage import delete_key, load_icechunk
 
 if TYPE_CHECKING:
-    from ._data import StreamKey
+    from ._keys import StreamKey
     from ._target import ExternalRun, FrameTarget
 
 

@@ -16,7 +16,8 @@ from ._lock import StoreLock
 from ._metadata import ArrayNode, GroupNode, StoreMetadata, check_storable, root_metadata
 from ._nodes import delete_node, move_node, reader_of
 from ._records import is_repository_listing, run_finished
-from ._roots import REMOTE_SCHEMES, Root, RunStore, is_url, open_store, resolve_root
+from ._resolve import resolve_root
+from ._roots import REMOTE_SCHEMES, Root, RunStore, is_url, open_store
 from ._shards import UnitIO
 from ._spec import DEFAULT_COMPRESSOR
 from ._zarr import (

@@ -61,7 +61,7 @@ def amended(attributes: Mapping[str, Any], run_uid: str) -> dict[str, Any]:
     return {**attributes, "bluesky_zarr": info}
 
 
-def _root_text(root: Mapping[str, Any]) -> bytes:
+def root_text(root: Mapping[str, Any]) -> bytes:
     return _spec.dumps(root, _zarr.json_indent()).encode()
 
 
@@ -79,7 +79,7 @@ def keep_local(store: Path, run_uid: str, line: bytes, durable: bool) -> None:
                 os.fsync(file.fileno())
         if durable:
             fsync_directory(store)
-        LocalFiles(store, durable=durable).write_parts("zarr.json", [_root_text(root)])
+        LocalFiles(store, durable=durable).write_parts("zarr.json", [root_text(root)])
     finally:
         lock.release()
 
@@ -91,41 +91,13 @@ def keep_remote(fs: Any, store: str, run_uid: str, line: bytes) -> None:
     key = store.partition("://")[2]
     root = json.loads(fs.cat_file(f"{key}/zarr.json"))
     root["attributes"] = amended(root.get("attributes") or {}, run_uid)
-    _append_object(fs, f"{key}/{REFUSED_FILE}", line)
-    fs.pipe_file(f"{key}/zarr.json", _root_text(root))
+    append_object(fs, f"{key}/{REFUSED_FILE}", line)
+    fs.pipe_file(f"{key}/zarr.json", root_text(root))
 
 
-def _append_object(fs: Any, key: str, line: bytes) -> None:
+def append_object(fs: Any, key: str, line: bytes) -> None:
     try:
         kept = fs.cat_file(key)
     except FileNotFoundError:
         kept = b""
     fs.pipe_file(key, kept + line)
-
-
-def keep_in_repository(
-    repository: Any, store: Path | str, fs: Any, run_uid: str, line: bytes
-) -> None:
-    """Keep ``line`` beside the finished Icechunk repository of run
-    ``run_uid`` (``repository``: its Icechunk storage; ``fs``: the object
-    storage it is on, or ``None`` for a local one) and commit its amended root
-    record."""
-    from ._icechunk import BRANCH, load_icechunk
-
-    lock = StoreLock(store) if isinstance(store, Path) else None
-    try:
-        ic = load_icechunk()
-        repo = ic.Repository.open(repository)
-        session = repo.writable_session(BRANCH)
-        root = _zarr.open_group(session.store, mode="r+")
-        attributes = amended(dict(root.attrs.asdict()), run_uid)
-        if isinstance(store, Path):
-            with open(store / REFUSED_FILE, "ab") as file:
-                file.write(line)
-        else:
-            _append_object(fs, f"{store.partition('://')[2]}/{REFUSED_FILE}", line)
-        root.attrs.put(attributes)
-        session.commit("a document refused after the run ended")
-    finally:
-        if lock is not None:
-            lock.release()

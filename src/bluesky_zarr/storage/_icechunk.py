@@ -439,7 +439,7 @@ class RepositoryRoot:
 
     def keep_after_end(self, store: Path | str, run_uid: str, line: bytes) -> None:
         fs = self.base.fs if isinstance(self.base, FsspecRoot) else None
-        _amend.keep_in_repository(
+        keep_in_repository(
             repository_storage(store, self._options()), store, fs, run_uid, line
         )
 
@@ -521,3 +521,29 @@ def read_root(
     """The root ``zarr.json`` of a repository's last commit (a run written
     with ``external="virtual"``); ``None`` if it has none."""
     return _zarr.get(metadata_store(location, storage_options), "zarr.json")
+
+
+def keep_in_repository(
+    repository: Any, store: Path | str, fs: Any, run_uid: str, line: bytes
+) -> None:
+    """Keep ``line`` beside the finished Icechunk repository of run
+    ``run_uid`` (``repository``: its Icechunk storage; ``fs``: the object
+    storage it is on, or ``None`` for a local one) and commit its amended root
+    record."""
+    lock = StoreLock(store) if isinstance(store, Path) else None
+    try:
+        ic = load_icechunk()
+        repo = ic.Repository.open(repository)
+        session = repo.writable_session(BRANCH)
+        root = _zarr.open_group(session.store, mode="r+")
+        attributes = _amend.amended(dict(root.attrs.asdict()), run_uid)
+        if isinstance(store, Path):
+            with open(store / _amend.REFUSED_FILE, "ab") as file:
+                file.write(line)
+        else:
+            _amend.append_object(fs, f"{store.partition('://')[2]}/{_amend.REFUSED_FILE}", line)
+        root.attrs.put(attributes)
+        session.commit("a document refused after the run ended")
+    finally:
+        if lock is not None:
+            lock.release()

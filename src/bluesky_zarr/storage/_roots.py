@@ -308,34 +308,6 @@ class FsspecRoot:
         _amend.keep_remote(self.fs, str(store), run_uid, line)
 
 
-def resolve_root(
-    root: str | os.PathLike[str],
-    storage_options: Mapping[str, Any] | None = None,
-    durable: bool = False,
-    *,
-    repositories: bool = False,
-) -> Root:
-    """The storage root named by a directory or an ``s3://bucket/prefix`` URL;
-    ``repositories``: each run's store an Icechunk repository there
-    (``external="virtual"``)."""
-    base: LocalRoot | FsspecRoot
-    if is_url(root):
-        # An object is durable once its write returns.
-        base = FsspecRoot(str(root), storage_options)
-    elif storage_options:
-        raise OptionError(
-            f"storage_options= apply to object storage URLs (s3://...), not to the "
-            f"local directory {str(root)!r}"
-        )
-    else:
-        base = LocalRoot(root, durable=durable)
-    if repositories:
-        from ._icechunk import RepositoryRoot
-
-        return RepositoryRoot(base)
-    return base
-
-
 def open_store(
     location: str | os.PathLike[str],
     storage_options: Mapping[str, Any] | None = None,

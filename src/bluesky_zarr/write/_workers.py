@@ -21,7 +21,7 @@ from .._errors import WriteError
 from ..storage import limit_staging
 
 if TYPE_CHECKING:
-    from ._buffer import MemoryBudget
+    from ._memory import MemoryBudget
 
 logger = logging.getLogger(__name__)
 
