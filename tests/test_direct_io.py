@@ -52,7 +52,7 @@ from bluesky_zarr.storage._metadata import ArrayNode
 from bluesky_zarr.storage._shards import DirectWriter
 from bluesky_zarr.storage._spec import ArrayMetadata
 from bluesky_zarr.storage._zarr import LocalFilesStore
-from bluesky_zarr.write._stream import StreamWriter
+from bluesky_zarr.write._buffer import BlockBuffer
 
 from conftest import assert_frames_match, epoch_seconds, open_stream
 
@@ -442,7 +442,7 @@ class WriteCounter:
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         direct_write = DirectWriter.write
         encode_point = DirectWriter.encode_point
-        write_block = StreamWriter.write_block
+        write_block = BlockBuffer.write_block
         counter = self
 
         def counted_encode(self: DirectWriter, *args: Any) -> Any:
@@ -458,8 +458,10 @@ class WriteCounter:
                 name = self.path.rsplit("/", 1)[-1]
                 counter.direct[name] = counter.direct.get(name, 0) + 1
 
-        def counted_block(self: StreamWriter, sink: Any, block: Any, merge: bool) -> None:
-            write_block(self, sink, block, merge)
+        def counted_block(
+            self: BlockBuffer, owner: Any, sink: Any, block: Any, merge: bool
+        ) -> None:
+            write_block(self, owner, sink, block, merge)
             with counter.lock:
                 counter.blocks[sink.name] = counter.blocks.get(sink.name, 0) + 1
                 if merge:
@@ -467,7 +469,7 @@ class WriteCounter:
 
         monkeypatch.setattr(DirectWriter, "write", counted_write)
         monkeypatch.setattr(DirectWriter, "encode_point", counted_encode)
-        monkeypatch.setattr(StreamWriter, "write_block", counted_block)
+        monkeypatch.setattr(BlockBuffer, "write_block", counted_block)
 
 
 @dataclass(frozen=True)

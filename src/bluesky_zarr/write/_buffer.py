@@ -227,7 +227,16 @@ class BlockOwner(Protocol):
 
     def new_block(self, sink: ArraySink, key: tuple[int, ...], data: np.ndarray) -> Block: ...
 
-    def write_block(self, sink: ArraySink, block: Block, merge: bool) -> None: ...
+    #: Whether the stream's one scan dimension grows as points arrive.
+    growing: bool
+
+    def ensure_length(self, length: int) -> None:
+        """Grow the stream's arrays to ``length`` points."""
+
+    def mark_on_disk(
+        self, sink: ArraySink, region: tuple[slice, ...], filled: np.ndarray
+    ) -> None:
+        """The points ``filled`` of ``region`` of ``sink``'s array are on disk."""
 
 
 class Run(Protocol):
@@ -367,12 +376,57 @@ class BlockBuffer:
 
         background.submit(
             (id(sink), key),
-            lambda: stream.write_block(sink, block, merge),
+            lambda: self.write_block(stream, sink, block, merge),
             block.nbytes,
             f"writing {stream.name}/{sink.name} at {block.origin}",
             done,
             copies=sink.copies(block.nbytes)[1 if merge else 0],
         )
+
+    def write_block(
+        self, owner: BlockOwner, sink: ArraySink, block: Block, merge: bool
+    ) -> None:
+        """Write one block to disk (a worker thread), then tell its stream
+        which points are on disk: the block's data goes from here to the
+        shard writer (``storage``), never back up through the stream."""
+        filled = block.filled
+        data = block.data
+        if owner.growing and block.count < block.expected:
+            # Write only up to the last point received: the array's length
+            # never claims points that have not been measured. A merge keeps
+            # the extent an earlier write of the block reached (its points
+            # past this write's last are on disk, and must stay).
+            last = int(np.flatnonzero(filled)[-1]) + 1
+            if merge:
+                last = max(last, min(filled.shape[0], sink.array.shape[0] - block.origin[0]))
+            filled = filled[:last]
+            data = data[:last]
+        if block.count < block.expected:
+            data[~filled] = sink.fill
+        region = tuple(slice(o, o + n) for o, n in zip(block.origin, filled.shape))
+        if owner.growing:
+            owner.ensure_length(region[0].stop)
+        reused = None
+        if merge:
+            # What an earlier write of this block left on disk, with the new
+            # points placed over it; read into a buffer kept for reuse, where
+            # there is one (no fresh memory).
+            reused = self.pool.take(data.shape, data.dtype)
+            current = sink.io.read(sink.array, block.origin, data.shape, reused)
+            if current is not reused and reused is not None:
+                self.pool.give(reused)
+                reused = None
+            current[filled] = data[filled]
+            data = current
+        encoded = None
+        if block.arrival is not None:
+            points = zip(*np.nonzero(filled))
+            encoded = block.arrival.take(tuple(int(i) for i in point) for point in points)
+        sink.io.write(sink.array, block.origin, data, encoded)
+        if reused is not None:
+            self.pool.give(reused)
+
+        owner.mark_on_disk(sink, region, filled)
 
     def _encode(
         self, stream: BlockOwner, sink: ArraySink, block: Block, point: tuple[int, ...]

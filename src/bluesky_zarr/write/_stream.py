@@ -4,7 +4,7 @@ A :class:`StreamWriter` owns the arrays of one stream group. It maps each
 event (a page of events, or frames that external data point to) to its point,
 an index along the scan dimensions, checks its values against the arrays,
 and places them in the chunk buffer (:mod:`._buffer`), which hands back
-complete blocks; :meth:`StreamWriter.write_block` writes one (through
+complete blocks; the buffer writes each (``_buffer.BlockBuffer.write_block``, through
 :mod:`._io`, merging with what an earlier write of the block left) and marks
 its points on disk.
 
@@ -575,47 +575,6 @@ class StreamWriter:
         origin, scan = self._block_extent(sink, key)
         filled = np.zeros(scan, dtype=bool)
         return Block(origin, data, filled, 0, math.prod(scan), time.monotonic(), data.nbytes)
-
-    def write_block(self, sink: ArraySink, block: Block, merge: bool) -> None:
-        """Write one block to disk, then mark its points (a worker thread)."""
-        filled = block.filled
-        data = block.data
-        if self.growing and block.count < block.expected:
-            # Write only up to the last point received: the array's length
-            # never claims points that have not been measured. A merge keeps
-            # the extent an earlier write of the block reached (its points
-            # past this write's last are on disk, and must stay).
-            last = int(np.flatnonzero(filled)[-1]) + 1
-            if merge:
-                last = max(last, min(filled.shape[0], sink.array.shape[0] - block.origin[0]))
-            filled = filled[:last]
-            data = data[:last]
-        if block.count < block.expected:
-            data[~filled] = sink.fill
-        region = tuple(slice(o, o + n) for o, n in zip(block.origin, filled.shape))
-        if self.growing:
-            self.ensure_length(region[0].stop)
-        reused = None
-        if merge:
-            # What an earlier write of this block left on disk, with the new
-            # points placed over it; read into a buffer kept for reuse, where
-            # there is one (no fresh memory).
-            reused = self.run.buffer.pool.take(data.shape, data.dtype)
-            current = sink.io.read(sink.array, block.origin, data.shape, reused)
-            if current is not reused and reused is not None:
-                self.run.buffer.pool.give(reused)
-                reused = None
-            current[filled] = data[filled]
-            data = current
-        encoded = None
-        if block.arrival is not None:
-            points = zip(*np.nonzero(filled))
-            encoded = block.arrival.take(tuple(int(i) for i in point) for point in points)
-        sink.io.write(sink.array, block.origin, data, encoded)
-        if reused is not None:
-            self.run.buffer.pool.give(reused)
-
-        self.mark_on_disk(sink, region, filled)
 
     def ensure_length(self, length: int) -> None:
         """Grow every array of a growing stream to ``length`` points."""
