@@ -23,12 +23,11 @@ import signal
 import sys
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from event_model import RunRouter, bulk_events_to_event_pages
+from event_model import bulk_events_to_event_pages
 
 from .._errors import BlueskyZarrError, DocumentError, DocumentOrderError, OptionError, WriteError
 from ..catalog import DEFAULT_TILED_TIMEOUT, TiledRegistrar, check_tiled_option
@@ -42,6 +41,7 @@ from ..plan import (
 from ..storage import is_url, resolve_root
 from ._buffer import BlockBuffer
 from ._options import DEFAULT_MAX_BUFFER_BYTES, WriterOptions, make_options
+from ._routes import KINDS, Routes
 from ._run import RunWriter
 
 logger = logging.getLogger(__name__)
@@ -99,37 +99,6 @@ def _handle_sigterm() -> None:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
         _sigterm_installed = True
-
-
-#: Ended runs remembered (oldest dropped first), so that their documents
-#: refused after the end are kept in their stores too.
-ENDED_RUNS_KEPT = 1000
-
-_KINDS = {
-    "start",
-    "descriptor",
-    "event",
-    "event_page",
-    "stop",
-    "resource",
-    "datum",
-    "datum_page",
-    "stream_resource",
-    "stream_datum",
-}
-
-
-class _PassThrough:
-    """Stands in for event-model's Filler: documents pass through untouched."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def _same(self, doc: Any) -> Any:
-        return doc
-
-    descriptor = event_page = datum_page = resource = _same
-    stream_resource = stream_datum = _same
 
 
 class ZarrWriter:
@@ -320,23 +289,8 @@ class ZarrWriter:
         self._shut: str | None = None
         _writers.add(self)
         _handle_sigterm()
-        self._router = RunRouter(
-            [self._factory], filler_class=_PassThrough  # type: ignore[arg-type]
-        )
-        self._runs: dict[str, RunWriter] = {}
-        self._seen_starts: set[str] = set()
-        self._descriptors: dict[str, str] = {}
-        #: Run start uid and refusal of each descriptor this writer refused.
-        self._refused_descriptors: dict[str, tuple[str, str]] = {}
-        #: Run start uid of each resource and stream_resource seen (None: not said).
-        self._resources: dict[str, str | None] = {}
-        #: Run start uid and refusal of each resource and stream_resource refused.
-        self._refused_resources: dict[str, tuple[str, str]] = {}
-        #: The store of each run that ended (stopped, or closed), and the run
-        #: of each of their descriptors and resources: where documents that
-        #: come after the end are kept.
-        self._ended: OrderedDict[str, Path | str] = OrderedDict()
-        self._ended_ids: dict[str, str] = {}
+        #: The runs, and which run each document belongs to.
+        self._routes: Routes[RunWriter] = Routes()
         #: Stores written so far, in order: paths, or URLs for object storage.
         self.stores: list[Path | str] = []
         self._tiled: TiledRegistrar | None = None
@@ -357,10 +311,6 @@ class ZarrWriter:
 
     def __repr__(self) -> str:
         return f"ZarrWriter({str(self.directory)!r})"
-
-    def _factory(self, name: str, start: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        # The run writer was made in __call__, which keeps track of it.
-        return [self._runs[start["uid"]]], []
 
     def __call__(self, name: str, doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Take one document; every exception raised is a :class:`BlueskyZarrError`.
@@ -396,7 +346,7 @@ class ZarrWriter:
             return name, doc
         # The run the document belongs to as it came (a stop that fails ends
         # its run before the failure is raised: it is not kept as refused).
-        run = self._run_of(name, doc)
+        run = self._routes.run_of(name, doc)
         try:
             result = self._take(name, doc)
         except BlueskyZarrError as err:
@@ -419,22 +369,25 @@ class ZarrWriter:
         return result
 
     def _take(self, name: str, doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        if name not in _KINDS:
+        if name not in KINDS:
             raise DocumentError(f"unknown document kind {name!r}")
         if not isinstance(doc, Mapping):
             raise DocumentError(f"a {name} document must be a mapping, got {type(doc).__name__}")
         check_document(name, doc)
-        self._check_order(name, doc)
+        self._routes.check(name, doc)
         if name == "start":
-            run = RunWriter(self.storage, self.options, self.buffer, len(self._runs))
+            run = RunWriter(self.storage, self.options, self.buffer, len(self._routes.runs))
             run.open(doc)  # type: ignore[arg-type]
-            self._seen_starts.add(doc["uid"])
-            self._runs[doc["uid"]] = run
+            self._routes.open(doc["uid"], run)
+        target = self._routes.run_of(name, doc)
+        if not isinstance(target, RunWriter):
+            raise DocumentOrderError(f"the {name} document belongs to no open run")
         try:
-            result = self._router(name, doc)
+            result = target(name, doc)
         except BaseException:
             if name == "start":
-                self._runs.pop(doc["uid"]).close_incomplete("the start document was refused")
+                self._routes.runs.pop(doc["uid"])
+                target.close_incomplete("the start document was refused")
             if name == "stop":
                 # The run was finalised even though its stop raised (a write
                 # failure reported late): it is no longer open.
@@ -445,18 +398,10 @@ class ZarrWriter:
             # The run, then each stream as it appears: readable through Tiled
             # while it is written; what reaches the disk is told to Tiled's
             # subscribers.
-            run = self._runs[doc["uid" if name == "start" else "run_start"]]
-            self._tiled.opened(run.path, run.take_written_regions)
-        if name == "descriptor":
-            self._descriptors[doc["uid"]] = doc["run_start"]
-        if name in ("resource", "stream_resource"):
-            run_start = doc.get("run_start")
-            if run_start is None and len(self._runs) == 1:
-                # An old resource document names no run: the one open.
-                run_start = next(iter(self._runs))
-            self._resources[doc["uid"]] = run_start
+            self._tiled.opened(target.path, target.take_written_regions)
+        self._routes.add(name, doc)
         if name == "start":
-            path = self._runs[doc["uid"]].path
+            path = target.path
             if path is not None:
                 self.stores.append(path)
         if name == "stop":
@@ -465,7 +410,7 @@ class ZarrWriter:
         return result
 
     def _register_finished(self, run_start: str) -> None:
-        run = self._runs.get(run_start)
+        run = self._routes.runs.get(run_start)
         if self._tiled is not None and run is not None:
             self._tiled.finish(run.path)
 
@@ -473,42 +418,6 @@ class ZarrWriter:
     def tiled_failures(self) -> list[tuple[str, str]]:
         """``(store, error)`` of each registration with Tiled that failed."""
         return list(self._tiled.failures) if self._tiled is not None else []
-
-    def _run_of(self, name: str, doc: Any) -> RunWriter | str | None:
-        """The run a document belongs to, if it says so clearly: the open
-        run's writer, or the start uid of a run that has ended."""
-        if not isinstance(doc, Mapping):
-            return None
-        try:
-            if name == "start":
-                run_start = doc.get("uid")
-            elif name in ("descriptor", "stop", "resource", "stream_resource"):
-                run_start = doc.get("run_start")
-                if run_start is None and name == "resource" and len(self._runs) == 1:
-                    # An old resource document names no run: the one open.
-                    run_start = next(iter(self._runs))
-            elif name in ("event", "event_page", "stream_datum"):
-                descriptor = doc.get("descriptor")
-                run_start = self._descriptors.get(descriptor)  # type: ignore[arg-type]
-                if run_start is None and descriptor in self._refused_descriptors:
-                    run_start = self._refused_descriptors[descriptor][0]
-                if run_start is None:
-                    run_start = self._ended_ids.get(descriptor)  # type: ignore[arg-type]
-            elif name in ("datum", "datum_page"):
-                resource = doc.get("resource")
-                run_start = self._resources.get(resource)  # type: ignore[arg-type]
-                if run_start is None and resource in self._refused_resources:
-                    run_start = self._refused_resources[resource][0]
-                if run_start is None:
-                    run_start = self._ended_ids.get(resource)  # type: ignore[arg-type]
-            else:
-                return None
-            run = self._runs.get(run_start)  # type: ignore[arg-type]
-            if run is not None:
-                return run
-            return run_start if run_start in self._ended else None
-        except TypeError:  # an unhashable id
-            return None
 
     def _keep_refused(
         self, run: RunWriter | str | None, name: str, doc: Any, error: BaseException
@@ -521,19 +430,9 @@ class ZarrWriter:
             # when a later one let it be placed.)
             return
         run.refuse(name, doc, error)
-        uid = doc.get("uid")
-        run_start = next((u for u, r in self._runs.items() if r is run), None)
-        if name == "descriptor" and isinstance(uid, str) and uid not in self._descriptors:
-            # Its events cannot be placed: they are refused (and kept) too.
-            self._refused_descriptors[uid] = (doc["run_start"], repr(error))
-        if (
-            name in ("resource", "stream_resource")
-            and isinstance(uid, str)
-            and uid not in self._resources
-            and run_start is not None
-        ):
-            # Its datums cannot be read: they are refused (and kept) too.
-            self._refused_resources[uid] = (run_start, repr(error))
+        # A refused descriptor's events cannot be placed, a refused resource's
+        # datums not read: they are refused (and kept) too.
+        self._routes.refuse(name, doc, repr(error))
 
     def _keep_after_end(self, run_uid: str, name: str, doc: Any, error: BaseException) -> None:
         """Keep a document of an ended run in that run's store (see ``_ended``)."""
@@ -541,7 +440,7 @@ class ZarrWriter:
             {"name": name, "doc": doc, "error": f"{type(error).__name__}: {error}"},
             default=json_verbatim,
         ).encode() + b"\n"
-        store = self._ended[run_uid]
+        store = self._routes.ended[run_uid]
         try:
             self.storage.keep_after_end(store, run_uid, line)
         except Exception as err:  # noqa: BLE001 - logged; the refusal is raised anyway
@@ -551,86 +450,13 @@ class ZarrWriter:
                 "bluesky-zarr: cannot keep a document refused after run %s ended in its "
                 "store %s: %r", run_uid, store, err,
             )
-        uid = doc.get("uid")
-        if name in ("descriptor", "resource", "stream_resource") and isinstance(uid, str):
-            # The documents that refer to it are kept with the run too.
-            self._ended_ids[uid] = run_uid
+        self._routes.kept_after_end(name, doc, run_uid)
 
     def _forget(self, run_start: str, *, ended: bool = True) -> None:
         """Drop what this writer keeps of a run that has stopped; an ended run
-        is remembered (its store, the ids of its descriptors and resources)
-        for a while, to keep its documents that come after the end."""
-        run = self._runs.pop(run_start, None)
-        ids = [u for u, s in self._descriptors.items() if s == run_start]
-        ids += [u for u, (s, _) in self._refused_descriptors.items() if s == run_start]
-        ids += [u for u, s in self._resources.items() if s == run_start]
-        ids += [u for u, (s, _) in self._refused_resources.items() if s == run_start]
-        for uid in ids:
-            self._descriptors.pop(uid, None)
-            self._refused_descriptors.pop(uid, None)
-            self._resources.pop(uid, None)
-            self._refused_resources.pop(uid, None)
-        if not ended or run is None or run.path is None:
-            return
-        self._ended[run_start] = run.path
-        self._ended_ids.update(dict.fromkeys(ids, run_start))
-        while len(self._ended) > ENDED_RUNS_KEPT:
-            oldest, _ = self._ended.popitem(last=False)
-            for uid in [u for u, s in self._ended_ids.items() if s == oldest]:
-                del self._ended_ids[uid]
-
-    def _check_order(self, name: str, doc: Mapping[str, Any]) -> None:
-        """Refuse documents that do not fit the runs seen so far."""
-        try:
-            if name == "start":
-                if doc["uid"] in self._seen_starts:
-                    raise DocumentOrderError(
-                        f"a second start document with uid {doc['uid']!r}; every run "
-                        f"needs a new uid"
-                    )
-            elif name in ("descriptor", "stop"):
-                if doc["run_start"] not in self._runs:
-                    raise DocumentOrderError(
-                        f"{name} document for run {doc['run_start']!r}, which has not "
-                        f"started (or has stopped) in this writer"
-                    )
-            elif name in ("event", "event_page", "stream_datum"):
-                refused = self._refused_descriptors.get(doc["descriptor"])
-                if refused is not None:
-                    raise DocumentOrderError(
-                        f"{name} refers to descriptor {doc['descriptor']!r}, which was "
-                        f"refused: {refused[1]}"
-                    )
-                if doc["descriptor"] not in self._descriptors:
-                    raise DocumentOrderError(
-                        f"{name} refers to descriptor {doc['descriptor']!r}, which this "
-                        f"writer has not seen (it must follow its descriptor)"
-                    )
-            if name in ("resource", "stream_resource"):
-                uid = doc["uid"]
-                # Old resource documents do not name their run.
-                run_start = doc["run_start"] if name == "stream_resource" else doc.get("run_start")
-                if run_start is not None and run_start not in self._runs:
-                    raise DocumentOrderError(
-                        f"{name} {uid!r} belongs to run {run_start!r}, which has not "
-                        f"started (or has stopped) in this writer"
-                    )
-            elif name in ("datum", "datum_page", "stream_datum"):
-                parent = doc["stream_resource" if name == "stream_datum" else "resource"]
-                refused_parent = self._refused_resources.get(parent)
-                if refused_parent is not None:
-                    raise DocumentOrderError(
-                        f"{name} refers to {'stream_' if name == 'stream_datum' else ''}"
-                        f"resource {parent!r}, which was refused: {refused_parent[1]}"
-                    )
-                if parent not in self._resources:
-                    raise DocumentOrderError(
-                        f"{name} refers to {'stream_' if name == 'stream_datum' else ''}"
-                        f"resource {parent!r}, which this writer has not seen (it must "
-                        f"follow its resource)"
-                    )
-        except KeyError as err:
-            raise DocumentError(f"{name} document lacks the field {err.args[0]!r}") from None
+        is remembered for a while, to keep its documents that come after the end."""
+        run = self._routes.runs.get(run_start)
+        self._routes.close(run_start, run.path if run is not None else None, ended=ended)
 
     def flush(self) -> None:
         """Write every buffered point of every open run to disk, and wait.
@@ -642,10 +468,10 @@ class ZarrWriter:
             self._flush()
 
     def _flush(self) -> None:
-        for run in list(self._runs.values()):
+        for run in list(self._routes.runs.values()):
             run.flush()
         if self._tiled is not None:
-            for run in list(self._runs.values()):
+            for run in list(self._routes.runs.values()):
                 if run.path is not None:
                     self._tiled.sync(run.path)
 
@@ -665,8 +491,8 @@ class ZarrWriter:
 
     def _close_runs(self, reason: str, exit_status: str | None = None) -> None:
         errors: list[BaseException] = []
-        for uid in list(self._runs):
-            run = self._runs[uid]
+        for uid in list(self._routes.runs):
+            run = self._routes.runs[uid]
             try:
                 run.close_incomplete(reason, exit_status)
             except Exception as err:  # noqa: BLE001 - finish the others, then raise
@@ -687,15 +513,16 @@ class ZarrWriter:
         locked = self._lock.acquire(timeout=INTERRUPT_WAIT)
         try:
             self._shut = reason
-            for uid, run in list(self._runs.items()):
+            for uid, run in list(self._routes.runs.items()):
                 if isinstance(run.path, Path) and not run.path.is_dir():
                     logger.warning("bluesky-zarr: %s; the store %s is gone", reason, run.path)
                     run.discard()
                     self._forget(uid)
-            if self._runs:
+            if self._routes.runs:
+                runs = self._routes.runs
                 logger.warning(
-                    "bluesky-zarr: %s; finishing %d open run(s): %s", reason, len(self._runs),
-                    ", ".join(str(run.path) for run in self._runs.values()),
+                    "bluesky-zarr: %s; finishing %d open run(s): %s", reason, len(runs),
+                    ", ".join(str(run.path) for run in runs.values()),
                 )
             self._close_runs(reason, exit_status="abort")
         finally:
@@ -707,10 +534,9 @@ class ZarrWriter:
         it, so that its documents may be given again from its start document
         (which then replaces the unfinished store with ``overwrite="incomplete"``)."""
         with self._lock:
-            run = self._runs.get(uid)
-            self._seen_starts.discard(uid)
-            self._ended.pop(uid, None)
+            run = self._routes.runs.get(uid)
             if run is None:
+                self._routes.close(uid, None, ended=False)
                 return
             try:
                 run.close_incomplete(reason)
@@ -721,4 +547,4 @@ class ZarrWriter:
     @property
     def open_runs(self) -> Iterable[Path | str]:
         """Stores of the runs started and not yet stopped."""
-        return [run.path for run in self._runs.values() if run.path is not None]
+        return [run.path for run in self._routes.runs.values() if run.path is not None]
