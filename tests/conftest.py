@@ -212,3 +212,25 @@ def by_kind(docs: list[tuple[str, dict[str, Any]]], kind: str) -> list[dict[str,
     """The documents of one kind (``"stream_datum"``, ...), in order."""
     return [doc for name, doc in docs if name == kind]
 
+
+#: The repository's root, its source, and the tests' helper scripts.
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+HELPERS = Path(__file__).resolve().parent / "helpers"
+
+#: Fixtures that start a server (moto's S3, a soft IOC): tests that use one
+#: are system tests, wherever they are.
+SYSTEM_FIXTURES = frozenset({"s3", "soft_ioc"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the system tests (``-m system``; ``-m "not system"`` for the quick
+    subset): every test under ``tests/system`` (processes killed or signalled,
+    brokers, servers, the command line, notebooks), and those elsewhere that
+    start a server through a fixture."""
+    system = Path(__file__).resolve().parent / "system"
+    for item in items:
+        if system in Path(str(item.path)).resolve().parents or SYSTEM_FIXTURES & set(
+            getattr(item, "fixturenames", ())
+        ):
+            item.add_marker(pytest.mark.system)

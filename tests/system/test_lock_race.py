@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from conftest import assert_frames_match, open_stream, open_tree
+from conftest import HELPERS, assert_frames_match, open_stream, open_tree
 
-CHILD = Path(__file__).with_name("lock_race_child.py")
+CHILD = HELPERS / "lock_race_child.py"
 
 #: Seconds each writer process races (a scan takes 0.1-0.5 s).
 WRITER_SECONDS = 15.0

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import xarray as xr
 
-from conftest import assert_written_points_hold_their_frames, open_tree
+from conftest import HELPERS, assert_written_points_hold_their_frames, open_tree
 
-CHILD = Path(__file__).with_name("scan_child.py")
+CHILD = HELPERS / "scan_child.py"
 
 # (marker printed by the child, seconds to wait after it) for each kill:
 # before any event, after each of many events, and inside stop.

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "bench_memory.py"
+from conftest import REPO
+
+BENCH = REPO / "benchmarks" / "bench_memory.py"
 
 
 def measure(case: str) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 from bluesky import RunEngine
 
 from bluesky_zarr import ZarrWriter
-from geometry_plans import run_ophyd_async_spec_scan, run_plan
+from helpers.geometry_plans import run_ophyd_async_spec_scan, run_plan
 
 
 def main(directory: str, names: list[str]) -> None:

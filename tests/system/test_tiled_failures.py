@@ -26,7 +26,7 @@ from bluesky.plans import count, grid_scan
 
 from bluesky_zarr import ZarrWriter
 
-from conftest import open_stream
+from conftest import REPO, open_stream
 
 pytest.importorskip("tiled.client")
 pytest.importorskip("tiled.server")
@@ -41,7 +41,7 @@ from test_tiled import (  # noqa: E402
     _wait_for,
 )
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(REPO / "src")
 
 
 def registrar_threads() -> list[threading.Thread]:

@@ -28,9 +28,9 @@ from bluesky_zarr import ServeError
 from bluesky_zarr.feeds._serve import parse_address
 from bluesky_zarr.sim import PointCamera, frame_at, motors
 
-from conftest import assert_frames_match, open_stream, open_tree
+from conftest import REPO, assert_frames_match, open_stream, open_tree
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO / "src"
 MOTORS_AT = {"wavelength": "wavelength", "position": "position"}
 
 PROXY = """

@@ -37,7 +37,7 @@ from bluesky_zarr._cli import main
 from bluesky_zarr.catalog._inspect import describe_store
 from bluesky_zarr.external._handlers import AreaDetectorHDF5Handler
 
-from conftest import blob_detector, fly, quick_sleep
+from conftest import REPO, blob_detector, fly, quick_sleep
 
 Docs = list[tuple[str, dict[str, Any]]]
 FRAME_BYTES = 240 * 320  # the simulated detector's uint8 frames
@@ -509,7 +509,7 @@ def test_killed_writer_leaves_its_last_commit(tmp_path):
     child = subprocess.run(
         [sys.executable, "-c", KILLED_CHILD, str(tmp_path)],
         capture_output=True, text=True, timeout=120,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
     )
     assert child.returncode == -9, child.stderr
     uri = [line for line in child.stdout.splitlines() if line.startswith("file:")][0]

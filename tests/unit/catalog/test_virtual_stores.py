@@ -24,7 +24,9 @@ from bluesky_zarr.catalog._ls import list_stores
 from bluesky_zarr.catalog._tiled import register_store
 from bluesky_zarr.feeds._replay import replay
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from conftest import REPO
+
+SRC = REPO / "src"
 #: moto keeps one in-memory S3 for the whole process: a bucket of this file's own.
 BUCKET = "review-virtual-runs"
 

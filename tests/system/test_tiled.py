@@ -32,7 +32,7 @@ from bluesky_zarr import OptionError, ZarrWriter
 from bluesky_zarr._cli import main
 from bluesky_zarr.sim import PointCamera, frame_at, motors
 
-from conftest import assert_frames_match, open_stream
+from conftest import REPO, assert_frames_match, open_stream
 
 pytest.importorskip("tiled.client")
 pytest.importorskip("tiled.server")
@@ -574,7 +574,7 @@ def test_serve_with_tiled_registers_runs_published_through_the_0mq_proxy(
         match = _wait_for(_lines(proxy.stdout), [], r"tcp://(\S+) tcp://(\S+)", 60)
         assert match, "the 0MQ proxy did not start"
         inbound, outbound = match.group(1), match.group(2)
-        src = str(Path(__file__).resolve().parents[1] / "src")
+        src = str(REPO / "src")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [src, *filter(None, [os.environ.get("PYTHONPATH")])]
         )}

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
+ROOT = REPO
 PACKAGE = ROOT / "src" / "bluesky_zarr"
 
 #: The one module of the package that imports zarr.

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -24,9 +23,9 @@ from bluesky_zarr import DocumentOrderError, StorageError, StoreExistsError, Zar
 from bluesky_zarr._cli import main
 from bluesky_zarr.sim import PointCamera, motors
 
-from conftest import assert_frames_match
+from conftest import REPO, assert_frames_match
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO / "src"
 MOTORS_AT = {"wavelength": "wavelength", "position": "position"}
 CREDENTIALS = {"key": "testing", "secret": "testing"}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -14,9 +13,9 @@ from nbclient import NotebookClient
 import bluesky_zarr
 from bluesky_zarr._cli import build_parser, main
 
-from conftest import assert_frames_match, open_stream
+from conftest import REPO, assert_frames_match, open_stream
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def test_demo_command(tmp_path, capsys):

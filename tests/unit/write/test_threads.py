@@ -108,7 +108,6 @@ def test_no_thread_of_the_writer_outlives_close(tmp_path):
     """Workers, the reader of detector files and each run's flusher have ended
     when close() returns, also with a run left open (finished incomplete)."""
     from bluesky import RunEngine
-
     from test_external import step_scan_docs
 
     before = _writer_threads()

@@ -16,7 +16,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -38,9 +37,10 @@ from bluesky_zarr import ZarrWriter
 from bluesky_zarr.plan._geometry import DECIDED, OK, RELAYOUT, StreamGeometry
 from bluesky_zarr.plan._scan import plan_scan
 from bluesky_zarr.sim import PointCamera, frame_at, motors
-from geometry_plans import PLANS, frames_at_their_setpoints, run_plan
+from helpers.geometry_plans import PLANS, frames_at_their_setpoints, run_plan
 
 from conftest import (
+    HELPERS,
     blob_detector,
     by_kind,
     epoch_seconds,
@@ -50,7 +50,7 @@ from conftest import (
     record,
 )
 
-TESTS = Path(__file__).parent
+TESTS = HELPERS
 
 
 # ------------------------------------------------------- bluesky and dodal
@@ -110,7 +110,7 @@ def test_ophyd_async_spec_scan_snaked_over_a_stage(RE, tmp_path):
     ophyd-async motors, whose events carry readbacks only: the frame at each
     index is the one the detector wrote at that point's event, and that
     event's positions are the coordinates of the index."""
-    from geometry_plans import run_ophyd_async_spec_scan
+    from helpers.geometry_plans import run_ophyd_async_spec_scan
 
     docs = record(RE)
     writer = ZarrWriter(tmp_path / "data")

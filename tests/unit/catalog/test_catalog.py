@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import bluesky.plan_stubs as bps
@@ -26,9 +25,9 @@ from bluesky_zarr._cli import main
 from bluesky_zarr.catalog._ls import list_stores
 from bluesky_zarr.sim import PointCamera, motors
 
-from conftest import open_stream
+from conftest import REPO, open_stream
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = REPO / "src"
 TEMPLATE = "{sample}/{scan_id:05d}"
 
 # A run whose writer dies after four points: flushed, then the process ends

@@ -33,9 +33,9 @@ from bluesky.plans import count
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr.sim import PointCamera, frame_at, motors
 
-from conftest import open_stream, open_tree
+from conftest import HELPERS, open_stream, open_tree
 
-CHILD = Path(__file__).with_name("kill_random_child.py")
+CHILD = HELPERS / "kill_random_child.py"
 
 #: Draws of this seed fall in every phase: some before the store is made,
 #: some after the process has ended, the rest between.

@@ -374,8 +374,9 @@ def test_an_area_detector_file_cut_after_it_was_opened_keeps_the_points_before_t
 ) -> None:
     """The handler opened the file for the first points; then it is cut after
     the third frame: HDF5 checks a cut file only when it opens it."""
-    from bluesky_zarr.external._handlers import AreaDetectorHDF5Handler
     from test_virtual import area_detector_run
+
+    from bluesky_zarr.external._handlers import AreaDetectorHDF5Handler
 
     docs, expected = area_detector_run(tmp_path / "ad", 1)
     h5 = tmp_path / "ad" / "ad.h5"

@@ -1,0 +1,1 @@
+"""Helper modules and child-process scripts of the tests."""
