@@ -225,7 +225,10 @@ run_entry() {
             (cd "$src" && "${env_install[@]}" "$UV" pip install --python "$venv/bin/python" \
                 --resolution lowest-direct "${pip_args[@]}" -e ".[test]") || rc=$?
     else
+        # The newest pip too: the pip a venv starts with (Debian's) can take
+        # tens of minutes backtracking through the test extra's botocore pins.
         "${prefix[@]}" "${env_install[@]}" "$python" -m venv "$venv" &&
+            "${prefix[@]}" "${env_install[@]}" "$venv/bin/pip" install --progress-bar off -q -U pip &&
             "${prefix[@]}" "${env_install[@]}" sh -c 'cd "$1" && shift && exec "$@"' sh "$src" \
                 "$venv/bin/pip" install --progress-bar off -q -e ".[test]" "${pip_args[@]}" || rc=$?
     fi
