@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import tempfile
 import threading
@@ -46,8 +47,11 @@ from zarr.storage import LocalStore
 import bluesky_zarr._storage
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr._io import DirectWriter
-from bluesky_zarr._storage import GuardedLocalStore
+from bluesky_zarr._metadata import ArrayNode
+from bluesky_zarr._spec import ArrayMetadata
+from bluesky_zarr._storage import LocalFiles
 from bluesky_zarr._stream import StreamWriter
+from bluesky_zarr._zarr import LocalFilesStore
 from bluesky_zarr.sim import PointCamera, motors
 
 from conftest import assert_frames_match, open_stream
@@ -116,7 +120,19 @@ class Case:
         return self.region or tuple(slice(0, n) for n in self.shape)
 
 
-def create_array(directory: Path, case: Case, store_type: type = GuardedLocalStore) -> zarr.Array:
+def files_store(directory: Path) -> LocalFilesStore:
+    """The writer's kind of local store over ``directory``."""
+    return LocalFilesStore(LocalFiles(directory))
+
+
+def as_node(array: zarr.Array) -> ArrayNode:
+    """The writer's description of an array zarr-python made (from its metadata)."""
+    document = Path(array.store_path.store.root, array.path, "zarr.json").read_text()
+    metadata = ArrayMetadata.from_dict(json.loads(document))
+    return ArrayNode(array.store_path.store, array.path, metadata)
+
+
+def create_array(directory: Path, case: Case, store_type: Any = files_store) -> zarr.Array:
     """The case's array, alone in a new store at ``directory``."""
     directory.mkdir()
     group = zarr.open_group(store_type(directory), mode="a", zarr_format=3)
@@ -201,7 +217,7 @@ def check_case(case: Case) -> None:
         by_zarr = create_array(Path(tmp) / "zarr", case)
         direct_array = create_array(Path(tmp) / "direct", case)
         by_zarr[region] = data
-        writer = DirectWriter.of(direct_array)
+        writer = DirectWriter.of(as_node(direct_array))
         assert writer is not None, f"no direct writer for {case}"
         threshold = 1 if case.around_cache else bluesky_zarr._storage.AROUND_CACHE_FROM_BYTES
         with mock.patch.object(bluesky_zarr._storage, "AROUND_CACHE_FROM_BYTES", threshold):
@@ -312,7 +328,7 @@ def test_the_edge_case_really_has_chunks_outside_the_array() -> None:
     assert wholly_outside_chunks(case)
     with tempfile.TemporaryDirectory() as tmp:
         array = create_array(Path(tmp) / "direct", case)
-        writer = DirectWriter.of(array)
+        writer = DirectWriter.of(as_node(array))
         assert writer is not None
         writer.write((4, 0), make_data(case), array.shape)
         # Shard (1, 1) covers rows 4-7 and columns 6-11 of a 5 x 7 array: of
@@ -333,7 +349,7 @@ def test_data_of_the_other_byte_order_is_written_as_its_values(
     order; a direct write must store the same values, or refuse the data."""
     case = Case((4,), (4,), None, array_dtype, "none")
     array = create_array(tmp_path / "direct", case)
-    writer = DirectWriter.of(array)
+    writer = DirectWriter.of(as_node(array))
     assert writer is not None
     data = np.array([1, 2, 3, 4], dtype=data_dtype)
     try:
@@ -345,31 +361,27 @@ def test_data_of_the_other_byte_order_is_written_as_its_values(
 
 # ------------------------------------------------- what the direct path declines
 
-REFUSED: dict[str, tuple[dict[str, Any], type]] = {
+REFUSED: dict[str, tuple[dict[str, Any], Any]] = {
     "plain-local-store": ({}, LocalStore),
-    "zstd": ({"compressors": (ZstdCodec(level=1),)}, GuardedLocalStore),
-    "gzip": ({"compressors": (GzipCodec(level=1),)}, GuardedLocalStore),
+    "zstd": ({"compressors": (ZstdCodec(level=1),)}, files_store),
+    "gzip": ({"compressors": (GzipCodec(level=1),)}, files_store),
     "zstd-in-shards": (
         {"compressors": (ZstdCodec(level=1),), "shards": (4, 4)},
-        GuardedLocalStore,
+        files_store,
     ),
     "blosc-then-gzip": (
         {"compressors": (BloscCodec(cname="lz4"), GzipCodec(level=1))},
-        GuardedLocalStore,
+        files_store,
     ),
-    "variable-length-strings": ({"dtype": str, "fill_value": ""}, GuardedLocalStore),
-    "write-empty-chunks-false": (
-        {"config": {"write_empty_chunks": False}},
-        GuardedLocalStore,
-    ),
+    "variable-length-strings": ({"dtype": str, "fill_value": ""}, files_store),
     "dot-separated-chunk-keys": (
         {"chunk_key_encoding": {"name": "default", "separator": "."}},
-        GuardedLocalStore,
+        files_store,
     ),
 }
 
 
-def refused_array(directory: Path, options: dict[str, Any], store_type: type) -> zarr.Array:
+def refused_array(directory: Path, options: dict[str, Any], store_type: Any) -> zarr.Array:
     directory.mkdir()
     group = zarr.open_group(store_type(directory), mode="a", zarr_format=3)
     arguments: dict[str, Any] = {
@@ -387,14 +399,15 @@ def refused_array(directory: Path, options: dict[str, Any], store_type: type) ->
 
 def test_the_direct_path_takes_an_ordinary_array(tmp_path: Path) -> None:
     """The control for the refusals below: the same array, nothing changed."""
-    assert DirectWriter.of(refused_array(tmp_path / "store", {}, GuardedLocalStore)) is not None
+    array = refused_array(tmp_path / "store", {}, files_store)
+    assert DirectWriter.of(as_node(array)) is not None
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
 def test_the_direct_path_declines_what_it_does_not_reproduce(tmp_path: Path, name: str) -> None:
     options, store_type = REFUSED[name]
     array = refused_array(tmp_path / "store", options, store_type)
-    assert DirectWriter.of(array) is None
+    assert DirectWriter.of(as_node(array)) is None
     # zarr-python writes the array instead, and reads it back.
     if array.dtype.kind in "OTU":
         data: np.ndarray = np.array(
@@ -642,7 +655,7 @@ def label_signal(position: Any) -> SynSignal:
 
 
 DECLINED: dict[str, tuple[dict[str, Any], tuple[Any, ...]]] = {
-    # A store that is not a GuardedLocalStore: zarr-python writes everything.
+    # A store that is not the writer's local store: zarr-python writes everything.
     "plain-local-store": ({"store_wrapper": lambda store: LocalStore(store.root)}, ()),
     "zstd": ({"compressors": (ZstdCodec(level=1),)}, ()),
     "gzip": ({"compressors": (GzipCodec(level=1),)}, ()),

@@ -14,7 +14,7 @@ from bluesky.plans import grid_scan
 
 import bluesky_zarr
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._storage import GuardedLocalStore, aligned_empty, write_around_cache
+from bluesky_zarr._storage import LocalFiles, aligned_empty, write_around_cache
 from bluesky_zarr.sim import PointCamera, motors
 
 from conftest import assert_frames_match, open_stream
@@ -152,7 +152,7 @@ def test_a_file_system_that_refuses_writes_around_the_cache_gets_them_through_it
     monkeypatch.setattr(os, "writev", writev)
     monkeypatch.setattr(bluesky_zarr._storage, "AROUND_CACHE_FROM_BYTES", 1024)
     parts = _parts(np.random.default_rng(3), "auab")
-    store = GuardedLocalStore(tmp_path)
+    store = LocalFiles(tmp_path)
     (tmp_path / "a").mkdir()  # the array's directory
     store.write_parts("a/c/0", parts)
     store.write_parts("a/c/1", parts)

@@ -1,17 +1,20 @@
 """A run's metadata, written by the writer itself, is what zarr-python writes.
 
-:mod:`bluesky_zarr._metadata` builds each node's ``zarr.json`` without
-zarr-python's create path, and consolidates from memory instead of reading
-the store back. Checked here against zarr-python itself: every array
+:mod:`bluesky_zarr._metadata` builds each node's ``zarr.json`` from the Zarr
+V3 specification (:mod:`bluesky_zarr._spec`), without zarr-python, and
+consolidates from memory instead of reading the store back. Checked here
+against zarr-python itself (whichever release is installed): every array
 configuration the writer uses gives the ``zarr.json`` ``zarr.create_array``
-writes, and the root of a real run (with growing streams resized many times,
-a second descriptor, strings and coordinates) holds the consolidated metadata
-``zarr.consolidate_metadata`` computes from the files on disk.
+writes, byte for byte, and the root of a real run (with growing streams
+resized many times, a second descriptor, strings and coordinates) holds the
+consolidated metadata ``zarr.consolidate_metadata`` computes from the files
+on disk.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,48 +25,76 @@ import zarr
 from bluesky import RunEngine
 from bluesky.plans import count, grid_scan
 from ophyd.sim import det, motor1, motor2
-from zarr.codecs import BloscCodec, GzipCodec
-from zarr.core.buffer import default_buffer_prototype
+from zarr.buffer import default_buffer_prototype
+from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from bluesky_zarr import ZarrWriter
 from bluesky_zarr._metadata import StoreMetadata
-from bluesky_zarr._storage import GuardedLocalStore
+from bluesky_zarr._spec import DEFAULT_COMPRESSOR
+from bluesky_zarr._storage import LocalFiles
+from bluesky_zarr._zarr import LocalFilesStore
 from bluesky_zarr.sim import PointCamera, motors
 
-CASES: list[dict[str, Any]] = [
-    dict(shape=(3, 4, 8, 8), dtype="uint16", chunks=(1, 1, 8, 8), shards=(1, 4, 8, 8),
-         fill_value=0, compressors="auto"),
-    dict(shape=(3, 4, 8, 8), dtype="<f4", chunks=(1, 1, 8, 8), shards=None,
-         fill_value=np.nan, compressors=None),
-    dict(shape=(5, 7), dtype=">i8", chunks=(2, 3), shards=(4, 6), fill_value=0,
-         compressors=BloscCodec(cname="zstd", clevel=3)),
-    dict(shape=(10,), dtype="bool", chunks=(10,), shards=None, fill_value=False,
-         compressors=GzipCodec()),
-    dict(shape=(0,), dtype="float64", chunks=(4096,), shards=None, fill_value=np.nan,
-         compressors="auto"),
-    dict(shape=(6,), dtype=str, chunks=(6,), shards=None, fill_value="", compressors="auto"),
-    dict(shape=(2, 3), dtype="complex128", chunks=(1, 3), shards=(2, 3), fill_value=np.nan,
-         compressors=None),
+#: The writer's default compressor as zarr-python is told it.
+DEFAULT = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+
+#: Arrays made both ways: the arguments, and the compressors zarr-python is
+#: given where the writer's own description (a JSON template) differs.
+CASES: list[tuple[dict[str, Any], Any]] = [
+    (dict(shape=(3, 4, 8, 8), dtype="uint16", chunks=(1, 1, 8, 8), shards=(1, 4, 8, 8),
+          fill_value=0, compressors=[DEFAULT_COMPRESSOR]), [DEFAULT]),
+    (dict(shape=(3, 4, 8, 8), dtype="uint8", chunks=(1, 2, 8, 8), shards=None,
+          fill_value=0, compressors=[DEFAULT_COMPRESSOR]), [DEFAULT]),
+    (dict(shape=(3, 4, 8, 8), dtype="<f4", chunks=(1, 1, 8, 8), shards=None,
+          fill_value=np.nan, compressors=None), None),
+    (dict(shape=(5, 7), dtype=">i8", chunks=(2, 3), shards=(4, 6), fill_value=0,
+          compressors=BloscCodec(cname="zstd", clevel=3)), None),
+    (dict(shape=(10,), dtype="bool", chunks=(10,), shards=None, fill_value=False,
+          compressors=GzipCodec()), None),
+    (dict(shape=(0,), dtype="float64", chunks=(4096,), shards=None, fill_value=np.nan,
+          compressors=[ZstdCodec(level=0, checksum=False)]), None),
+    (dict(shape=(4,), dtype="float32", chunks=(2,), shards=None, fill_value=-np.inf,
+          compressors=[DEFAULT_COMPRESSOR]), [DEFAULT]),
+    (dict(shape=(6,), dtype=str, chunks=(6,), shards=None, fill_value="",
+          compressors=[DEFAULT_COMPRESSOR]), [DEFAULT]),
+    (dict(shape=(6,), dtype=str, chunks=(6,), shards=None, fill_value="",
+          compressors=None), None),
+    (dict(shape=(2, 3), dtype="complex128", chunks=(1, 3), shards=(2, 3), fill_value=np.nan,
+          compressors=None), None),
+    (dict(shape=(2, 3), dtype="int8", chunks=(1, 3), shards=(2, 3), fill_value=-3,
+          compressors=BloscCodec(cname="lz4")), None),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}")
+def files_store(path: Path) -> LocalFilesStore:
+    path.mkdir(exist_ok=True)
+    return LocalFilesStore(LocalFiles(path))
+
+
+@pytest.mark.parametrize(
+    "case, theirs_compressors", CASES, ids=lambda c: f"{c['dtype']}-{c['shape']}"
+    if isinstance(c, dict) else ""
+)
 def test_an_array_made_here_is_the_array_zarr_python_makes(
-    tmp_path: Path, case: dict[str, Any]
+    tmp_path: Path, case: dict[str, Any], theirs_compressors: Any
 ) -> None:
     names = [f"d{n}" for n in range(len(case["shape"]))]
     arguments = dict(case, dimension_names=names, attributes={"units": "mm", "n": [1, 2]})
     theirs = zarr.open_group(tmp_path / "theirs.zarr", mode="w", zarr_format=3)
-    theirs.create_array("a", **arguments, config={"write_empty_chunks": True})
-    store = GuardedLocalStore(tmp_path / "ours.zarr")
-    (tmp_path / "ours.zarr").mkdir()
-    ours = StoreMetadata(store, {})
+    theirs_arguments = dict(arguments)
+    if theirs_compressors is not None:
+        theirs_arguments["compressors"] = theirs_compressors
+    theirs.create_array("a", **theirs_arguments, config={"write_empty_chunks": True})
+    ours = StoreMetadata(files_store(tmp_path / "ours.zarr"), {})
     array = ours.add_array("a", **arguments)
     expected = (tmp_path / "theirs.zarr" / "a" / "zarr.json").read_bytes()
     assert (tmp_path / "ours.zarr" / "a" / "zarr.json").read_bytes() == expected
-    # The object handed out writes and reads like zarr-python's own.
+    # The node handed out describes what is on disk, and writes and reads
+    # like zarr-python's own array.
     reopened = zarr.open_array(tmp_path / "ours.zarr", path="a", mode="r")
-    assert reopened.metadata.to_dict() == array.metadata.to_dict()
+    assert json.loads(expected) == array.metadata.to_dict()
+    assert reopened.shape == array.shape
+    assert reopened.chunks == array.chunks and reopened.shards == array.shards
     if array.size and np.dtype(array.dtype).kind in "iuf":
         values = np.arange(array.size).reshape(array.shape).astype(array.dtype)
         array[...] = values
@@ -72,7 +103,7 @@ def test_an_array_made_here_is_the_array_zarr_python_makes(
 
 def test_growing_an_array_rewrites_its_metadata(tmp_path: Path) -> None:
     (tmp_path / "s.zarr").mkdir()
-    metadata = StoreMetadata(GuardedLocalStore(tmp_path / "s.zarr"), {"x": 1})
+    metadata = StoreMetadata(files_store(tmp_path / "s.zarr"), {"x": 1})
     metadata.add_group("g", {"a": 1})
     array = metadata.add_array(
         "g/v", shape=(0,), dtype="float64", chunks=(4,), shards=None, fill_value=np.nan,
@@ -171,9 +202,8 @@ def test_the_root_is_written_as_zarr_python_writes_it(
     """The root's text, put together from each node's text, is byte for byte
     what zarr-python writes for the same consolidated metadata."""
     with zarr.config.set({"json_indent": indent}):
-        (tmp_path / "s.zarr").mkdir()
         metadata = StoreMetadata(
-            GuardedLocalStore(tmp_path / "s.zarr"),
+            files_store(tmp_path / "s.zarr"),
             {"start": {"uid": "x", "sample": "Fe₂O₃ \n\"quoted\"", "n": [1, 2.5, None]}},
         )
         for stream in ("primary", "baseline", "Ärger", "b10", "b2"):
@@ -182,15 +212,17 @@ def test_the_root_is_written_as_zarr_python_writes_it(
                 metadata.add_array(
                     f"{stream}/{name}", shape=(3, 4), dtype=dtype, chunks=(1, 4), shards=None,
                     fill_value=np.nan if dtype == "float64" else 0,
-                    dimension_names=["a", "b"], attributes={"units": "µm"}, compressors="auto",
+                    dimension_names=["a", "b"], attributes={"units": "µm"},
+                    compressors=[DEFAULT_COMPRESSOR],
                 )
         metadata.set_attributes("primary", {"external": {"resources": [{"uid": "r"}]}})
         metadata.consolidate({"stop": {"exit_status": "success"}})
-        expected = (
-            metadata.consolidated_root()
-            .to_buffer_dict(default_buffer_prototype())["zarr.json"]
-            .to_bytes()
-        )
+        # zarr-python consolidating a copy of the store writes the same root.
+        shutil.copytree(tmp_path / "s.zarr", tmp_path / "copy.zarr")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(str(tmp_path / "copy.zarr"))
+        expected = (tmp_path / "copy.zarr" / "zarr.json").read_bytes()
         assert (tmp_path / "s.zarr" / "zarr.json").read_bytes() == expected
         for path in ("primary", "primary/k", "Ärger/_written"):
             node = zarr.open_group(tmp_path / "s.zarr", mode="r", use_consolidated=False)[path]

@@ -577,7 +577,7 @@ def test_serve_with_tiled_registers_runs_published_through_the_0mq_proxy(
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 (first,) = RE(count([det]), publisher)
-                if _wait_for(lines, seen, f"run {first} stopped", 1.0):
+                if _wait_for(lines, seen, f"run {first} stopped", 10.0):
                     break
             else:
                 pytest.fail("the service never received a run:\n" + "\n".join(seen))

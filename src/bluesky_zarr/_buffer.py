@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import zarr
 
 from ._background import Workers
 from ._errors import DataShapeError, DataTypeError
 from ._io import UnitIO
 from ._layout import ArraySpec, fill_value_for
+from ._metadata import ArrayNode
 from ._storage import aligned_empty
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ class ArraySink:
     def __init__(
         self,
         spec: ArraySpec,
-        array: zarr.Array,
+        array: ArrayNode,
         n_scan: int,
         block_shape: tuple[int, ...] | None = None,
     ) -> None:

@@ -536,18 +536,12 @@ def _repository_root(store: str, storage_options: Mapping[str, Any] | None) -> b
 
     if not is_repository(store, storage_options):
         return None
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
+    from . import _zarr
 
     try:
-        value = sync(
-            _repository_store(store, storage_options).get(
-                "zarr.json", default_buffer_prototype()
-            )
-        )
+        return _zarr.get(_repository_store(store, storage_options), "zarr.json")
     except Exception:  # noqa: BLE001 - icechunk's own errors: listed as unreadable
         return None
-    return None if value is None else value.to_bytes()
 
 
 def _repository_store(store: str, storage_options: Mapping[str, Any] | None) -> Any:
@@ -626,12 +620,13 @@ def _flock_holders() -> set[int] | None:
 def _count_written(store: Any, stream: str) -> int | None:
     """Points of ``stream`` whose ``_written`` flag is set; None if unreadable."""
     import numpy as np
-    import zarr
+
+    from . import _zarr
 
     try:
-        mask = zarr.open_array(store, path=f"{stream}/_written", mode="r", zarr_format=3)
+        mask = _zarr.open_array(store, f"{stream}/_written")
         return int(np.count_nonzero(mask[...]))
-    except (OSError, KeyError, ValueError, zarr.errors.NodeNotFoundError):
+    except (OSError, KeyError, ValueError):
         return None  # no descriptor yet, or the array is being replaced
 
 

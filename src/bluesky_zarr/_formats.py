@@ -278,10 +278,10 @@ class ZarrSource(_RowSource):
         return ""
 
     def _open(self) -> Any:
-        import zarr
+        from . import _zarr
 
         try:
-            return zarr.open_array(store=self.path, path=self.name, mode="r")
+            return _zarr.open_array(self.path, self.name or "")
         except (OSError, ValueError) as err:
             raise ExternalFileError(
                 f"stream_resource {self.uid!r} for data key {self.key!r} points to the "

@@ -8,8 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import zarr
 
+from . import _zarr
 from ._catalog import check_run_store
 from ._errors import StorageError
 from ._storage import open_store
@@ -41,8 +41,8 @@ def describe_store(
         check_run_store(location, storage_options)
         store = open_store(location, storage_options, read_only=True)
     try:
-        root = zarr.open_group(store, mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        root = _zarr.open_group(store)
+    except FileNotFoundError as err:
         raise StorageError(f"{location} is not a Zarr V3 store: {err}") from err
     attrs: dict[str, Any] = dict(root.attrs.asdict())
     start: dict[str, Any] = attrs.get("start") or {}
@@ -93,7 +93,7 @@ def describe_store(
     return {"store": str(location), "run": run, "streams": streams}
 
 
-def _describe_array(array: zarr.Array) -> dict[str, Any]:
+def _describe_array(array: Any) -> dict[str, Any]:
     metadata = array.metadata
     dims = list(getattr(metadata, "dimension_names", None) or [])
     compressors = [type(c).__name__ for c in array.compressors]

@@ -25,52 +25,42 @@ from typing import Any
 import google_crc32c
 import numcodecs
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.codecs.sharding import ShardingCodecIndexLocation
-from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
-from ._storage import GuardedLocalStore
+from ._metadata import ArrayNode
+from ._spec import INDEX_CODECS, morton_order
 
 #: Index entry of a chunk absent from a shard (the sharding codec's marker).
 _ABSENT = 2**64 - 1
 
 
-def _chunk_order(chunks_per_shard: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """The order in which zarr-python lays chunks out in a shard (Morton order)."""
-    try:
-        from zarr.core.indexing import morton_order_iter
-    except ImportError:  # moved: C order gives valid shards, not identical ones
-        return list(itertools.product(*(range(n) for n in chunks_per_shard)))
-    return list(morton_order_iter(chunks_per_shard))
-
-
 class _Encoder:
-    """One chunk's bytes: the ``bytes`` codec, then optionally Blosc."""
+    """One chunk's bytes: the ``bytes`` codec, then optionally Blosc (the
+    codecs as the array's metadata lists them)."""
 
-    def __init__(self, dtype: np.dtype, codecs: Sequence[Any]) -> None:
+    def __init__(self, dtype: np.dtype, codecs: Sequence[Mapping[str, Any]]) -> None:
         self.dtype = dtype
         self.blosc: Any = None
-        if not codecs or not isinstance(codecs[0], BytesCodec):
+        if not codecs or codecs[0].get("name") != "bytes":
             raise NotImplementedError("the first codec is not 'bytes'")
-        endian = codecs[0].endian
+        endian = codecs[0].get("configuration", {}).get("endian")
         held_little = dtype.byteorder == "<" or (dtype.byteorder in "=|" and np.little_endian)
         # Bytes are swapped where the codec stores another order than memory holds.
         self.swap = (
-            dtype.itemsize > 1 and endian is not None and (endian.value == "little") != held_little
+            dtype.itemsize > 1 and endian is not None and (endian == "little") != held_little
         )
         for codec in codecs[1:]:
-            if isinstance(codec, BloscCodec) and self.blosc is None:
-                # The configuration zarr-python gives numcodecs, typesize included.
+            if codec.get("name") == "blosc" and self.blosc is None:
+                config = codec["configuration"]
+                # The Blosc codec's configuration as numcodecs takes it.
                 self.blosc = numcodecs.Blosc.from_config(
                     {
-                        "cname": codec.cname.value,
-                        "clevel": codec.clevel,
+                        "cname": config["cname"],
+                        "clevel": config["clevel"],
                         "shuffle": {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[
-                            codec.shuffle.value
+                            config["shuffle"]
                         ],
-                        "blocksize": codec.blocksize,
-                        "typesize": codec.typesize,
+                        "blocksize": config["blocksize"],
+                        "typesize": config["typesize"],
                     }
                 )
             else:
@@ -113,24 +103,25 @@ class DirectWriter:
 
     def __init__(
         self,
-        store: GuardedLocalStore,
+        files: Any,
         path: str,
         unit: tuple[int, ...],
         fill: Any,
         encoder: _Encoder,
-        sharding: ShardingCodec | None,
+        sharding: Mapping[str, Any] | None,
     ) -> None:
-        self.store = store
+        #: The store's file writer (:class:`bluesky_zarr._storage.LocalFiles`).
+        self.files = files
         self.path = path
         self.unit = unit
         self.fill = fill
         self.encode = encoder
         self.sharding = sharding
         if sharding is not None:
-            self.chunk = tuple(sharding.chunk_shape)
+            self.chunk = tuple(int(c) for c in sharding["chunk_shape"])
             self.per_shard = tuple(u // c for u, c in zip(unit, self.chunk))
-            self.order = _chunk_order(self.per_shard)
-            self.index_at_start = sharding.index_location == ShardingCodecIndexLocation.start
+            self.order = morton_order(self.per_shard)
+            self.index_at_start = sharding.get("index_location", "end") == "start"
         chunk = self.chunk if sharding is not None else unit
         #: Copies of a unit made while it is encoded and written: none when
         #: its chunks are stored as they lie in memory (no compressor, no byte
@@ -141,40 +132,32 @@ class DirectWriter:
         ) else 1
 
     @classmethod
-    def of(cls, array: zarr.Array) -> DirectWriter | None:
+    def of(cls, array: ArrayNode) -> DirectWriter | None:
         """A direct writer for ``array``, or ``None`` where zarr-python must write."""
-        store = array.store_path.store
-        metadata = array.metadata
-        if not isinstance(store, GuardedLocalStore) or metadata.zarr_format != 3:
-            return None
-        encoding = metadata.chunk_key_encoding
-        if not isinstance(encoding, DefaultChunkKeyEncoding) or encoding.separator != "/":
+        files = array.local_files
+        if files is None:
             return None
         dtype = np.dtype(array.dtype)
         if dtype.kind not in "biufc" or not array.shape:
             return None
-        if not array.config.write_empty_chunks:
-            return None  # zarr-python would leave out chunks that hold only the fill
-        codecs = list(metadata.codecs)
-        sharding = None
+        metadata = array.metadata
+        if metadata.separator != "/":
+            return None
+        codecs: list[Mapping[str, Any]] = list(metadata.codecs)
+        sharding = metadata.sharding
         try:
-            if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
-                sharding = codecs[0]
-                index = list(sharding.index_codecs)
-                if not (
-                    len(index) == 2
-                    and isinstance(index[0], BytesCodec)
-                    and (index[0].endian is None or index[0].endian.value == "little")
-                    and isinstance(index[1], Crc32cCodec)
-                ):
+            if sharding is not None:
+                if [dict(c) for c in sharding.get("index_codecs", ())] != list(INDEX_CODECS):
                     return None
-                codecs = list(sharding.codecs)
+                codecs = list(sharding["codecs"])
             encoder = _Encoder(dtype, codecs)
         except NotImplementedError:
             return None
         unit = tuple(array.shards or array.chunks)
-        fill = np.asarray(metadata.fill_value, dtype=dtype)
-        return cls(store, array.path, unit, fill, encoder, sharding)
+        # Every chunk is written (zarr-python's write_empty_chunks), as the
+        # writer's arrays are configured.
+        fill = np.asarray(_fill_value(metadata.fill_value, dtype), dtype=dtype)
+        return cls(files, array.path, unit, fill, encoder, sharding)
 
     def write(
         self,
@@ -252,7 +235,7 @@ class DirectWriter:
     def _read_unit(self, key: tuple[int, ...], unit: np.ndarray | None = None) -> np.ndarray:
         """The full image of one unit as its file holds it (the fill value
         where the file or a chunk of it is absent), in ``unit`` if given."""
-        path = self.store.root / self.path / "c" / Path(*(str(k) for k in key))
+        path = Path(self.files.root) / self.path / "c" / Path(*(str(k) for k in key))
         if unit is None:
             unit = np.empty(self.unit, dtype=self.encode.dtype)
         try:
@@ -307,10 +290,10 @@ class DirectWriter:
     ) -> None:
         name = f"{self.path}/c/{'/'.join(str(k) for k in key)}"
         if self.sharding is None:
-            self.store.write_parts(name, [self.encode(unit)])
+            self.files.write_parts(name, [self.encode(unit)])
             return
         start = tuple(k * u for k, u in zip(key, self.unit))
-        self.store.write_parts(name, list(self._shard(unit, start, shape, encoded or {})))
+        self.files.write_parts(name, list(self._shard(unit, start, shape, encoded or {})))
 
     def _shard(
         self,
@@ -361,12 +344,12 @@ class UnitIO:
     array is replaced by a longer one); its shape bounds the units.
     """
 
-    def __init__(self, array: zarr.Array) -> None:
+    def __init__(self, array: ArrayNode) -> None:
         self.direct = DirectWriter.of(array)
 
     def write(
         self,
-        array: zarr.Array,
+        array: ArrayNode,
         origin: tuple[int, ...],
         data: np.ndarray,
         encoded: Mapping[tuple[int, ...], Any] | None = None,
@@ -380,7 +363,7 @@ class UnitIO:
 
     def read(
         self,
-        array: zarr.Array,
+        array: ArrayNode,
         origin: tuple[int, ...],
         size: tuple[int, ...],
         out: np.ndarray | None = None,
@@ -390,7 +373,7 @@ class UnitIO:
             return self.direct.read(origin, size, out)
         return np.asarray(array[_region(origin, size)])
 
-    def update(self, array: zarr.Array, region: tuple[slice, ...], values: np.ndarray) -> None:
+    def update(self, array: ArrayNode, region: tuple[slice, ...], values: np.ndarray) -> None:
         """Write ``values`` over ``region`` of a small array (a mask, a
         coordinate), keeping the rest of the units it touches; the caller is
         the only writer of the array."""
@@ -405,6 +388,16 @@ class UnitIO:
         hull = self.direct.read(start, size)
         hull[tuple(slice(r.start - s, r.stop - s) for r, s in zip(region, start))] = values
         self.direct.write(start, hull, array.shape)
+
+
+def _fill_value(value: Any, dtype: np.dtype) -> Any:
+    """A fill value from its JSON form (``"NaN"``, ``"Infinity"``, pairs for
+    complex numbers)."""
+    if dtype.kind == "c" and isinstance(value, (list, tuple)):
+        return complex(float(value[0]), float(value[1]))
+    if isinstance(value, str):
+        return float(value)
+    return value
 
 
 def _region(origin: tuple[int, ...], size: tuple[int, ...]) -> tuple[slice, ...]:

@@ -8,53 +8,30 @@ writer knows every node it makes, so :class:`StoreMetadata` keeps their
 metadata in memory, writes each ``zarr.json`` itself when it changes, and
 writes the root's consolidated metadata from memory in the same step.
 
-zarr-python still builds the metadata (the same functions ``create_array``
-uses, so the documents are the ones it writes: the tests compare them), and
-opens and reads the store.
+The documents are the Zarr V3 specification's (:mod:`._spec`); the nodes
+handed out (:class:`ArrayNode`, :class:`GroupNode`) are this package's own,
+and give a zarr-python array over the same metadata only where zarr-python
+writes (:mod:`._zarr`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import logging
 import math
-import secrets
 import shutil
 import threading
-import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-from zarr.abc.store import Store
-from zarr.codecs.sharding import ShardingCodec, ShardingCodecIndexLocation
-from zarr.core.array import (
-    AsyncArray,
-    _parse_chunk_encoding_v3,
-    _parse_chunk_key_encoding,
-)
-from zarr.core.array_spec import ArrayConfigParams, parse_array_config
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.chunk_grids import RegularChunkGrid, _auto_partition
-from zarr.core.dtype import parse_dtype
-from zarr.core.dtype.common import HasItemSize
-from zarr.core.group import AsyncGroup, ConsolidatedMetadata, GroupMetadata
-from zarr.core.metadata import ArrayV3Metadata
-from zarr.core.sync import sync
-from zarr.storage._common import StorePath
 
-from ._storage import GuardedLocalStore
+from . import _spec, _zarr
 
 logger = logging.getLogger(__name__)
 
 #: Largest array (elements) that metadata attributes hold in full.
 MAX_ATTR_ARRAY = 10_000
-
-#: How every array of a run is configured when opened for writing.
-ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 def json_safe(value: Any) -> Any:
@@ -82,56 +59,131 @@ def json_safe(value: Any) -> Any:
     return repr(value)
 
 
+def _compressor_templates(compressors: Any) -> tuple[Any, ...]:
+    """The compressors as a tuple: JSON templates (dicts) and zarr codecs."""
+    if compressors is None:
+        return ()
+    if isinstance(compressors, Mapping) or not isinstance(compressors, Sequence):
+        return (compressors,)
+    return tuple(compressors)
+
+
 def array_metadata(
     *,
-    shape: tuple[int, ...],
+    shape: Sequence[int],
     dtype: Any,
-    chunks: tuple[int, ...],
-    shards: tuple[int, ...] | None,
+    chunks: Sequence[int],
+    shards: Sequence[int] | None,
     fill_value: Any,
-    dimension_names: list[str],
-    attributes: dict[str, Any],
+    dimension_names: Sequence[str] | None,
+    attributes: Mapping[str, Any],
     compressors: Any,
-    serializer: Any = "auto",
-) -> ArrayV3Metadata:
-    """The metadata ``zarr.create_array`` writes for these arguments (Zarr V3),
-    made without touching a store."""
-    zdtype = _zarr_dtype(dtype)
-    shard_shape, chunk_shape = _auto_partition(
-        array_shape=shape,
-        shard_shape=shards,
-        chunk_shape=chunks,
-        item_size=zdtype.item_size if isinstance(zdtype, HasItemSize) else 1,
-    )
-    array_array, array_bytes, bytes_bytes = _parse_chunk_encoding_v3(
-        compressors=compressors, filters="auto", serializer=serializer, dtype=zdtype
-    )
-    codecs: tuple[Any, ...] = (*array_array, array_bytes, *bytes_bytes)
-    if shard_shape is not None:
-        sharding = ShardingCodec(
-            chunk_shape=chunk_shape, codecs=codecs, index_location=ShardingCodecIndexLocation.end
+    serializer: Mapping[str, Any] | None = None,
+) -> _spec.ArrayMetadata:
+    """The Zarr V3 metadata of an array: ``dtype`` a numpy dtype (or ``str``
+    for variable-length strings), ``compressors`` a sequence of compressor
+    templates (:data:`._spec.DEFAULT_COMPRESSOR`) or zarr codecs (or one of
+    them, or ``None``), ``shards`` ``None`` for an array that is not sharded,
+    ``serializer`` the ``bytes`` codec when it is not the default one (a
+    detector file's byte order, for virtual chunks).
+
+    Core data types with this package's compressors are spelt by
+    :mod:`._spec`; other data types and a user's codecs as zarr-python
+    describes them (:func:`._zarr.described_by_zarr`).
+    """
+    templates = _compressor_templates(compressors)
+    numpy_dtype = np.dtype(object) if dtype is str else np.dtype(dtype)
+    data_type = None if dtype is str else _spec.core_data_type(numpy_dtype)
+    if data_type is not None and all(isinstance(c, Mapping) for c in templates):
+        fill = _spec.fill_value_json(fill_value, numpy_dtype)
+        serializers: tuple[dict[str, Any], ...] = (
+            (dict(serializer),) if serializer is not None else (_spec.bytes_codec(numpy_dtype),)
         )
-        sharding.validate(
-            shape=chunk_shape, dtype=zdtype, chunk_grid=RegularChunkGrid(chunk_shape=shard_shape)
-        )
-        codecs, chunk_shape = (sharding,), shard_shape
-    return AsyncArray._create_metadata_v3(
+        codecs = tuple(_spec.codec_for(c, numpy_dtype) for c in templates)
+    else:
+        data_type, fill, described = _zarr.described_by_zarr(dtype, fill_value, templates)
+        # zarr-python lists the serializer (after any array-to-array codecs)
+        # and then the compressors it was given.
+        if serializer is not None:
+            raise ValueError("a serializer is given only for a core data type")
+        serializers = described[: len(described) - len(templates)]
+        codecs = described[len(described) - len(templates) :]
+    return _spec.array_metadata(
         shape=shape,
-        dtype=zdtype,
-        fill_value=fill_value,
-        chunk_shape=chunk_shape,
-        chunk_key_encoding=_parse_chunk_key_encoding(None, zarr_format=3),
-        codecs=codecs,
+        dtype=numpy_dtype,
+        data_type=data_type,
+        fill_value=fill,
+        serializer=serializers,
+        compressors=codecs,
+        chunks=chunks,
+        shards=shards,
         dimension_names=dimension_names,
         attributes=attributes,
     )
 
 
-@functools.lru_cache(maxsize=256)
-def _zarr_dtype(dtype: Any) -> Any:
-    """zarr-python's data type for ``dtype`` (its lookup is slow; the
-    result is immutable, so it is looked up once per dtype)."""
-    return parse_dtype(dtype, zarr_format=3)
+class GroupNode:
+    """A group of a run's store: its path and attributes."""
+
+    def __init__(self, store: Any, path: str, attributes: Mapping[str, Any]) -> None:
+        self.store = store
+        self.path = path
+        self.attrs: Mapping[str, Any] = dict(attributes)
+
+
+class ArrayNode:
+    """An array of a run's store, as its metadata says: the writer's own
+    description (path, shape, dtype, chunks, shards, fill value), and a
+    zarr-python array over it for the writes that go through zarr-python
+    (indexing an :class:`ArrayNode` reads and writes through that array)."""
+
+    def __init__(self, store: Any, path: str, metadata: _spec.ArrayMetadata) -> None:
+        self.store = store
+        self.path = path
+        self.metadata = metadata
+        self._zarr_array: Any = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.metadata.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.metadata.dtype
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self.metadata.chunks
+
+    @property
+    def shards(self) -> tuple[int, ...] | None:
+        return self.metadata.shards
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def attrs(self) -> Mapping[str, Any]:
+        return self.metadata.attributes
+
+    @property
+    def local_files(self) -> Any:
+        """The package's file writer of a local store (None for any other
+        store: object storage, an Icechunk session, a user's wrapper)."""
+        return getattr(self.store, "files", None) if _zarr.is_local_files(self.store) else None
+
+    def zarr_array(self) -> Any:
+        """A zarr-python array over this metadata (made once, without reading)."""
+        if self._zarr_array is None:
+            self._zarr_array = _zarr.array_over(self.store, self.path, self.metadata.to_dict())
+        return self._zarr_array
+
+    def __getitem__(self, region: Any) -> Any:
+        return self.zarr_array()[region]
+
+    def __setitem__(self, region: Any, values: Any) -> None:
+        self.zarr_array()[region] = values
 
 
 class StoreMetadata:
@@ -143,54 +195,53 @@ class StoreMetadata:
     then writes the root's, which holds the consolidated metadata of every
     node (what xarray reads): the root never lists a node before its own
     ``zarr.json`` is written. Changes are made one at a time (a lock); the
-    nodes handed out are zarr-python objects over the new metadata, and the
-    caller keeps the newest one.
+    nodes handed out describe the new metadata, and the caller keeps the
+    newest one.
     """
 
-    def __init__(self, store: Store, attributes: Mapping[str, Any]) -> None:
+    def __init__(self, store: Any, attributes: Mapping[str, Any]) -> None:
         self.store = store
         self.attributes: dict[str, Any] = dict(attributes)
         self.lock = threading.RLock()
-        self._nodes: dict[str, ArrayV3Metadata | GroupMetadata] = {}
+        self._nodes: dict[str, dict[str, Any]] = {}
         #: Each node's JSON as the root's consolidated metadata holds it.
         self._member_texts: dict[str, str] = {}
-        self.root = self._group("", GroupMetadata(attributes=self.attributes))
+        self._arrays: dict[str, _spec.ArrayMetadata] = {}
+        self.root = GroupNode(store, "", self.attributes)
 
     # ------------------------------------------------------------------ nodes
-    def add_group(self, path: str, attributes: Mapping[str, Any]) -> zarr.Group:
+    def add_group(self, path: str, attributes: Mapping[str, Any]) -> GroupNode:
         """Create a group below the root (not consolidated until :meth:`consolidate`)."""
-        metadata = GroupMetadata(attributes=dict(attributes))
         with self.lock:
-            self._save(path, metadata)
-            return self._group(path, metadata)
+            self._save(path, _spec.group_metadata(attributes))
+            return GroupNode(self.store, path, attributes)
 
-    def add_array(self, path: str, **arguments: Any) -> zarr.Array:
+    def add_array(self, path: str, **arguments: Any) -> ArrayNode:
         """Create an array (see :func:`array_metadata` for the arguments), or
         make one anew that holds no chunk yet."""
         metadata = array_metadata(**arguments)
         with self.lock:
-            self._save(path, metadata)
-            return self._array(path, metadata)
+            self._save(path, metadata.to_dict())
+            self._arrays[path] = metadata
+            return ArrayNode(self.store, path, metadata)
 
-    def set_attributes(self, path: str, attributes: Mapping[str, Any]) -> zarr.Group:
+    def set_attributes(self, path: str, attributes: Mapping[str, Any]) -> GroupNode:
         """Update attributes of the group at ``path``; returns the group."""
         with self.lock:
-            metadata = self._nodes[path]
-            assert isinstance(metadata, GroupMetadata)
-            metadata = dataclasses.replace(
-                metadata, attributes={**metadata.attributes, **attributes}
-            )
-            self._save(path, metadata)
-            return self._group(path, metadata)
+            document = self._nodes[path]
+            if document.get("node_type") != "group":
+                raise TypeError(f"{path!r} is not a group")
+            merged = {**document["attributes"], **attributes}
+            self._save(path, _spec.group_metadata(merged))
+            return GroupNode(self.store, path, merged)
 
-    def resize(self, array: zarr.Array, shape: tuple[int, ...]) -> zarr.Array:
+    def resize(self, array: ArrayNode, shape: tuple[int, ...]) -> ArrayNode:
         """Give ``array`` a new shape (growing only: no chunk is deleted)."""
         with self.lock:
-            metadata = self._nodes[array.path]
-            assert isinstance(metadata, ArrayV3Metadata)
-            metadata = metadata.update_shape(shape)
-            self._save(array.path, metadata)
-            return self._array(array.path, metadata)
+            metadata = self._arrays[array.path].with_shape(shape)
+            self._save(array.path, metadata.to_dict())
+            self._arrays[array.path] = metadata
+            return ArrayNode(self.store, array.path, metadata)
 
     def discard(self, path: str) -> None:
         """Forget the node at ``path`` and every node below it, and delete
@@ -200,11 +251,12 @@ class StoreMetadata:
             for key in [k for k in self._nodes if k == path or k.startswith(path + "/")]:
                 del self._nodes[key]
                 del self._member_texts[key]
+                self._arrays.pop(key, None)
             try:
-                if isinstance(self.store, GuardedLocalStore):
-                    shutil.rmtree(self.store.root / path, ignore_errors=True)
+                if _zarr.is_local_files(self.store):
+                    shutil.rmtree(Path(self.store.files.root) / path, ignore_errors=True)
                 else:
-                    sync(self.store.delete_dir(path))
+                    _zarr.delete_dir(self.store, path)
             except Exception as err:  # noqa: BLE001 - logged; the cause is raised
                 logger.warning("bluesky-zarr: cannot delete %s from the store: %r", path, err)
 
@@ -213,108 +265,45 @@ class StoreMetadata:
         ``attributes``) and the consolidated metadata of every node."""
         with self.lock:
             self.attributes.update(attributes or {})
+            self.root = GroupNode(self.store, "", self.attributes)
+            indent = _zarr.json_indent()
             if not self.store.supports_consolidated_metadata:
                 # Such a store (an Icechunk session) serves every node's
                 # metadata itself: the root holds its attributes only.
-                self._write("zarr.json", GroupMetadata(attributes=self.attributes))
-                return
-            indent = zarr.config.get("json_indent")
-            if indent is not None and not isinstance(indent, int):
-                self._write("zarr.json", self.consolidated_root())
-                return
-            self._put("zarr.json", self._root_text(indent).encode())
+                text = _spec.dumps(_spec.group_metadata(self.attributes), indent)
+            else:
+                text = _spec.consolidated_root(self.attributes, self._member_texts, indent)
+            self._put("zarr.json", text.encode())
 
-    def consolidated_root(self) -> GroupMetadata:
-        """The root's metadata as zarr-python builds it (nested consolidated metadata)."""
-        members: dict[str, Any] = {
-            path: _as_member(metadata) for path, metadata in self._nodes.items()
-        }
-        ConsolidatedMetadata._flat_to_nested(members)
-        return GroupMetadata(
-            attributes=self.attributes,
-            consolidated_metadata=ConsolidatedMetadata(metadata=members),
-        )
+    def consolidated_root(self) -> dict[str, Any]:
+        """The root's metadata with every node's, as a JSON document."""
+        import json
 
-    def _root_text(self, indent: int | None) -> str:
-        """The text zarr-python writes for :meth:`consolidated_root`, from each
-        node's text kept when it was saved: only the root's own attributes
-        are encoded again. (JSON's indentation of a value nested at a depth is
-        its text with that depth's indent after each line break.)"""
-        mark = secrets.token_hex(8)
-        paths = sorted(
-            self._nodes,
-            key=lambda p: (p.count("/"), unicodedata.normalize("NFKC", p).casefold()),
-        )
-        frame = {
-            "attributes": self.attributes,
-            "zarr_format": 3,
-            "consolidated_metadata": {
-                "kind": "inline",
-                "must_understand": False,
-                "metadata": {path: f"{mark}{n}" for n, path in enumerate(paths)},
-            },
-            "node_type": "group",
-        }
-        text = json.dumps(frame, indent=indent, allow_nan=True)
-        # Node values sit at depth 3: root, consolidated_metadata, metadata.
-        newline = "\n" + " " * (3 * indent) if indent is not None else None
-        for n, path in enumerate(paths):
-            member = self._member_texts[path]
-            if newline is not None:
-                member = member.replace("\n", newline)
-            text = text.replace(f'"{mark}{n}"', member, 1)
-        return text
+        return dict(json.loads(_spec.consolidated_root(self.attributes, self._member_texts, None)))
 
     # -------------------------------------------------------------- internals
-    def _save(self, path: str, metadata: ArrayV3Metadata | GroupMetadata) -> None:
-        indent = zarr.config.get("json_indent")
-        own = json.dumps(metadata.to_dict(), indent=indent, allow_nan=True)
+    def _save(self, path: str, document: dict[str, Any]) -> None:
+        indent = _zarr.json_indent()
+        own = _spec.dumps(document, indent)
         self._put(f"{path}/zarr.json", own.encode())
-        self._nodes[path] = metadata
+        self._nodes[path] = document
         # How the node reads inside the root's consolidated metadata (a group
         # says that it holds nothing further: its children are listed too).
         self._member_texts[path] = (
-            json.dumps(_as_member(metadata).to_dict(), indent=indent, allow_nan=True)
-            if isinstance(metadata, GroupMetadata)
+            _spec.dumps(_spec.group_metadata(document["attributes"], consolidated=True), indent)
+            if document.get("node_type") == "group"
             else own
         )
 
-    def _write(self, key: str, metadata: ArrayV3Metadata | GroupMetadata) -> None:
-        self._put(key, metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
-
     def _put(self, key: str, value: bytes) -> None:
-        if isinstance(self.store, GuardedLocalStore):
+        if _zarr.is_local_files(self.store):
             # No event loop: one file written and renamed into place.
-            self.store.write_parts(key, [value])
+            self.store.files.write_parts(key, [value])
         else:
-            sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(value)))
-
-    def _group(self, path: str, metadata: GroupMetadata) -> zarr.Group:
-        return zarr.Group(AsyncGroup(metadata=metadata, store_path=StorePath(self.store, path)))
-
-    def _array(self, path: str, metadata: ArrayV3Metadata) -> zarr.Array:
-        return zarr.Array(
-            AsyncArray(
-                metadata=metadata,
-                store_path=StorePath(self.store, path),
-                config=parse_array_config(ARRAY_CONFIG),
-            )
-        )
-
-
-def _as_member(metadata: ArrayV3Metadata | GroupMetadata) -> ArrayV3Metadata | GroupMetadata:
-    """A node as consolidated metadata lists it: a group with (empty)
-    consolidated metadata of its own."""
-    if isinstance(metadata, GroupMetadata):
-        return dataclasses.replace(
-            metadata, consolidated_metadata=ConsolidatedMetadata(metadata={})
-        )
-    return metadata
+            _zarr.put(self.store, key, value)
 
 
 def root_metadata(attributes: dict[str, Any]) -> bytes:
     """A root group's ``zarr.json`` with ``attributes`` and (empty) consolidated metadata."""
-    metadata = GroupMetadata(
-        attributes=attributes, consolidated_metadata=ConsolidatedMetadata(metadata={})
-    )
-    return metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+    document = _spec.group_metadata(attributes, consolidated=True)
+    return _spec.dumps(document, _zarr.json_indent()).encode()

@@ -6,18 +6,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from zarr.codecs import BloscCodec
-
+from . import _zarr
 from ._errors import OptionError
 from ._layout import DEFAULT_SHARD_BYTES
 from ._plan import DEFAULT_NAME_TEMPLATE, check_name_template
+from ._spec import DEFAULT_COMPRESSOR
 
 #: The default codec: Blosc LZ4 with bit-shuffle, the fastest of the
 #: compressors measured on detector-like frames (see the README's
 #: performance section).
-DEFAULT_COMPRESSORS: tuple[Any, ...] = (
-    BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
-)
+DEFAULT_COMPRESSORS: tuple[Any, ...] = (DEFAULT_COMPRESSOR,)
 
 DEFAULT_MAX_BUFFER_BYTES = 512 * 2**20
 
@@ -104,6 +102,19 @@ def make_options(
                 f"compressors= must be 'default', None or zarr codecs, got {compressors!r}"
             )
         compressors = DEFAULT_COMPRESSORS
+    elif compressors is None:
+        compressors = ()
+    else:
+        codecs = (
+            tuple(compressors) if isinstance(compressors, (list, tuple)) else (compressors,)
+        )
+        for codec in codecs:
+            if not _zarr.is_bytes_codec(codec):
+                raise OptionError(
+                    f"compressors= must be 'default', None or zarr bytes-to-bytes codecs "
+                    f"(e.g. zarr.codecs.ZstdCodec()), got {codec!r}"
+                )
+        compressors = codecs
     for label, number in (("shard_bytes", shard_bytes), ("max_buffer_bytes", max_buffer_bytes)):
         if not isinstance(number, int) or isinstance(number, bool) or number < 1:
             raise OptionError(f"{label}= must be a positive integer, got {number!r}")

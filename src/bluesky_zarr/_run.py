@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 from event_model import DocumentRouter, pack_event_page
 from event_model.documents import Event, EventDescriptor, EventPage, RunStart, RunStop
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 
+from . import _zarr
 from ._background import BackgroundWriter
 from ._buffer import BlockBuffer
 from ._errors import BlueskyZarrError, DocumentError, StorageError, WriteError
@@ -167,7 +166,7 @@ class RunWriter(DocumentRouter):
                         f"a second descriptor for stream {name!r} declares other data "
                         f"keys than the first; one stream must keep its data keys"
                     )
-                descriptors = list(stream.group.attrs.get("descriptors", []))  # type: ignore[arg-type]
+                descriptors = list(stream.group.attrs.get("descriptors", []))
                 descriptors.append(json_safe(doc))
                 stream.group = self.metadata.set_attributes(
                     name, {"descriptors": descriptors}
@@ -256,14 +255,7 @@ class RunWriter(DocumentRouter):
                     if self.virtual is not None:  # beside the repository (_virtual)
                         self.virtual.put_beside(REFUSED_FILE, b"".join(self._refused_lines))
                         return
-                    sync(
-                        self.metadata.store.set(
-                            REFUSED_FILE,
-                            default_buffer_prototype().buffer.from_bytes(
-                                b"".join(self._refused_lines)
-                            ),
-                        )
-                    )
+                    _zarr.put(self.metadata.store, REFUSED_FILE, b"".join(self._refused_lines))
             except Exception as err:  # noqa: BLE001 - counted; the refusal is raised anyway
                 logger.error(
                     "bluesky-zarr: cannot keep a refused %s document in %s: %r",

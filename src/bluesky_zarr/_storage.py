@@ -16,7 +16,6 @@ store back, and, with none given, the standard AWS environment variables
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import ctypes
 import ctypes.util
@@ -37,10 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from zarr.abc.store import Store
-from zarr.core.buffer import Buffer
-from zarr.storage import LocalStore
 
+from . import _zarr
 from ._errors import (
     MissingDependencyError,
     OptionError,
@@ -157,8 +154,9 @@ class StoreLock:
             self._fd = None
 
 
-class GuardedLocalStore(LocalStore):
-    """A local store that never recreates a part of itself that was deleted.
+class LocalFiles:
+    """The files of a local store, written so that a store never recreates a
+    part of itself that was deleted.
 
     zarr's :class:`~zarr.storage.LocalStore` makes every missing parent
     directory of a key it writes: a store (or root directory) deleted during a
@@ -174,22 +172,14 @@ class GuardedLocalStore(LocalStore):
     #: fsync each file and its directory before a write returns.
     durable = False
 
-    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
-        super().__init__(root, read_only=read_only)
+    def __init__(self, root: Path | str, *, durable: bool = False) -> None:
+        self.root = Path(root)
+        self.durable = durable
         #: Directories (relative to the root) known to exist: made or found.
         self._made: set[str] = set()
         #: Whether large files are written around the page cache (until the
         #: file system refuses it).
         self._around_cache = _O_DIRECT != 0
-
-    async def _set(self, key: str, value: Buffer, exclusive: bool = False) -> None:
-        if not self._is_open:
-            await self._open()
-        self._check_writable()
-        await asyncio.to_thread(self._put, key, value, exclusive)
-
-    def _put(self, key: str, value: Buffer, exclusive: bool) -> None:
-        self.write_parts(key, [value.as_buffer_like()], exclusive=exclusive)
 
     def write_parts(self, key: str, parts: Sequence[Any], *, exclusive: bool = False) -> None:
         """Write the concatenation of ``parts`` (buffers) as the value of ``key``,
@@ -513,7 +503,7 @@ class LocalRoot:
         *,
         overwrite: bool | str,
         metadata: bytes,
-    ) -> tuple[Path, Store]:
+    ) -> tuple[Path, Any]:
         """Make the run's store, holding ``metadata`` as its root ``zarr.json``.
 
         The store is built in a hidden directory beside its path and renamed
@@ -541,9 +531,7 @@ class LocalRoot:
         except OSError as err:
             shutil.rmtree(aside, ignore_errors=True)
             raise StorageError(f"cannot create the store {path}: {err}") from err
-        store = GuardedLocalStore(path)
-        store.durable = self.durable
-        return path, store
+        return path, _zarr.LocalFilesStore(LocalFiles(path, durable=self.durable))
 
     @staticmethod
     def _remove_leftovers(path: Path) -> None:
@@ -596,7 +584,7 @@ class FsspecRoot:
         *,
         overwrite: bool | str,
         metadata: bytes,
-    ) -> tuple[str, Store]:
+    ) -> tuple[str, Any]:
         """Claim the run's prefix with a conditional write of its root
         ``zarr.json`` (``metadata``), then open it."""
         key = "/".join([self.prefix, *store_name(template, start)])
@@ -645,18 +633,16 @@ def open_store(
     storage_options: Mapping[str, Any] | None = None,
     *,
     read_only: bool = True,
-) -> Store:
+) -> Any:
     """A Zarr store for an existing store's directory or URL."""
     if not is_url(location):
-        return LocalStore(Path(location), read_only=read_only)
+        return _zarr.local_store(Path(location), read_only=read_only)
     url = str(location)
     scheme = url.partition("://")[0]
     if scheme not in REMOTE_SCHEMES:
         raise OptionError(f"unsupported storage URL {url!r}")
-    from zarr.storage import FsspecStore
-
     fs = _filesystem(scheme, dict(storage_options or {}), asynchronous=True)
-    return FsspecStore(fs, path=url.partition("://")[2], read_only=read_only)
+    return _zarr.fsspec_store(fs, url.partition("://")[2], read_only=read_only)
 
 
 def _filesystem(scheme: str, options: dict[str, Any], *, asynchronous: bool) -> Any:
@@ -685,13 +671,11 @@ _async_filesystems: weakref.WeakSet[Any] = weakref.WeakSet()
 
 @atexit.register
 def _close_sessions() -> None:
-    from zarr.core.sync import sync
-
     for fs in list(_async_filesystems):
         creator = getattr(fs, "_s3creator", None)
         if creator is None:
             continue
         try:
-            sync(creator.__aexit__(None, None, None), timeout=5)
+            _zarr.run(creator.__aexit__(None, None, None), timeout=5)
         except Exception as err:  # noqa: BLE001 - best effort at interpreter exit
             logging.getLogger(__name__).debug("closing an S3 session failed: %r", err)

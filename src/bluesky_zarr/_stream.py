@@ -21,7 +21,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import zarr
 
 from ._buffer import ArraySink, Block, BlockBuffer, preview
 from ._errors import DataTypeError, DocumentError
@@ -33,6 +32,7 @@ from ._layout import (
     default_chunking,
     fill_value_for,
 )
+from ._metadata import ArrayNode, GroupNode
 
 if TYPE_CHECKING:
     from ._background import BackgroundWriter
@@ -64,7 +64,7 @@ class StreamWriter:
     def __init__(
         self,
         run: StreamRun,
-        group: zarr.Group,
+        group: GroupNode,
         layout: StreamLayout,
         setpoints: Mapping[str, np.ndarray],
     ) -> None:
@@ -84,7 +84,7 @@ class StreamWriter:
         self.lock = threading.Lock()
         self.on_disk: dict[str, np.ndarray] = {}
         self.coord_values: dict[str, np.ndarray] = {}
-        self.coord_arrays: dict[str, zarr.Array] = {}
+        self.coord_arrays: dict[str, ArrayNode] = {}
         #: How the mask and coordinates are written, by array path.
         self._io: dict[str, UnitIO] = {}
         #: Coordinates that event data update (setpoint data, or any for
@@ -145,7 +145,7 @@ class StreamWriter:
         fill: Any,
         chunks: tuple[int, ...],
         attrs: dict[str, Any],
-    ) -> zarr.Array:
+    ) -> ArrayNode:
         dims = list(self.layout.scan_dims)
         return self.run.metadata.add_array(
             f"{self.name}/{name}",
@@ -443,7 +443,7 @@ class StreamWriter:
                 if part.start < stop:
                     self._update(array, (slice(part.start, stop),), values[part.start : stop])
 
-    def _update(self, array: zarr.Array, region: tuple[slice, ...], values: np.ndarray) -> None:
+    def _update(self, array: ArrayNode, region: tuple[slice, ...], values: np.ndarray) -> None:
         """Write ``values`` over ``region`` of the mask or a coordinate (under
         ``self.lock``: the only writer of these arrays)."""
         io = self._io.get(array.path)

@@ -35,8 +35,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-import zarr
 
+from . import _zarr
 from ._errors import MissingDependencyError, OptionError, TiledError
 from ._metadata import json_safe
 from ._storage import is_url, open_store
@@ -181,7 +181,7 @@ def _has_spec(node: Any, name: str) -> bool:
     return any(spec.name == name for spec in node.specs)
 
 
-def _chunks(array: zarr.Array) -> tuple[tuple[int, ...], ...]:
+def _chunks(array: Any) -> tuple[tuple[int, ...], ...]:
     """Tiled's blocks: the store's write units (shards, else chunks), so one
     request reads what one file holds."""
     unit = array.shards or array.chunks
@@ -198,7 +198,7 @@ def _chunks(array: zarr.Array) -> tuple[tuple[int, ...], ...]:
     return tuple(chunks)
 
 
-def _data_source(array: zarr.Array, dims: tuple[str, ...], uri: str) -> Any:
+def _data_source(array: Any, dims: tuple[str, ...], uri: str) -> Any:
     from tiled.structures.array import ArrayStructure, BuiltinDtype
     from tiled.structures.core import StructureFamily
     from tiled.structures.data_source import Asset, DataSource, Management
@@ -219,7 +219,7 @@ def _data_source(array: zarr.Array, dims: tuple[str, ...], uri: str) -> Any:
     )
 
 
-def _servable(array: zarr.Array) -> str | None:
+def _servable(array: Any) -> str | None:
     """Why Tiled cannot serve ``array`` as it is stored, or None if it can."""
     try:
         dtype = np.dtype(array.dtype)
@@ -434,7 +434,7 @@ def _register(
         )
     zstore = open_store(store, storage_options, read_only=True)
     try:
-        root = zarr.open_group(zstore, mode="r", zarr_format=3)
+        root = _zarr.open_group(zstore)
     except FileNotFoundError as err:
         if is_url(store) or not Path(store).exists():
             raise TiledError(f"{store}: no store there (moved or deleted?)") from err
@@ -502,7 +502,7 @@ def _register(
 
 
 def _register_stream(
-    run: Any, name: str, group: zarr.Group, zstore: Any, base_uri: str, report: Registration
+    run: Any, name: str, group: Any, zstore: Any, base_uri: str, report: Registration
 ) -> None:
     import xarray as xr
 
@@ -539,7 +539,7 @@ def _register_stream(
             report.removed.append(f"{path}/{key}")
     for key, (dims, is_coord, var_attrs) in sorted(variables.items()):
         array = group[key]
-        if not isinstance(array, zarr.Array):  # xarray's variables are arrays
+        if not _zarr.is_array(array):  # xarray's variables are arrays
             continue
         why_not = _servable(array)
         if why_not is not None:

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from zarr.dtype import parse_data_type
 
+from . import _zarr
 from ._errors import DataShapeError, DataTypeError, DocumentError, ScanIndexError
 
 #: Most points a scan (or a stream that grows) may have. The writer keeps a
@@ -227,7 +227,7 @@ def check_dtype(key: str, dtype: np.dtype, fill_value: Any) -> None:
     if dtype.kind in "OU":
         return
     try:
-        parse_data_type(dtype, zarr_format=3).cast_scalar(fill_value)
+        _zarr.check_data_type(dtype, fill_value)
     except (TypeError, ValueError) as err:
         raise DataTypeError(
             f"data key {key!r}: dtype_numpy {dtype.str!r} ({dtype}) cannot be stored "

@@ -44,11 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from zarr.abc.store import Store
-from zarr.core.buffer import Buffer, default_buffer_prototype
-from zarr.core.sync import sync
-from zarr.storage import WrapperStore
 
+from . import _zarr
 from ._errors import (
     MissingDependencyError,
     StorageError,
@@ -179,7 +176,7 @@ def virtual_store(
     storage_options: Mapping[str, Any] | None = None,
     *,
     snapshot: str | None = None,
-) -> Store:
+) -> Any:
     """A read-only Zarr store over a virtual run's last commit (or ``snapshot``),
     with its detector directories authorized for reading."""
     ic = _icechunk()
@@ -192,8 +189,7 @@ def virtual_store(
         session = repo.readonly_session(snapshot_id=snapshot)
     else:
         session = repo.readonly_session(branch=BRANCH)
-    store: Store = session.store
-    return store
+    return session.store
 
 
 def _container_directory(directory: str) -> str:
@@ -284,7 +280,7 @@ class _Gate:
                 self.cond.notify_all()
 
 
-class SessionStore(WrapperStore[Any]):
+class SessionStore(_zarr.WrapperStore[Any]):
     """The run's store: the current writable session's store, which a commit
     replaces (a committed Icechunk session is read-only). Writes wait while a
     commit runs, and a commit waits for the writes under way."""
@@ -307,21 +303,21 @@ class SessionStore(WrapperStore[Any]):
     def supports_consolidated_metadata(self) -> bool:
         return False
 
-    async def set(self, key: str, value: Buffer) -> None:
+    async def set(self, key: str, value: Any) -> None:
         await self.gate.enter_async()
         try:
             await self._store.set(key, value)
         finally:
             self.gate.leave()
 
-    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
         await self.gate.enter_async()
         try:
             await self._store.set_if_not_exists(key, value)
         finally:
             self.gate.leave()
 
-    async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
+    async def _set_many(self, values: Iterable[tuple[str, Any]]) -> None:
         for key, value in values:
             await self.set(key, value)
 
@@ -421,7 +417,7 @@ class VirtualRepository:
 
 def create_repository(
     run: RunWriter, doc: Mapping[str, Any], metadata: bytes
-) -> tuple[Path | str, Store]:
+) -> tuple[Path | str, Any]:
     """Make the run's repository holding ``metadata`` as its root ``zarr.json``;
     sets ``run.virtual``. Locally it is built aside and renamed into place, so
     it appears whole or not at all."""
@@ -433,11 +429,7 @@ def create_repository(
 
     def first_commit(repo: Any) -> None:
         session = repo.writable_session(BRANCH)
-        sync(
-            session.store.set(
-                "zarr.json", default_buffer_prototype().buffer.from_bytes(metadata)
-            )
-        )
+        _zarr.put(session.store, "zarr.json", metadata)
         session.commit("start")
 
     if isinstance(storage, LocalRoot):
@@ -655,8 +647,6 @@ class VirtualFrames:
     ) -> str | None:
         """Make the key's array anew with one point's frames per chunk and the
         codecs of the file; returns why not, if its frames were placed before."""
-        from zarr.codecs import BytesCodec
-
         from ._buffer import ArraySink
         from ._layout import fill_value_for
 
@@ -670,7 +660,9 @@ class VirtualFrames:
                     "referenced"
                 )
             old = sink.array
-            serializer = BytesCodec(endian=layout.endian) if layout.endian else BytesCodec()
+            serializer: dict[str, Any] = {"name": "bytes"}
+            if layout.endian and old.dtype.itemsize > 1:
+                serializer["configuration"] = {"endian": layout.endian}
             array = self.run.metadata.add_array(
                 f"{stream.name}/{spec.name}",
                 shape=old.shape,
@@ -680,7 +672,7 @@ class VirtualFrames:
                 serializer=serializer,
                 compressors=layout.compressors,
                 fill_value=fill_value_for(sink.dtype),
-                dimension_names=old.metadata.dimension_names,  # type: ignore[union-attr]
+                dimension_names=old.metadata.dimension_names,
                 attributes=dict(old.attrs),
             )
             stream.sinks[spec.name] = ArraySink(sink.spec, array, stream.n_scan)
@@ -702,8 +694,6 @@ def _dtype_mismatch(dtype: np.dtype | None, stored: np.dtype) -> str | None:
 def _codecs(filters: Mapping[str, Any], dtype: np.dtype) -> tuple[tuple[Any, ...], str] | str:
     """Zarr V3 codecs reading chunks stored with these HDF5 ``filters``, or why
     there are none."""
-    from zarr.codecs import BloscCodec, ZstdCodec
-
     if not filters:
         return (), "raw"
     if len(filters) > 1:
@@ -713,13 +703,23 @@ def _codecs(filters: Mapping[str, Any], dtype: np.dtype) -> tuple[tuple[Any, ...
     options = tuple(options) if isinstance(options, (tuple, list)) else (options,)
     if name == ZSTD_FILTER:
         level = int(options[0]) if options else 0
-        return (ZstdCodec(level=level),), f"zstd:{level}"
+        zstd = {"name": "zstd", "configuration": {"level": level, "checksum": False}}
+        return (zstd,), f"zstd:{level}"
     if name == BLOSC_FILTER:
         # cd_values: reserved, version, typesize, bytes, clevel, shuffle, compressor.
         clevel = int(options[4]) if len(options) > 4 else 5
         shuffle: Any = _BLOSC_SHUFFLES.get(int(options[5]) if len(options) > 5 else 1, "shuffle")
         cname: Any = _BLOSC_CNAMES.get(int(options[6]) if len(options) > 6 else 0, "blosclz")
-        codec = BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=dtype.itemsize)
+        codec = {
+            "name": "blosc",
+            "configuration": {
+                "typesize": dtype.itemsize,
+                "cname": cname,
+                "clevel": clevel,
+                "shuffle": shuffle,
+                "blocksize": 0,
+            },
+        }
         return (codec,), f"blosc:{cname}:{clevel}:{shuffle}"
     return (
         f"HDF5 filter {_FILTER_NAMES.get(name, f'{name} (no Zarr V3 codec)')} has no "
