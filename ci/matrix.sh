@@ -10,7 +10,7 @@
 #   3.13    Python 3.13 of Debian 13 (trixie), in a chroot
 #   3.14    Python 3.14 of Debian testing (forky), in a chroot
 #   lowest  the host's python3.11, direct dependencies at their lower bounds
-#           (uv pip install --resolution lowest-direct)
+#           (uv pip compile --resolution lowest-direct of pyproject.toml)
 #
 # --prepare only makes (or checks) the chroots the entries need; --rebuild
 # makes them anew. Runs as root (debootstrap, chroot, mount).
@@ -220,10 +220,18 @@ run_entry() {
     log "$entry: installing (fresh venv)"
     rc=0
     if [[ $entry == lowest ]]; then
+        # pyproject.toml's dependencies resolved as the direct ones (uv pip
+        # install -e . would count only the package itself as direct, and take
+        # the newest of what it needs), then the package without them.
         install_uv "$python" || return 1
-        "${prefix[@]}" "${env_install[@]}" "$UV" venv --quiet --python "$python" "$venv" &&
-            (cd "$src" && "${env_install[@]}" "$UV" pip install --python "$venv/bin/python" \
-                --resolution lowest-direct "${pip_args[@]}" -e ".[test]") || rc=$?
+        "${env_install[@]}" "$UV" venv --quiet --python "$python" "$venv" &&
+            "${env_install[@]}" "$UV" pip compile --quiet --python "$venv/bin/python" \
+                --resolution lowest-direct --extra test "${pip_args[@]}" \
+                -o "$work/lowest.txt" "$src/pyproject.toml" &&
+            "${env_install[@]}" "$UV" pip install --quiet --python "$venv/bin/python" \
+                -r "$work/lowest.txt" &&
+            "${env_install[@]}" "$UV" pip install --quiet --python "$venv/bin/python" \
+                --no-deps -e "$src" || rc=$?
     else
         # The newest pip too: the pip a venv starts with (Debian's) can take
         # tens of minutes backtracking through the test extra's botocore pins.

@@ -31,18 +31,33 @@ MOTORS_AT = {"wavelength": "wavelength", "position": "position"}
 
 
 class FaultyStore(WrapperStore):
-    """Fails chosen writes of chunk data, as a full or read-only disk would."""
+    """Fails chosen writes of chunk data, as a full or read-only disk would:
+    the n-th writes (``fail_on``, ``every``) or the writes of chosen chunk or
+    shard keys (``fail_keys``, which do not depend on the order in which
+    worker threads happen to write)."""
 
-    def __init__(self, store, *, error: OSError, fail_on: set[int], every: int = 0) -> None:
+    def __init__(
+        self,
+        store,
+        *,
+        error: OSError,
+        fail_on: set[int] = frozenset(),
+        every: int = 0,
+        fail_keys: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(store)
         self.error = error
         self.fail_on = fail_on
         self.every = every
+        self.fail_keys = fail_keys
         self.writes = 0
         self.lock = threading.Lock()
 
     def _with_store(self, store):
-        return type(self)(store, error=self.error, fail_on=self.fail_on, every=self.every)
+        return type(self)(
+            store, error=self.error, fail_on=self.fail_on, every=self.every,
+            fail_keys=self.fail_keys,
+        )
 
     async def set(self, key, value):
         if "cam_image/c" in key:
@@ -50,6 +65,8 @@ class FaultyStore(WrapperStore):
                 self.writes += 1
                 n = self.writes
             if n in self.fail_on or (self.every and n % self.every == 0):
+                raise self.error
+            if key.endswith(self.fail_keys):
                 raise self.error
         return await self._store.set(key, value)
 
@@ -83,8 +100,10 @@ def setup(tmp_path, **options):
     ids=["disk-full", "permission-denied"],
 )
 def test_storage_fault_reaches_the_run_engine_and_store_is_finalised(tmp_path, error, builtin):
+    # The second shard of the first row (points 2-3) fails. Chosen by key: the
+    # two shards of a row are written by different workers, in either order.
     RE, writer, cam, wavelength, position = setup(
-        tmp_path, store_wrapper=faulty(error=error, fail_on={2}),
+        tmp_path, store_wrapper=faulty(error=error, fail_keys=("cam_image/c/0/1/0/0",)),
         shards={"cam_image": (1, 2, 8, 8)},
     )
     with pytest.raises(bluesky_zarr.WriteError) as info:
