@@ -115,7 +115,7 @@ def _describe_array(array: Any) -> dict[str, Any]:
 def _iso(timestamp: Any) -> str | None:
     if not isinstance(timestamp, (int, float)):
         return None
-    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
     return moment.isoformat(timespec="seconds")
 
 
