@@ -98,8 +98,15 @@ def measure(case: str, *, bound: int, shape: tuple[int, int], n_runs: int = 1) -
         for seq_num in range(1, points + 1):
             for _, descriptor in bundles:
                 frame = base + np.uint16(seq_num)
+                # The motors where the claimed grid puts the point (the
+                # writer checks every point against its grid).
+                outer, inner = divmod(seq_num - 1, shape[1])
                 event = descriptor.compose_event(
-                    data={"cam_image": frame, "wavelength": 1.0 * seq_num, "position": 0.0},
+                    data={
+                        "cam_image": frame,
+                        "wavelength": 400.0 + 300.0 * outer / max(1, shape[0] - 1),
+                        "position": 5.0 * inner / max(1, shape[1] - 1),
+                    },
                     timestamps={"cam_image": 0.0, "wavelength": 0.0, "position": 0.0},
                     seq_num=seq_num,
                 )

@@ -99,15 +99,17 @@ def fly(
     livetime: float = 0.2,
     deadtime: float = 0.05,
     flush_period: float = 0.1,
+    md: dict[str, Any] | None = None,
 ) -> Any:
     """A fly scan of an ophyd-async detector: ``events`` points of
-    ``frames_per_event`` frames each, collected as the detector goes."""
+    ``frames_per_event`` frames each, collected as the detector goes
+    (``md``: what the start document says besides)."""
     import bluesky.plan_stubs as bps
     import bluesky.preprocessors as bpp
     from ophyd_async.core import TriggerInfo
 
     @bpp.stage_decorator([det])
-    @bpp.run_decorator()
+    @bpp.run_decorator(md=md)
     def inner() -> Any:
         info = TriggerInfo(
             number_of_events=events,

@@ -309,3 +309,113 @@ def test_events_of_a_refused_descriptor_are_kept_and_name_its_refusal(tmp_path):
     assert info["complete"] is False
     assert info["missing"] == {"other": {"expected": 1, "written": 0}}
     assert open_stream(store)["x"].values.tolist() == [1.5]
+
+
+def recorded_grid_scan() -> list[tuple[str, dict[str, Any]]]:
+    """The documents of a 2 x 3 grid scan of an 8 x 8 camera, as a RunEngine emits them."""
+    wavelength, position = motors("wavelength", "position")
+    cam = PointCamera([wavelength, position], shape=(8, 8), name="cam")
+    recorder = Recorder()
+    RE = RunEngine({})
+    RE.subscribe(recorder)
+    RE(grid_scan([cam], wavelength, 1, 2, 2, position, 0, 2, 3))
+    return [(name, doc) for name, doc, _ in recorder.docs]
+
+
+def test_a_start_delivered_twice_while_its_run_is_open_is_kept_and_counted(tmp_path):
+    docs = recorded_grid_scan()
+    start = docs[0][1]
+    writer = ZarrWriter(tmp_path, name_template="run")
+    for n, (name, doc) in enumerate(docs):
+        if n == 4:  # in the middle of the events: the start once more
+            with pytest.raises(bluesky_zarr.DocumentOrderError, match="a second start"):
+                writer("start", copy.deepcopy(start))
+        writer(name, doc)
+
+    store = tmp_path / "run.zarr"
+    (entry,) = read_refused(store)
+    assert entry["name"] == "start" and entry["doc"] == as_json(start)
+    assert entry["error"].startswith("DocumentOrderError: a second start document")
+    info = open_tree(store).attrs["bluesky_zarr"]
+    assert info["refused_documents"] == 1
+    assert info["complete"] is False
+    assert "1 refused document(s)" in info["incomplete_reason"]
+    # The run itself is written whole.
+    assert assert_frames_match(open_stream(store), "cam_image", MOTORS_AT, (8, 8)) == 6
+    assert "1 refused document(s)" in shortfall_text(inspect_text(store))
+
+
+def test_documents_of_a_run_delivered_again_after_its_stop_are_kept_in_its_store(tmp_path):
+    docs = recorded_grid_scan()
+    writer = ZarrWriter(tmp_path, name_template="run")
+    for name, doc in docs:
+        writer(name, doc)
+    store = tmp_path / "run.zarr"
+    assert open_tree(store).attrs["bluesky_zarr"]["complete"] is True
+
+    # The whole run delivered once more (a publisher sending it again): every
+    # document is refused, since the run has ended, and kept in its store.
+    again = [(name, doc) for name, doc in docs if name in ("start", "descriptor", "event", "stop")]
+    for name, doc in again:
+        with pytest.raises(bluesky_zarr.DocumentOrderError):
+            writer(name, copy.deepcopy(doc))
+
+    entries = read_refused(store)
+    assert [(e["name"], e["doc"]) for e in entries] == [
+        (name, as_json(doc)) for name, doc in again
+    ]
+    tree = open_tree(store)
+    info = tree.attrs["bluesky_zarr"]
+    assert info["refused_documents"] == len(again) == info["refused_after_end"]
+    assert info["complete"] is False
+    assert f"{len(again)} document(s) of this run came after it ended" in (
+        info["incomplete_reason"]
+    )
+    # The store is the run's as it ended: its frames, its stop document.
+    assert tree.attrs["stop"]["uid"] == docs[-1][1]["uid"]
+    assert assert_frames_match(open_stream(store), "cam_image", MOTORS_AT, (8, 8)) == 6
+    assert "came after it ended" in shortfall_text(inspect_text(store))
+    # The lock taken to amend the store is released: another writer may take it.
+    assert not list(tmp_path.glob(".*lock"))
+
+
+def test_a_datum_of_a_resource_that_names_no_run_is_kept_with_the_run_open(tmp_path):
+    from event_model import compose_run
+
+    bundle = compose_run(metadata={"scan_id": 8})
+    writer = ZarrWriter(tmp_path, name_template="run")
+    writer("start", bundle.start_doc)
+    # An old resource document: no run_start.
+    resource = {"uid": "res-1", "spec": "NPY_SEQ", "root": str(tmp_path),
+                "resource_path": "frames", "resource_kwargs": {}, "path_semantics": "posix"}
+    writer("resource", resource)
+    broken = {"resource": "res-1", "datum_kwargs": {"index": 0}}  # no datum_id
+    with pytest.raises(bluesky_zarr.DocumentError, match="datum_id"):
+        writer("datum", broken)
+    writer("stop", bundle.compose_stop())
+
+    (entry,) = read_refused(tmp_path / "run.zarr")
+    assert entry["name"] == "datum" and entry["doc"] == broken
+    info = open_tree(tmp_path / "run.zarr").attrs["bluesky_zarr"]
+    assert info["refused_documents"] == 1 and info["complete"] is False
+
+
+def test_a_start_delivered_again_after_a_virtual_run_ended_is_kept_beside_it(tmp_path):
+    from bluesky_zarr._catalog import list_stores
+    from bluesky_zarr._inspect import describe_store
+
+    docs = recorded_grid_scan()
+    writer = ZarrWriter(tmp_path, name_template="run", external="virtual")
+    for name, doc in docs:
+        writer(name, doc)
+    with pytest.raises(bluesky_zarr.DocumentOrderError, match="a second start"):
+        writer("start", copy.deepcopy(docs[0][1]))
+
+    store = tmp_path / "run.zarr"
+    (entry,) = read_refused(store)
+    assert entry["name"] == "start" and entry["doc"] == as_json(docs[0][1])
+    (listed,) = list_stores(tmp_path)
+    assert listed["state"] == "incomplete" and "came after it ended" in listed["why"]
+    run = describe_store(store)["run"]
+    assert run["refused_documents"] == 1 and run["complete"] is False
+    assert describe_store(store)["streams"]["primary"]["written_points"] == 6

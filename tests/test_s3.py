@@ -20,7 +20,7 @@ from bluesky.plans import grid_scan
 from moto.server import ThreadedMotoServer
 from ophyd.sim import det
 
-from bluesky_zarr import StorageError, StoreExistsError, ZarrWriter, export
+from bluesky_zarr import DocumentOrderError, StorageError, StoreExistsError, ZarrWriter, export
 from bluesky_zarr._cli import main
 from bluesky_zarr.sim import PointCamera, motors
 
@@ -148,3 +148,28 @@ def test_the_command_in_its_own_process_exits_cleanly(scan_docs, bucket, endpoin
     assert result.returncode == 0, result.stderr
     assert "written 12 of 12 points" in result.stdout
     assert result.stderr == ""  # no "Unclosed client session" at exit
+
+
+def test_documents_of_an_ended_run_are_kept_in_its_store_on_s3(bucket, options, scan_docs):
+    import fsspec
+
+    writer = ZarrWriter(f"s3://{bucket}/runs", storage_options=options)
+    for name, doc in scan_docs:
+        writer(name, doc)
+    (url,) = writer.stores
+    again = [(name, doc) for name, doc in scan_docs if name in ("start", "event")][:3]
+    for name, doc in again:
+        with pytest.raises(DocumentOrderError):
+            writer(name, doc)
+
+    fs = fsspec.filesystem("s3", **options)
+    kept = [json.loads(line) for line in fs.cat_file(
+        f"{url.removeprefix('s3://')}/refused_documents.jsonl"
+    ).decode().splitlines()]
+    assert [(e["name"], e["doc"]["uid"]) for e in kept] == [
+        (name, doc["uid"]) for name, doc in again
+    ]
+    tree = xr.open_datatree(url, engine="zarr", storage_options=options)
+    info = tree.attrs["bluesky_zarr"]
+    assert info["complete"] is False and info["refused_after_end"] == 3
+    assert assert_frames_match(_open(url, options), "cam_image", MOTORS_AT, (16, 12)) == 12

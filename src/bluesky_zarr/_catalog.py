@@ -9,6 +9,7 @@ recorded their end, to count their points).
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -19,15 +20,13 @@ from typing import Any
 from ._errors import NotAStoreError, StorageError
 from ._plan import primary_stream
 from ._storage import REMOTE_SCHEMES, is_url
+from ._virtual import is_repository_listing
 
 #: Start document fields shown by default beside the run's own.
 DEFAULT_FIELDS = ("sample",)
 OPEN_WHY = "no end recorded: still being written, or its writer was killed"
 WRITING_WHY = "a writer holds its lock"
 UNFINISHED_WHY = "no end recorded and no writer holds it: its writer was killed"
-#: The directories of an Icechunk repository (a store written with
-#: ``external="virtual"``), which has no ``zarr.json`` of its own.
-REPOSITORY_DIRS = frozenset({"refs", "snapshots"})
 
 
 def list_stores(
@@ -64,6 +63,8 @@ def list_stores(
     StorageError
         ``location`` does not exist or cannot be listed.
     """
+    if not is_url(location):
+        location = os.path.expanduser(location)
     tree = _tree(location, storage_options)
     candidates = list(tree.find_candidates())
     entries = []
@@ -348,8 +349,10 @@ class _LocalTree:
                     raise StorageError(f"cannot list {directory}: {err}") from err
                 continue
             names = {e.name for e in entries}
-            if "zarr.json" in names or (
-                REPOSITORY_DIRS <= names and _has_branch(os.listdir, directory / "refs")
+            if "zarr.json" in names or is_repository_listing(
+                {e.name for e in entries if _is_dir(e)},
+                names,
+                functools.partial(_has_branch, os.listdir, directory / "refs"),
             ):
                 # A Zarr node, or an Icechunk repository (a virtual run's
                 # store): never searched inside.
@@ -463,8 +466,15 @@ class _RemoteTree:
                 subdirectories = [
                     e["name"].rstrip("/") for e in entries if e["type"] == "directory"
                 ]
+                files = {
+                    e["name"].rstrip("/").rpartition("/")[2]
+                    for e in entries
+                    if e["type"] != "directory"
+                }
                 names = {d.rpartition("/")[2] for d in subdirectories}
-                if REPOSITORY_DIRS <= names and _has_branch(self.fs.ls, f"{directory}/refs"):
+                if is_repository_listing(
+                    names, files, functools.partial(_has_branch, self.fs.ls, f"{directory}/refs")
+                ):
                     yield f"{self.scheme}://{directory}"  # an Icechunk repository
                     continue
                 deeper.extend(
@@ -522,10 +532,7 @@ def _has_branch(list_directory: Any, refs: Any) -> bool:
     """Whether ``refs`` (listed with ``list_directory``) holds an Icechunk
     branch: a repository's ``refs``, not a directory of runs that a name
     template happened to call ``refs``."""
-    try:
-        names = [str(n).rstrip("/").rpartition("/")[2] for n in list_directory(refs)]
-    except OSError:
-        return False
+    names = [str(n).rstrip("/").rpartition("/")[2] for n in list_directory(refs)]
     return any(name.startswith("branch.") for name in names)
 
 

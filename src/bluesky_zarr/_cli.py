@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +28,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _path(text: str) -> str:
+    """An argparse type: a local path with ``~`` expanded (as a shell does
+    for unquoted words), or an object storage URL as it is."""
+    return text if "://" in text else os.path.expanduser(text)
 
 
 def _flag_names(message: str) -> str:
@@ -76,10 +84,15 @@ def _tiled_failures(command: str, uri: str, failures: list[tuple[str, str]]) -> 
 
 def _replay_flag_names(message: str) -> str:
     """:func:`_flag_names`, and the flags only ``replay`` has."""
-    return (
+    return re.sub(
+        r"pass handler_registry=\{'([^']*)': HandlerClass\} to ZarrWriter",
+        r"pass --handler \1=module:Class (or install a package that declares one, such "
+        r"as area-detector-handlers)",
         _flag_names(message)
         .replace("pass external='reference'", "pass --external reference")
+        .replace("or external='reference' to", "or --external reference to")
         .replace("or root_map= to say", "or --root-map OLD=NEW to say")
+        .replace("pass overwrite=True", "pass --overwrite"),
     )
 
 
@@ -92,7 +105,7 @@ def _root_map_entry(text: str) -> tuple[str, str]:
             f"expected OLD=NEW (the directory the documents name = where it is here), "
             f"got {text!r}"
         )
-    return old, new
+    return old, _path(new)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -135,9 +148,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _handler_entry(text: str) -> tuple[str, Any]:
+    """``SPEC=module:Class`` of ``--handler``: the class, imported."""
+    from ._errors import OptionError
+    from ._handlers import parse_handler
+
+    try:
+        return parse_handler(text)
+    except OptionError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _replay(args: argparse.Namespace) -> int:
-    from ._errors import BlueskyZarrError, ReplayError
-    from ._replay import ReplayReport, format_summary, replay
+    from ._errors import BlueskyZarrError, ReplayError, ReplayInterrupted
+    from ._replay import BATCH_END, ReplayReport, format_summary, replay
+
+    def error(message: str) -> None:
+        print(f"bluesky-zarr replay: error: {_replay_flag_names(message)}", file=sys.stderr)
 
     try:
         report = replay(
@@ -148,16 +175,33 @@ def _replay(args: argparse.Namespace) -> int:
             name_template=args.name_template,
             external=args.external,
             root_map=dict(args.root_map or []),
+            handler_registry=dict(getattr(args, "handler", None) or []),
             **_tiled_options(args),
         )
+    except ReplayInterrupted as err:
+        print(_replay_flag_names(format_summary(err.report, args.out)))
+        print(
+            f"bluesky-zarr replay: interrupted ({err.signal_name}): the runs being written "
+            f"are kept, marked incomplete; the files after them were not replayed",
+            file=sys.stderr,
+        )
+        _tiled_failures("replay", args.tiled, err.report.tiled_failures)
+        return EXIT_INTERRUPTED
     except ReplayError as err:
-        print(_replay_flag_names(format_summary(err.report or ReplayReport(), args.out)))
-        print(f"bluesky-zarr replay: error: {_replay_flag_names(str(err))}", file=sys.stderr)
+        report = err.report or ReplayReport()
+        if err.report is not None:  # else nothing was replayed
+            print(_replay_flag_names(format_summary(report, args.out)))
+        # One line per run not replayed whole, then what stopped the replay
+        # (unless that is the list of those runs).
+        for problem in report.problems():
+            error(problem)
+        if err.location != BATCH_END:
+            error(str(err))
         if err.report is not None:
             _tiled_failures("replay", args.tiled, err.report.tiled_failures)
         return 1
     except BlueskyZarrError as err:
-        print(f"bluesky-zarr replay: error: {_replay_flag_names(str(err))}", file=sys.stderr)
+        error(str(err))
         return 1
     print(_replay_flag_names(format_summary(report, args.out)))
     return _tiled_failures("replay", args.tiled, report.tiled_failures)
@@ -327,13 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write Bluesky runs into Zarr V3 stores shaped like the experiment.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
         help="run a simulated wavelength x position x camera scan and summarise it",
         formatter_class=_FORMATTER,
     )
-    demo.add_argument("--out", default="bluesky-zarr-demo", help="root directory of the store")
+    demo.add_argument(
+        "--out", type=_path, default="bluesky-zarr-demo", help="root directory of the store"
+    )
     demo.add_argument(
         "--wavelengths", type=_positive_int, default=10, help="points along wavelength"
     )
@@ -347,9 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
         "optionally .gz) into stores",
         formatter_class=_FORMATTER,
     )
-    replay.add_argument("files", nargs="+", metavar="FILE", help="recorded document files")
     replay.add_argument(
-        "--out", required=True, default=argparse.SUPPRESS,
+        "files", nargs="+", type=_path, metavar="FILE", help="recorded document files"
+    )
+    replay.add_argument(
+        "--out", type=_path, required=True, default=argparse.SUPPRESS,
         help="root of the stores: a directory or s3://bucket/prefix (required)",
     )
     replay.add_argument(
@@ -365,6 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--root-map", action="append", type=_root_map_entry, metavar="OLD=NEW",
         help="a directory the documents name, and where it is mounted here (repeatable)",
+    )
+    replay.add_argument(
+        "--handler", action="append", type=_handler_entry, metavar="SPEC=module:Class",
+        default=argparse.SUPPRESS,
+        help="the handler class that reads ophyd v1 resources of a spec, e.g. "
+        "AD_HDF5=area_detector_handlers.handlers:AreaDetectorHDF5Handler (repeatable; "
+        "default: NPY_SEQ built in, and the handlers installed packages declare as "
+        "databroker.handlers entry points, such as area-detector-handlers)",
     )
     _add_tiled_options(replay)
     replay.set_defaults(func=_replay)
@@ -395,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable)",
     )
     serve.add_argument(
-        "--kafka-config-file", action="append", metavar="FILE",
+        "--kafka-config-file", action="append", type=_path, metavar="FILE",
         help="a file of Kafka client properties, one key=value a line (keeps secrets "
         "off the command line)",
     )
@@ -408,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fsync every file before a point is marked written",
     )
     serve.add_argument(
-        "--out", required=True, default=argparse.SUPPRESS,
+        "--out", type=_path, required=True, default=argparse.SUPPRESS,
         help="root of the stores: a directory or s3://bucket/prefix (required)",
     )
     serve.add_argument(
@@ -428,7 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a store's run, streams, arrays and how much is written",
         formatter_class=_FORMATTER,
     )
-    inspect.add_argument("store", metavar="STORE", help="a store's directory or s3:// URL")
+    inspect.add_argument(
+        "store", type=_path, metavar="STORE", help="a store's directory or s3:// URL"
+    )
     inspect.add_argument("--json", action="store_true", help="machine-readable JSON")
     inspect.set_defaults(func=_inspect)
 
@@ -438,7 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
         "date, changes nothing if they are)",
         formatter_class=_FORMATTER,
     )
-    register.add_argument("stores", nargs="+", metavar="STORE", help="store directories or URLs")
+    register.add_argument(
+        "stores", nargs="+", type=_path, metavar="STORE", help="store directories or URLs"
+    )
     register.add_argument(
         "--tiled", required=True, metavar="URI", default=argparse.SUPPRESS,
         help="the Tiled container to register the runs in, e.g. "
@@ -460,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_FORMATTER,
     )
     ls.add_argument(
-        "location", metavar="DIR_OR_URL", help="a directory of stores, or s3://bucket/prefix"
+        "location", type=_path, metavar="DIR_OR_URL",
+        help="a directory of stores, or s3://bucket/prefix",
     )
     ls.add_argument(
         "--field", dest="fields", action="append", metavar="NAME", default=argparse.SUPPRESS,
@@ -469,12 +531,76 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("--json", action="store_true", help="machine-readable JSON")
     ls.set_defaults(func=_ls)
+    for command in commands.choices.values():
+        # Also after the command's name (the command's own default leaves the
+        # one given before it alone).
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS,
+            help=f"{_DEBUG_HELP} (default: off)",
+        )
     return parser
 
 
+_DEBUG_HELP = "show the traceback of an error, not only its one-line message"
+
+#: Exit status when standard output is closed early (``| head``): that of a
+#: process ended by SIGPIPE, as the shell reports it (128 + 13).
+EXIT_CLOSED_PIPE = 141
+
+#: Exit status after Ctrl-C (128 + SIGINT), as the shell reports it.
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; errors a user can fix are one line on stderr.
+
+    A :class:`~bluesky_zarr.BlueskyZarrError` or an ``OSError`` (a path that
+    is a file, a missing permission) prints ``bluesky-zarr <command>: error:
+    <message>`` and exits 1; ``--debug`` shows its traceback instead. Any other
+    exception is a bug, and shows its traceback. Standard output closed early
+    (``| head``) ends the command quietly.
+    """
+    from ._errors import BlueskyZarrError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        status = int(args.func(args))
+        # Written here, inside the try, rather than at exit: a reader that
+        # went away is then seen as such.
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_CLOSED_PIPE
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"bluesky-zarr {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (BlueskyZarrError, OSError) as err:
+        if args.debug:
+            raise
+        message = str(err) if isinstance(err, BlueskyZarrError) else _os_error(err)
+        print(f"bluesky-zarr {args.command}: error: {_flag_names(message)}", file=sys.stderr)
+        return 1
+
+
+def _os_error(err: OSError) -> str:
+    """An ``OSError`` in words: what failed on which file."""
+    what = err.strerror or str(err) or type(err).__name__
+    names = [n for n in (err.filename, err.filename2) if n is not None]
+    return f"{what}: {' -> '.join(str(n) for n in names)}" if names else what
+
+
+def _discard_stdout() -> None:
+    """Send what is left of standard output nowhere: the reader has gone, and
+    the interpreter's last flush must not fail again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (a captured stdout)
+        pass
 
 
 if __name__ == "__main__":

@@ -69,6 +69,18 @@ class ReplayError(BlueskyZarrError, ValueError):
         self.report: Any = None
 
 
+class ReplayInterrupted(KeyboardInterrupt):
+    """A replay stopped by SIGINT (Ctrl-C) or SIGTERM, after finishing the
+    stores of the runs it had open (kept, marked incomplete)."""
+
+    def __init__(self, signal_name: str, report: Any = None) -> None:
+        super().__init__(f"the replay was interrupted by {signal_name}")
+        #: ``SIGINT`` or ``SIGTERM``.
+        self.signal_name = signal_name
+        #: What was written before (a :class:`~bluesky_zarr._replay.ReplayReport`).
+        self.report = report
+
+
 class ServeError(BlueskyZarrError, RuntimeError):
     """The document service cannot start (a bad address, an unreachable proxy)."""
 

@@ -33,8 +33,11 @@ def describe_store(
         ``location`` is missing, a directory of stores (the message points to
         ``bluesky-zarr ls``), a group inside a store, or another Zarr node.
     """
+    from ._storage import is_url
     from ._virtual import is_repository, virtual_store
 
+    if not is_url(location):
+        location = os.path.expanduser(location)
     if is_repository(location, storage_options):  # external="virtual": Icechunk (_virtual)
         store = virtual_store(location, storage_options)
     else:

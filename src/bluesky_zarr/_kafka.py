@@ -73,6 +73,81 @@ FINISHED_RUNS_KEPT = 1000
 LOCKED_RETRY_SECONDS = 1.0
 
 
+#: librdkafka's own log, passed through Python's logging; its lines about
+#: brokers that cannot be reached are left out (they repeat several times a
+#: second: the status line reports them).
+librdkafka_logger = logging.getLogger("bluesky_zarr.kafka.librdkafka")
+
+#: librdkafka log facilities that report a broker connection failing, which
+#: its error callback reports too.
+_CONNECTION_FACILITIES = frozenset({"FAIL"})
+
+#: Seconds the status line waits at most to learn whether a broker answers.
+PROBE_SECONDS = 2.0
+
+
+class _QuietConnectionFailures(logging.Filter):
+    """Leaves out librdkafka's lines about failing broker connections."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # confluent-kafka logs ("%s [%s] %s", facility, client name, message).
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (args and str(args[0]) in _CONNECTION_FACILITIES)
+
+
+librdkafka_logger.addFilter(_QuietConnectionFailures())
+
+
+class BrokerHealth:
+    """Whether the brokers are reached, from librdkafka's error callback: the
+    first failure is logged at once, the following ones are counted and
+    reported in the status line, once per interval."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        #: Broker errors since the last status line, and the last one.
+        self.errors = 0
+        self.last_error: str | None = None
+        #: Whether the last status found the brokers unreachable.
+        self.unreachable = False
+        self._since: float | None = None
+
+    def error(self, error: Any) -> None:
+        """librdkafka's ``error_cb``: a broker failure (or a fatal error)."""
+        self.errors += 1
+        self.last_error = error.str() if hasattr(error, "str") else str(error)
+        if not self.unreachable and self.errors == 1:
+            logger.warning(
+                "Kafka: %s (brokers %s); retrying, reported in each status line",
+                self.last_error, self.bootstrap,
+            )
+        if self._since is None:
+            self._since = time.monotonic()
+
+    def check(self, probe: Any) -> str | None:
+        """Called at each status line: None when the brokers answer, else
+        what is wrong. ``probe()`` asks a broker (raising if none answers);
+        it is called only after errors, to learn whether they are over."""
+        if self.errors == 0 and not self.unreachable:
+            return None
+        errors, self.errors = self.errors, 0
+        try:
+            probe()
+        except Exception as err:  # noqa: BLE001 - whatever the client raises
+            self.unreachable = True
+            since = time.monotonic() - (self._since or time.monotonic())
+            return (
+                f"NOT CONNECTED: cannot reach the Kafka brokers {self.bootstrap} for "
+                f"{since:.0f} s ({errors} failure(s) since the last status; the last: "
+                f"{self.last_error or err})"
+            )
+        if self.unreachable:
+            logger.info("Kafka: the brokers %s answer again", self.bootstrap)
+        self.unreachable = False
+        self._since = None
+        return None
+
+
 def decode_message(value: bytes | None) -> tuple[str, dict[str, Any]]:
     """A bluesky-kafka message value as ``(name, doc)``, or a :class:`DocumentError`."""
     import msgpack
@@ -220,13 +295,27 @@ class KafkaDocumentService:
                     f"{key}={user[key]} would commit offsets of documents not yet in a "
                     f"store; the service commits them itself"
                 )
+        self.health = BrokerHealth(bootstrap_servers)
         self.consumer_config: dict[str, Any] = {
             **_DEFAULT_CONFIG,
             **user,
             **_FIXED_CONFIG,
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
+            # librdkafka's errors and log through this service, not to stderr
+            # at the rate the client retries.
+            "error_cb": self.health.error,
+            "logger": librdkafka_logger,
         }
+        try:
+            import confluent_kafka  # noqa: F401
+            import msgpack  # noqa: F401
+            import msgpack_numpy  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError(
+                "serve --kafka needs confluent-kafka, msgpack and msgpack-numpy: "
+                'pip install "bluesky-zarr[kafka]"'
+            ) from None
         self.topics = list(topics)
         self.status_interval = float(status_interval)
         self.commit_interval = float(commit_interval)
@@ -548,29 +637,32 @@ class KafkaDocumentService:
         except KafkaException:
             return None
 
+    def _probe(self) -> None:
+        """Ask a broker for the topics' metadata; raises if none answers."""
+        self._consumer.list_topics(self.topics[0], timeout=PROBE_SECONDS)
+
     def _status(self, elapsed: float, documents: int, nbytes: int) -> None:
-        lag = self.lag()
-        logger.info(
-            "status: %d run(s) open, %.1f documents/s, %.2f MB/s, lag %s message(s), "
-            "%d partition(s); %d run(s) stopped, %d skipped, %d duplicate(s), %d refused",
-            len(self._run_partition),
-            documents / elapsed, nbytes / elapsed / 1e6,
-            "?" if lag is None else lag, len(self._partitions),
-            self.runs_stopped, self.runs_skipped, self.duplicates, self.refused,
+        trouble = self.health.check(self._probe)
+        lag = None if trouble else self.lag()
+        counts = (
+            f"{len(self._run_partition)} run(s) open, {documents / elapsed:.1f} "
+            f"documents/s, {nbytes / elapsed / 1e6:.2f} MB/s, lag "
+            f"{'?' if lag is None else lag} message(s), {len(self._partitions)} "
+            f"partition(s); {self.runs_stopped} run(s) stopped, {self.runs_skipped} "
+            f"skipped, {self.duplicates} duplicate(s), {self.refused} refused"
         )
+        if trouble:
+            logger.warning("status: %s; %s", trouble, counts)
+        else:
+            logger.info("status: %s", counts)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopped_by = signal.Signals(signum).name
 
     def run(self) -> None:
         """Consume and write until SIGINT or SIGTERM, then finish and leave the group."""
-        try:
-            from confluent_kafka import Consumer
-        except ImportError:
-            raise MissingDependencyError(
-                "serve --kafka needs confluent-kafka, msgpack and msgpack-numpy: "
-                "pip install 'bluesky-zarr[kafka]'"
-            ) from None
+        from confluent_kafka import Consumer  # checked in __init__
+
         previous = {
             signum: signal.signal(signum, self._on_signal)
             for signum in (signal.SIGINT, signal.SIGTERM)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import DocumentError, OptionError
-from ._plan import TIME_DIM, ScanPlan, sanitize_name
+from ._plan import ScanDim, sanitize_name
 from ._validate import MAX_FRAME_ELEMENTS, check_descriptor, check_dtype, checked_shape
 
 #: Names of the arrays every stream group carries besides its data keys.
@@ -135,10 +135,30 @@ class StreamLayout:
     coords: dict[str, str]  # coordinate name -> scan dimension
     coord_sources: dict[str, str]  # coordinate name -> data key giving values
     coord_motors: dict[str, str] = field(default_factory=dict)  # coordinate -> motor
+    #: The scan dimensions the user's chunks= / shards= were written for
+    #: (the grid the start document claims), where the stream is laid out
+    #: otherwise (the fallback): see :meth:`fit_chunking`.
+    claimed_scan_ndim: int | None = None
 
     @property
     def growing(self) -> bool:
         return any(s is None for s in self.scan_sizes)
+
+    def fit_chunking(self, value: Sequence[int] | None, frame_ndim: int) -> Any:
+        """A user's chunks or shards, given for the claimed grid, over this
+        layout's one growing dimension: the grid's scan part folded into one
+        (``(10, 1, 512, 512)`` becomes ``(10, 512, 512)``). A stream that
+        fell back is not refused for options that fitted its claim."""
+        claimed = self.claimed_scan_ndim
+        if (
+            value is None
+            or claimed is None
+            or claimed == len(self.scan_dims)
+            or len(value) != claimed + frame_ndim
+        ):
+            return value
+        scan = math.prod(int(v) for v in value[:claimed])
+        return (scan, *value[claimed:])
 
     def _clashes(self, name: str, size: int) -> bool:
         return name in self.scan_dims or (
@@ -163,21 +183,21 @@ class StreamLayout:
 
 
 def plan_stream(
-    plan: ScanPlan,
+    scan: Sequence[ScanDim],
     descriptor: Mapping[str, Any],
-    *,
-    dims: Sequence[str] | None = None,
 ) -> StreamLayout:
-    """Lay out the group of one stream from its descriptor."""
+    """Lay out the group of one stream from its descriptor, over the scan
+    dimensions ``scan`` (see :class:`~._geometry.StreamGeometry`).
+
+    Array names are distinct even where case is not (``Time`` beside the
+    writer's own ``time``, ``Det`` beside ``det``): a store copied to a file
+    system that ignores case keeps every array.
+    """
     check_descriptor(descriptor)
     stream = str(descriptor.get("name", "primary"))
     data_keys = descriptor["data_keys"]
-    if stream == plan.stream:
-        scan_dims = [d.name for d in plan.dims]
-        scan_sizes = [d.size for d in plan.dims]
-        motors = {d.name: d.motors for d in plan.dims}
-    else:
-        scan_dims, scan_sizes, motors = [TIME_DIM], [None], {TIME_DIM: ()}
+    scan_dims = [d.name for d in scan]
+    scan_sizes = [d.size for d in scan]
     layout = StreamLayout(
         name=stream,
         scan_dims=scan_dims,
@@ -187,33 +207,35 @@ def plan_stream(
         coords={},
         coord_sources={},
     )
-    setpoint_keys = set()
+    taken = _Names(RESERVED)
     # Coordinates: each motor's setpoints along its dimension.
-    for dim in scan_dims:
-        for n, motor in enumerate(motors[dim]):
+    for dim in scan:
+        for n, motor in enumerate(dim.motors):
             # The first motor's setpoints index the dimension, so they take
             # its name (which differs from the motor's when the user names it).
-            name = dim if n == 0 else sanitize_name(motor)
-            if not name or name in layout.coords or name in RESERVED:
+            name = dim.name if n == 0 and dim.indexed else sanitize_name(motor)
+            if not name or name in taken:
                 continue
+            taken.add(name)
             source = None
-            for candidate in (f"{motor}_setpoint", f"{motor}_user_setpoint", motor):
+            for candidate in (f"{motor}_setpoint", f"{motor}_user_setpoint",
+                              f"{motor}-user_setpoint", motor):
                 if candidate in data_keys:
                     source = candidate
                     break
-            layout.coords[name] = dim
+            layout.coords[name] = dim.name
             layout.coord_motors[name] = motor
             if source is not None:
                 layout.coord_sources[name] = source
-                setpoint_keys.add(source)
-    taken = set(layout.coords) | set(RESERVED) | set(scan_dims)
+    for dim_name in scan_dims:
+        taken.add(dim_name)
     for key, data_key in data_keys.items():
         name = sanitize_name(key) or "data"
-        if name in taken:
+        if name in layout.coords or name in scan_dims:
             # xarray needs a variable named like a dimension to be its index:
             # readbacks of scanned motors take another name.
             name = f"{name}_readback"
-        while name in taken:
+        while name in taken:  # (one array per name whatever its case)
             name = f"{name}_"
         taken.add(name)
         shape = frame_shape(key, data_key)
@@ -237,6 +259,20 @@ def plan_stream(
             spec.attrs["long_name"] = "event time (seconds since the UNIX epoch)"
         layout.arrays[name] = spec
     return layout
+
+
+class _Names:
+    """Names taken in one group, compared without case (as macOS and
+    Windows compare file names)."""
+
+    def __init__(self, names: Sequence[str] = ()) -> None:
+        self._folded = {n.casefold() for n in names}
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.casefold() in self._folded
+
+    def add(self, name: str) -> None:
+        self._folded.add(name.casefold())
 
 
 def default_chunking(

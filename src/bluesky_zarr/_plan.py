@@ -1,8 +1,10 @@
 """What a run's start document says about the shape of the experiment.
 
-A :class:`ScanPlan` turns the start document into scan dimensions (names,
-sizes, snaking, motors, initial setpoints) and maps ``seq_num`` to the index
-of the point in the N-D scan, undoing snaking.
+A :class:`ScanPlan` is the start document's *claim*: scan dimensions (names,
+sizes, snaking, motors, initial setpoints), how the grid is walked (in raster
+order, out of order, or not at all) and whether the document says which motor
+steps which axis. :mod:`._geometry` checks the claim against the setpoints
+each event carries, and learns what the document leaves open.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class ScanDim:
     size: int | None
     motors: tuple[str, ...]
     setpoints: Mapping[str, np.ndarray]
+    #: Whether the first motor's coordinate takes the dimension's name (and
+    #: so indexes it); False where every motor is a plain coordinate (a
+    #: dimension that grows with points in no order of any motor).
+    indexed: bool = True
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,22 @@ class ScanPlan:
     dims: tuple[ScanDim, ...]
     snaking: tuple[bool, ...]
     stream: str
+    #: How the points are visited: ``"raster"`` (seq_num orders them, axes
+    #: possibly snaked), ``"nonsequential"`` (a rectilinear grid visited out
+    #: of order: the setpoints say where each point lies) or ``"growing"``.
+    walk: str = "raster"
+    #: Whether the document says which motor steps which axis and which axes
+    #: snake (a bluesky grid plan does; a bare ``shape`` does not).
+    described: bool = True
+    #: ``extents`` of each dimension, as (start, stop) pairs, if given.
+    extents: tuple[tuple[float, float], ...] | None = None
+    #: Whether the plan moves relative to where the motors were (its extents
+    #: then are relative too).
+    relative: bool = False
+    #: Every motor the document names (``motors`` and ``hints.dimensions``).
+    motors: tuple[str, ...] = ()
+    #: The user's names for the scan dimensions (``dims=``), if any.
+    user_dims: tuple[str, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, ...] | None:
@@ -159,12 +181,19 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
     check_start(start)
     stream = primary_stream(start)
     motors_per_dim = _dimension_motors(start, stream)
+    named = _named_motors(start, stream)
     shape_doc = start.get("shape")
     pattern = start.get("plan_pattern")
-    if shape_doc is not None and pattern is not None and pattern not in RASTER_PATTERNS:
-        # e.g. spiral_square: a shape, but not visited in raster order, so
-        # seq_num does not say where a point lies. Points append instead.
+    hints = start.get("hints")
+    gridding = hints.get("gridding") if isinstance(hints, Mapping) else None
+    walk = "raster"
+    if gridding == "rectilinear_nonsequential" and shape_doc is not None:
+        # A square spiral: a rectilinear grid, visited out of order.
+        walk = "nonsequential"
+    elif shape_doc is not None and pattern is not None and pattern not in RASTER_PATTERNS:
+        # e.g. bluesky's scan (inner_product): points in a line, appended.
         shape_doc = None
+    described = True
     if shape_doc is not None:
         # Refused before anything is allocated for it (setpoints, masks).
         shape = checked_shape(
@@ -174,6 +203,16 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
             raise DocumentError(
                 f"start['shape'] must hold positive integers, got {shape_doc!r}"
             )
+        # The document says which motor steps which axis when a grid plan
+        # wrote it (bluesky lists them in the plan's order); a bare shape
+        # with motors listed in any order (scan_nd takes them from a set)
+        # says only how many points each axis has.
+        described = len(motors_per_dim) == len(shape) and (
+            pattern in RASTER_PATTERNS
+            or gridding in ("rectilinear", "rectilinear_nonsequential")
+            or start.get("snaking") is not None
+            or len(shape) == 1
+        )
         if len(motors_per_dim) != len(shape):
             motors_per_dim = [[] for _ in shape]
         _check_one_dimension_per_motor(motors_per_dim)
@@ -186,6 +225,7 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
         snaking = tuple(bool(s) for s in snaking_doc)
         sizes: list[int | None] = list(shape)
     else:
+        walk = "growing"
         # count, list_scan, scan, adaptive and fly scans: one growing dimension.
         if len(motors_per_dim) > 1:
             # Several motors stepped together, listed as separate entries:
@@ -198,35 +238,65 @@ def plan_scan(start: Mapping[str, Any], dims: Sequence[str] | None = None) -> Sc
         snaking = (False,)
         sizes = [None]
 
-    names = _dimension_names(motors_per_dim, sizes, dims)
-    extents = start.get("extents")
-    if str(start.get("plan_name", "")).startswith("rel_"):
-        # Relative plans give extents relative to where the motors were:
-        # the setpoints come from the events instead.
-        extents = None
+    names = dimension_names(motors_per_dim, sizes, dims)
+    extents = _extents(start, len(sizes)) if walk != "growing" else None
+    relative = str(start.get("plan_name", "")).startswith("rel_")
     scan_dims = []
     for axis, (name, size, motors) in enumerate(zip(names, sizes, motors_per_dim)):
         motors = [m for m in motors if m != TIME_DIM]
         setpoints: dict[str, np.ndarray] = {}
-        if size is not None and extents is not None and len(extents) == len(sizes):
-            if len(motors) == 1:
-                try:
-                    lo, hi = (float(v) for v in extents[axis])
-                except (TypeError, ValueError):
-                    raise DocumentError(
-                        f"start['extents'][{axis}] must be a (start, stop) pair, "
-                        f"got {extents[axis]!r}"
-                    ) from None
-                setpoints[motors[0]] = np.linspace(lo, hi, size)
+        # Relative plans give extents relative to where the motors were:
+        # their setpoints come from the events instead.
+        if size is not None and extents is not None and not relative and len(motors) == 1:
+            setpoints[motors[0]] = np.linspace(*extents[axis], size)
         scan_dims.append(ScanDim(name, size, tuple(motors), setpoints))
-    return ScanPlan(tuple(scan_dims), snaking, stream)
+    return ScanPlan(
+        tuple(scan_dims),
+        snaking,
+        stream,
+        walk=walk,
+        described=described,
+        extents=extents,
+        relative=relative,
+        motors=tuple(named),
+        user_dims=tuple(dims) if dims is not None else None,
+    )
 
 
-def _dimension_names(
+def _named_motors(start: Mapping[str, Any], stream: str) -> list[str]:
+    """Every motor the start document names for ``stream``, without repeats."""
+    named: list[str] = []
+    for fields, entry_stream in _hinted_dimensions(start):
+        if entry_stream == stream:
+            named.extend(fields)
+    named.extend(start.get("motors") or [])
+    return [m for m in dict.fromkeys(named) if m != TIME_DIM]
+
+
+def _extents(start: Mapping[str, Any], ndim: int) -> tuple[tuple[float, float], ...] | None:
+    """``extents`` as (start, stop) pairs of floats, if there is one per dimension."""
+    extents = start.get("extents")
+    if extents is None or len(extents) != ndim:
+        return None
+    pairs = []
+    for axis, pair in enumerate(extents):
+        try:
+            lo, hi = (float(v) for v in pair)
+        except (TypeError, ValueError):
+            raise DocumentError(
+                f"start['extents'][{axis}] must be a (start, stop) pair, got {pair!r}"
+            ) from None
+        pairs.append((lo, hi))
+    return tuple(pairs)
+
+
+def dimension_names(
     motors_per_dim: Sequence[Sequence[str]],
     sizes: Sequence[int | None],
     dims: Sequence[str] | None,
 ) -> list[str]:
+    """Scan dimension names: the user's ``dims``, else each dimension's first
+    motor (sanitised), ``time`` for one that grows, ``dim_<n>`` otherwise."""
     if dims is not None:
         if isinstance(dims, str) or len(dims) != len(sizes):
             raise OptionError(

@@ -19,12 +19,15 @@ from ._background import BackgroundWriter
 from ._buffer import BlockBuffer
 from ._errors import BlueskyZarrError, DocumentError, StorageError, WriteError
 from ._external import ExternalData
+from ._geometry import GEOMETRY_ATTRIBUTE, RELAYOUT, StreamGeometry
 from ._layout import plan_stream
 from ._metadata import StoreMetadata, json_safe, root_metadata
 from ._options import WriterOptions
 from ._plan import plan_scan
+from ._relayout import delete_node, move_node, placed_points
 from ._storage import LocalRoot, Root, StoreLock
 from ._stream import StreamWriter
+from ._validate import check_descriptor
 from ._version import __version__
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,30 @@ def _json_verbatim(value: Any) -> Any:
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     return repr(value)
+
+
+#: A document held until its points can be placed: (kind it is placed as,
+#: the document to place, (name, document) as it came).
+_Item = tuple[str, Any, tuple[str, Any]]
+
+
+class _Held:
+    """A stream whose geometry is pending: its group, and its documents in order."""
+
+    def __init__(self, name: str, group: Any) -> None:
+        self.name = name
+        self.group = group
+        self.docs: list[_Item] = []
+
+
+def _datum_seq_nums(doc: Mapping[str, Any]) -> np.ndarray:
+    """The seq_nums a stream_datum names (none if they are malformed: the
+    document is then refused where it is read)."""
+    try:
+        seq = doc["seq_nums"]
+        return np.arange(int(seq["start"]), int(seq["stop"]), dtype=np.int64)
+    except (KeyError, TypeError, ValueError):
+        return np.zeros(0, dtype=np.int64)
 
 
 class RunWriter(DocumentRouter):
@@ -82,6 +109,17 @@ class RunWriter(DocumentRouter):
         #: external="virtual": the run's Icechunk repository (``_virtual``).
         self.virtual: Any = None
         self.external = ExternalData(self)
+        #: Each stream's geometry (see ``_geometry``), and its descriptor as
+        #: its arrays are laid out from it.
+        self.geometries: dict[str, StreamGeometry] = {}
+        self._laid_out: dict[str, Mapping[str, Any]] = {}
+        #: Streams whose geometry the positions have still to show: their
+        #: arrays are not made yet and their documents are held, in order.
+        self._pending: dict[str, _Held] = {}
+        self._pending_uids: dict[str, _Held] = {}
+        #: Per stream: documents whose points have still to be shown by an
+        #: event (a stream_datum that came before its event), in order.
+        self._waiting: dict[str, list[_Item]] = {}
 
     @property
     def buffer_lock(self) -> threading.RLock:
@@ -144,62 +182,247 @@ class RunWriter(DocumentRouter):
         name = str(doc.get("name", "primary"))
         with self.buffer_lock, self.meta_lock:
             stream = self.streams.get(name)
-            if stream is None:
-                layout = plan_stream(self.plan, self.external.layout_descriptor(name, doc))
-                setpoints: dict[str, np.ndarray] = {}
+            held = self._pending.get(name)
+            if stream is None and held is None:
+                laid_out = self.external.layout_descriptor(name, doc)
+                check_descriptor(laid_out)
+                geometry = StreamGeometry(self.plan, name, laid_out["data_keys"])
+                attributes: dict[str, Any] = {"descriptors": [json_safe(doc)]}
                 if name == self.plan.stream:
-                    for dim in self.plan.dims:
-                        setpoints.update(dim.setpoints)
-                group = self.metadata.add_group(name, {"descriptors": [json_safe(doc)]})
-                try:
-                    stream = StreamWriter(self, group, layout, setpoints)
-                except BaseException:
-                    # A descriptor refused halfway leaves no half stream.
-                    self.metadata.discard(name)
-                    raise
-                self.streams[name] = stream
+                    attributes[GEOMETRY_ATTRIBUTE] = json_safe(geometry.record())
+                group = self.metadata.add_group(name, attributes)
+                self.geometries[name] = geometry
+                self._laid_out[name] = laid_out
+                if geometry.decided:
+                    stream = self._make_stream(name, group, geometry)
+                    self._announce(geometry)
+                else:
+                    # Held until the positions show the grid (_release).
+                    held = self._pending[name] = _Held(name, group)
             else:
-                if set(doc.get("data_keys", {})) != set(
-                    s.key for s in stream.layout.arrays.values() if s.key is not None
-                ):
+                known = stream.layout.arrays.values() if stream is not None else ()
+                keys = (
+                    {s.key for s in known if s.key is not None}
+                    if stream is not None
+                    else set(self._laid_out[name]["data_keys"])
+                )
+                if set(doc.get("data_keys", {})) != keys:
                     raise DocumentError(
                         f"a second descriptor for stream {name!r} declares other data "
                         f"keys than the first; one stream must keep its data keys"
                     )
-                descriptors = list(stream.group.attrs.get("descriptors", []))
+                group = stream.group if stream is not None else held.group  # type: ignore[union-attr]
+                descriptors = list(group.attrs.get("descriptors", []))
                 descriptors.append(json_safe(doc))
-                stream.group = self.metadata.set_attributes(
-                    name, {"descriptors": descriptors}
-                )
-            self.descriptors[doc["uid"]] = stream
+                group = self.metadata.set_attributes(name, {"descriptors": descriptors})
+                if stream is not None:
+                    stream.group = group
+                else:
+                    held.group = group  # type: ignore[union-attr]
+            if stream is not None:
+                self.descriptors[doc["uid"]] = stream
+            else:
+                self._pending_uids[doc["uid"]] = held  # type: ignore[assignment]
             self.metadata.consolidate()
         return doc
 
+    def _make_stream(self, name: str, group: Any, geometry: StreamGeometry) -> StreamWriter:
+        """Make the arrays of a stream whose geometry is decided."""
+        layout = plan_stream(geometry.dims, self._laid_out[name])
+        if name == self.plan.stream:
+            layout.claimed_scan_ndim = len(self.plan.dims)
+        setpoints: dict[str, np.ndarray] = {}
+        for dim in geometry.dims:
+            setpoints.update(dim.setpoints)
+        if geometry.gridded and not geometry.sequential:
+            # A grid visited out of order: its values are known from the start.
+            setpoints.update(geometry.coordinates())
+        if name == self.plan.stream:
+            group = self._record_geometry(name)
+        try:
+            stream = StreamWriter(self, group, layout, setpoints)
+        except BaseException:
+            # A descriptor refused halfway leaves no half stream.
+            self.metadata.discard(name)
+            raise
+        self.streams[name] = stream
+        return stream
+
+    def _record_geometry(self, name: str) -> Any:
+        """Write the geometry's decision and evidence into the stream's group
+        (and the scan's dimensions into the root's record); returns the group."""
+        geometry = self.geometries[name]
+        if geometry.decided:
+            self.info["scan_dims"] = [d.name for d in geometry.dims]
+            self.info["scan_shape"] = (
+                [d.size for d in geometry.dims] if geometry.gridded else None
+            )
+        return self.metadata.set_attributes(
+            name, {GEOMETRY_ATTRIBUTE: json_safe(geometry.record())}
+        )
+
+    def _announce(self, geometry: StreamGeometry) -> None:
+        """One line in the log for a stream whose grid is not the claimed one."""
+        if geometry.source == "fallback":
+            logger.warning(
+                "bluesky-zarr: stream %r of %s is stored along one growing dimension with "
+                "each motor as a coordinate, not on a grid: %s",
+                geometry.stream, self.path, geometry.reason,
+            )
+        elif geometry.source == "setpoints":
+            logger.info(
+                "bluesky-zarr: stream %r of %s: grid %s learned from the positions (%s)",
+                geometry.stream, self.path,
+                {d.name: d.size for d in geometry.dims}, geometry.reason,
+            )
+
     def event(self, doc: Event) -> Event:
-        self.event_page(pack_event_page(doc))
+        self._take_page(pack_event_page(doc), ("event", doc))
         return doc
 
     def event_page(self, doc: EventPage) -> EventPage:
+        self._take_page(doc, ("event_page", doc))
+        return doc
+
+    def _take_page(self, doc: EventPage, verbatim: tuple[str, Any]) -> None:
+        """Check, hold or place a page of events (``verbatim``: the document
+        as it came, kept if it is refused after it was held)."""
         # Checked as a document by ZarrWriter (check_document) before it came.
         self.check_health()
-        stream = self.descriptors[doc["descriptor"]]
         seq_nums = np.asarray(doc.get("seq_num", []))
         if seq_nums.dtype.kind not in "iu":
             raise DocumentError(f"seq_num must be integers, got {doc.get('seq_num')!r}")
-        index = self.point_index(stream, seq_nums)
+        held = self._pending_uids.get(doc["descriptor"])
+        if held is not None:
+            geometry = self.geometries[held.name]
+            geometry.observe(seq_nums, doc["data"])
+            held.docs.append(("event_page", doc, verbatim))
+            if geometry.decided:
+                self._release(held, verbatim)
+            return
+        stream = self.descriptors[doc["descriptor"]]
+        geometry = self.geometries[stream.name]
+        if geometry.observe(seq_nums, doc["data"]) == RELAYOUT:
+            stream = self._relayout(stream)
+        self._place_page(stream, doc, seq_nums)
+        if self._waiting.get(stream.name):
+            self._place_held(stream, [])
+
+    def _place_page(self, stream: StreamWriter, doc: Mapping[str, Any], seq_nums: Any) -> None:
+        index = self.point_index(stream, np.asarray(seq_nums))
         page = self.external.fill_page(stream, doc)
         with self.buffer_lock:
             stream.put_page(page, index)
-        return doc
 
     def point_index(self, stream: StreamWriter, seq_nums: np.ndarray) -> tuple[np.ndarray, ...]:
         """Index arrays (one per scan dimension) of the points ``seq_nums`` name."""
-        if stream.name == self.plan.stream:
-            return self.plan.index(seq_nums)
-        index = (seq_nums.astype(np.int64) - 1,)
-        if index[0].size and index[0].min() < 0:
-            raise DocumentError(f"seq_num must be >= 1, got {seq_nums.tolist()!r}")
+        index = self.geometries[stream.name].index(seq_nums)
+        if index is None:
+            raise DocumentError(
+                f"stream {stream.name!r}: the points {seq_nums.tolist()!r} cannot be placed "
+                f"before their events show where they lie"
+            )
         return index
+
+    def _release(self, held: _Held, current: tuple[str, Any] | None = None) -> None:
+        """A pending stream's geometry is decided: make its arrays and place
+        what was held (``current``: the document being taken, among them)."""
+        geometry = self.geometries[held.name]
+        with self.buffer_lock, self.meta_lock:
+            del self._pending[held.name]
+            uids = [u for u, h in self._pending_uids.items() if h is held]
+            for uid in uids:
+                del self._pending_uids[uid]
+            stream = self._make_stream(held.name, held.group, geometry)
+            for uid in uids:
+                self.descriptors[uid] = stream
+            self.metadata.consolidate()
+        self._announce(geometry)
+        self._place_held(stream, held.docs, current)
+
+    def _place_held(
+        self,
+        stream: StreamWriter,
+        docs: list[_Item],
+        current: tuple[str, Any] | None = None,
+    ) -> None:
+        """Place held documents (then those waiting for an event), in order, as
+        far as their points can be placed; the rest keep waiting.
+
+        ``current`` is the document being taken: its own refusal is raised
+        (and kept by the caller, as any refusal). Another held document that
+        is refused now, after it was taken without error, is kept here; the
+        others are placed all the same, then the first refusal is raised
+        (marked ``kept``: the document being taken is not kept for it).
+        """
+        waiting = docs + self._waiting.pop(stream.name, [])
+        geometry = self.geometries[stream.name]
+        raised: BaseException | None = None
+        held_error: BaseException | None = None
+        for n, (kind, doc, verbatim) in enumerate(waiting):
+            if kind == "stream_datum" and geometry.index(_datum_seq_nums(doc)) is None:
+                self._waiting[stream.name] = waiting[n:]
+                break
+            try:
+                if kind == "event_page":
+                    self._place_page(stream, doc, doc["seq_num"])
+                else:
+                    self.external.stream_datum(doc)
+            except Exception as err:  # noqa: BLE001 - kept, logged, or raised below
+                error = err
+                if not isinstance(err, BlueskyZarrError):
+                    error = DocumentError(f"the {verbatim[0]} document cannot be written: {err!r}")
+                    error.__cause__ = err
+                if verbatim is current:
+                    raised = error
+                    continue
+                self.refuse(verbatim[0], verbatim[1], error)
+                held_error = held_error or error
+        if raised is not None:
+            raise raised
+        if held_error is not None:
+            held_error.kept = True  # type: ignore[attr-defined]
+            raise held_error
+
+    def _relayout(self, old: StreamWriter) -> StreamWriter:
+        """The grid of ``old`` is contradicted by a point: move the points
+        placed on it to the layout its geometry fell back to (one growing
+        dimension). They are written first, the stream's group is moved
+        aside, made anew, and every point on disk is read back and placed
+        again; the group moved aside is then deleted."""
+        name = old.name
+        geometry = self.geometries[name]
+        grid = geometry.previous
+        assert grid is not None
+        self._announce(geometry)
+        self.external.wait_for_reads()
+        with self.buffer_lock:
+            self.buffer.spill(self)
+        if self.background is not None:
+            self.background.drain()
+        self.raise_failures()
+        store = self.metadata.store
+        aside = f".relayout-{name}"
+        with self.buffer_lock, self.meta_lock:
+            attributes = dict(old.group.attrs)
+            move_node(store, name, aside)
+            self.metadata.discard(name)
+            group = self.metadata.add_group(name, attributes)
+            new = self._make_stream(name, group, geometry)
+            for uid, stream in list(self.descriptors.items()):
+                if stream is old:
+                    self.descriptors[uid] = new
+            names = {s.key: s.name for s in new.layout.arrays.values() if s.key is not None}
+            for spec, seq_nums, values in placed_points(store, aside, old, grid):
+                index = geometry.index(seq_nums)
+                assert index is not None
+                target = names.get(spec.key, spec.name) if spec.key is not None else spec.name
+                new.put_values(target, index, values)
+                if spec.key is not None:
+                    new.set_coordinates(index, {spec.key: values})
+            self.metadata.consolidate()
+        delete_node(store, aside)
+        return new
 
     # External data: frames in files that these documents point to.
     def resource(self, doc: Any) -> Any:
@@ -216,6 +439,21 @@ class RunWriter(DocumentRouter):
 
     def stream_datum(self, doc: Any) -> Any:
         self.check_health()
+        held = self._pending_uids.get(doc.get("descriptor"))
+        if held is not None:
+            held.docs.append(("stream_datum", doc, ("stream_datum", doc)))
+            return doc
+        stream = self.descriptors.get(doc.get("descriptor"))
+        if stream is not None and (
+            self._waiting.get(stream.name)
+            or self.geometries[stream.name].index(_datum_seq_nums(doc)) is None
+        ):
+            # Its points lie where their events will say (out of order, or
+            # past an axis whose snaking no event has shown yet).
+            self._waiting.setdefault(stream.name, []).append(
+                ("stream_datum", doc, ("stream_datum", doc))
+            )
+            return doc
         self.external.stream_datum(doc)
         return doc
 
@@ -341,6 +579,7 @@ class RunWriter(DocumentRouter):
         try:
             # Each step is tried even if one before it failed: the frames in
             # memory are written if the storage still takes them.
+            attempt(self._settle)
             attempt(self.external.wait_for_reads)
             attempt(self.external.write_references)
             attempt(lambda: self.buffer.spill(self))
@@ -367,12 +606,40 @@ class RunWriter(DocumentRouter):
                 f"finishing the run's store {self.path} failed: {first!r}"
             ) from first
 
+    def _settle(self) -> None:
+        """The run ends: decide the geometry of streams still pending from
+        the points that came, and place what they held; documents still
+        waiting for an event that never came are refused: kept in the store
+        (counted: it is not complete) and logged, as are held documents of a
+        pending stream refused now (the stop document is not refused for
+        them)."""
+        for held in list(self._pending.values()):
+            self.geometries[held.name].finish()
+            try:
+                self._release(held)
+            except BlueskyZarrError as err:
+                if not getattr(err, "kept", False):
+                    raise
+                logger.warning("bluesky-zarr: %s (kept in %s)", err, REFUSED_FILE)
+        for name, docs in list(self._waiting.items()):
+            del self._waiting[name]
+            for _, doc, (kind, original) in docs:
+                error = DocumentError(
+                    f"{kind} {doc.get('uid')!r} of stream {name!r}: no event came to show "
+                    f"where its points lie"
+                )
+                self.refuse(kind, original, error)
+                logger.warning("bluesky-zarr: %s (kept in %s)", error, REFUSED_FILE)
+
     def _record_end(
         self, doc: RunStop | None, incomplete_reason: str | None, errors: list[BaseException]
     ) -> None:
         """Record in the root attributes how the run ended and what it lacks."""
         failures = self.background.failures if self.background else []
         with self.meta_lock:
+            if self.plan.stream in self.streams:
+                # What the positions proved by the end (snaking, points checked).
+                self.streams[self.plan.stream].group = self._record_geometry(self.plan.stream)
             info = dict(self.info)
             info["streams"] = {name: s.summary() for name, s in self.streams.items()}
             info["write_failures"] = [f"{f.what}: {f.error!r}" for f in failures] + [

@@ -16,7 +16,7 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
-from ._errors import BlueskyZarrError, DocumentOrderError, ServeError
+from ._errors import BlueskyZarrError, DocumentOrderError, MissingDependencyError, ServeError
 from ._writer import ZarrWriter
 
 logger = logging.getLogger("bluesky_zarr.serve")
@@ -37,11 +37,12 @@ def give_document(
     except DocumentOrderError as err:
         # Documents of a run not being written: its start was not seen (the
         # service started mid-run) or refused, or it has stopped (a duplicate
-        # delivered late). Said once per run.
+        # delivered late: kept in its store, which no longer says complete).
+        # Said once per run.
         run = str(doc.get("run_start") or doc.get("descriptor") or "?")
         if run not in ignored_runs:
             ignored_runs.add(run)
-            log.warning("ignoring documents of a run not being written: %s", err)
+            log.warning("refusing documents of a run not being written: %s", err)
         return False
     except BlueskyZarrError as err:
         log.error("refused a %s document (kept in its run's store): %s", name, err)
@@ -85,6 +86,12 @@ class DocumentService:
         **options: Any,
     ) -> None:
         self.address = parse_address(address)
+        try:
+            import zmq  # noqa: F401 - bluesky's RemoteDispatcher needs it
+        except ImportError:
+            raise MissingDependencyError(
+                'serve --zmq needs pyzmq: pip install "bluesky-zarr[zmq]"'
+            ) from None
         self.writer = ZarrWriter(directory, **options)
         tiled = options.get("tiled")
         #: Where runs are registered, for the log (a URI, or a client node's).

@@ -165,8 +165,13 @@ class StreamWriter:
         chunks, shards, block = default_chunking(self.layout, spec, self.run.shard_bytes)
         block_shape: tuple[int, ...] | None = block
         ndim = self.n_scan + len(spec.frame_shape)
-        user_chunks = options.chunks.get(spec.name, options.chunks.get(spec.key or ""))
-        user_shards = options.shards.get(spec.name, options.shards.get(spec.key or ""))
+        frame_ndim = len(spec.frame_shape)
+        user_chunks = self.layout.fit_chunking(
+            options.chunks.get(spec.name, options.chunks.get(spec.key or "")), frame_ndim
+        )
+        user_shards = self.layout.fit_chunking(
+            options.shards.get(spec.name, options.shards.get(spec.key or "")), frame_ndim
+        )
         if user_chunks is not None or user_shards is not None:
             block_shape = None  # the user's shards (else chunks) are the blocks
             check_chunking(spec.name, ndim, user_chunks, user_shards)
@@ -265,6 +270,13 @@ class StreamWriter:
         # Validate every value before touching any block: a bad event is
         # refused whole and nothing already buffered is disturbed.
         checked = [(spec, self._check_column(spec, values)) for spec, values in columns]
+        self.set_coordinates(index, data)
+        for spec, arrays in checked:
+            self._place_column(spec, index, arrays)
+
+    def set_coordinates(self, index: Sequence[np.ndarray], data: Mapping[str, Any]) -> None:
+        """Take the coordinates' values at ``index`` from the columns of
+        ``data`` (data key -> values) that give them."""
         for name, source in self.coord_from_data.items():
             if source not in data:
                 continue
@@ -277,8 +289,6 @@ class StreamWriter:
                     f"are not numbers: {preview(data[source])}"
                 ) from None
             self._set_coordinate(name, index[axis], values)
-        for spec, arrays in checked:
-            self._place_column(spec, index, arrays)
 
     def put_frames(self, key: str, index: Sequence[np.ndarray], values: Sequence[Any]) -> None:
         """Place the values of one data key at the given points.
@@ -294,6 +304,13 @@ class StreamWriter:
             raise DocumentError(
                 f"{len(values)} values of {key!r} for {len(index[0])} points"
             )
+        self._place_column(spec, index, self._check_column(spec, values))
+
+    def put_values(self, name: str, index: Sequence[np.ndarray], values: Sequence[Any]) -> None:
+        """Place values of the array ``name`` at the given points (one index
+        array per scan dimension, one value per point): points moved from
+        another layout of the stream (see ``_relayout``)."""
+        spec = self.layout.arrays[name]
         self._place_column(spec, index, self._check_column(spec, values))
 
     def put_points(
@@ -427,9 +444,7 @@ class StreamWriter:
         with self.lock:
             self.on_disk[sink.name][region] |= filled
             complete = not self.pending
-            written = np.logical_and.reduce(
-                [mask[region] for mask in self.on_disk.values()]
-            ) & complete
+            written = np.all([mask[region] for mask in self.on_disk.values()], axis=0) & complete
             # Write the mask only when points became complete: most blocks
             # (scalars arriving before their frames) change nothing.
             if (written & filled).any():
@@ -472,4 +487,4 @@ class StreamWriter:
         if any(name not in leave_out for name in self.pending):
             return 0  # an array that has not been made yet holds nothing
         masks = [mask for name, mask in self.on_disk.items() if name not in leave_out]
-        return int(np.logical_and.reduce(masks).sum()) if masks else 0
+        return int(np.all(masks, axis=0).sum()) if masks else 0

@@ -37,8 +37,9 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,7 +99,10 @@ def _icechunk() -> Any:
         # the local file system is unsafe for concurrent commits: a run's
         # writer commits from one thread, and the warning would corrupt the
         # output of `bluesky-zarr inspect --json`. ICECHUNK_LOG overrides.
-        icechunk.set_logs_filter("icechunk::storage::object_store=error,warn")
+        icechunk.set_logs_filter(
+            "icechunk::storage::object_store=error,icechunk_arrow_object_store=error,"
+            "icechunk_storage::readback=error,warn"
+        )
         _quieted = True
     return icechunk
 
@@ -139,6 +143,29 @@ def repository_storage(
     return _icechunk().local_filesystem_storage(str(Path(location).resolve()))
 
 
+def is_repository_listing(
+    directories: set[str], files: set[str], has_branch: Callable[[], bool]
+) -> bool:
+    """Whether a directory holding ``directories`` and ``files`` is an
+    Icechunk repository (a virtual run's store), not a Zarr node nor a
+    directory of runs that a name template happened to name alike.
+
+    Icechunk 2 keeps one table of contents (the file ``repo``) beside its
+    ``snapshots``; Icechunk 1 keeps each branch as ``refs/branch.<name>``
+    (``has_branch`` looks there, only when needed: a listing more).
+    """
+    if "snapshots" not in directories or "zarr.json" in files:
+        return False
+    if "repo" in files:
+        return True
+    if "refs" not in directories:
+        return False
+    try:
+        return has_branch()
+    except OSError:
+        return False
+
+
 def is_repository(
     location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
 ) -> bool:
@@ -147,10 +174,14 @@ def is_repository(
 
     if not is_url(location):
         path = Path(location)
-        return (
-            (path / "refs").is_dir()
-            and (path / "snapshots").is_dir()
-            and not (path / "zarr.json").exists()
+        try:
+            entries = list(os.scandir(path))
+        except OSError:
+            return False
+        return is_repository_listing(
+            {e.name for e in entries if e.is_dir()},
+            {e.name for e in entries if e.is_file()},
+            lambda: any(n.startswith("branch.") for n in os.listdir(path / "refs")),
         )
     try:
         ic = _icechunk()
@@ -168,7 +199,16 @@ def _authorized(storage: Any) -> dict[str, Any]:
     ic = _icechunk()
     config = ic.Repository.fetch_config(storage)
     containers = (config.virtual_chunk_containers or {}) if config is not None else {}
-    return ic.containers_credentials({prefix: None for prefix in containers})
+    return ic.containers_credentials(_local_access(containers))
+
+
+def _local_access(prefixes: Iterable[str]) -> dict[str, Any]:
+    """Read access without credentials to local (``file://``) containers:
+    Icechunk 2.1 and later name it with a sentinel (its ``None`` is
+    deprecated); Icechunk 1 takes ``None``."""
+    credentials = getattr(_icechunk(), "credentials", None)
+    access = getattr(credentials, "LocalFileSystemAccess", None)
+    return {prefix: access for prefix in prefixes}
 
 
 def virtual_store(
@@ -292,6 +332,16 @@ class SessionStore(_zarr.WrapperStore[Any]):
     def _with_store(self, store: Any) -> SessionStore:
         return type(self)(store, self.gate)
 
+    # zarr-python names the store (str) when it makes an array object. The
+    # session's own name waits for the session, which a commit holds on
+    # another thread (Icechunk 2, without letting the interpreter go): a
+    # name of its own never touches the session.
+    def __str__(self) -> str:
+        return f"icechunk-session://{id(self.gate):x}"
+
+    def __repr__(self) -> str:
+        return f"SessionStore({self})"
+
     def with_read_only(self, read_only: bool = False) -> Any:
         # The same store for the writer (a copy would keep a session that a
         # commit makes read-only); a reader's view of the current session.
@@ -395,7 +445,7 @@ class VirtualRepository:
             self.repo = _icechunk().Repository.open(
                 self.storage,
                 config=config,
-                authorize_virtual_chunk_access={p: None for p in self.containers | {prefix}},
+                authorize_virtual_chunk_access=_local_access(self.containers | {prefix}),
             )
             self.repo.save_config()
             self.session = self.repo.writable_session(BRANCH)
@@ -660,9 +710,10 @@ class VirtualFrames:
                     "referenced"
                 )
             old = sink.array
+            # The file's byte order (the machine's, for a native dtype).
             serializer: dict[str, Any] = {"name": "bytes"}
-            if layout.endian and old.dtype.itemsize > 1:
-                serializer["configuration"] = {"endian": layout.endian}
+            if old.dtype.itemsize > 1:
+                serializer["configuration"] = {"endian": layout.endian or sys.byteorder}
             array = self.run.metadata.add_array(
                 f"{stream.name}/{spec.name}",
                 shape=old.shape,

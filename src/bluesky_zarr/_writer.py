@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 from event_model import RunRouter, bulk_events_to_event_pages
 
 from ._buffer import BlockBuffer
+from ._ended import keep_after_end
 from ._errors import (
     BlueskyZarrError,
     DocumentError,
@@ -21,10 +24,14 @@ from ._errors import (
 from ._layout import DEFAULT_SHARD_BYTES
 from ._options import DEFAULT_MAX_BUFFER_BYTES, WriterOptions, make_options
 from ._plan import DEFAULT_NAME_TEMPLATE
-from ._run import RunWriter
-from ._storage import resolve_root
+from ._run import RunWriter, _json_verbatim
+from ._storage import is_url, resolve_root
 from ._tiled import DEFAULT_TILED_TIMEOUT, TiledRegistrar, check_tiled_option
 from ._validate import check_bulk_events, check_document
+
+#: Ended runs remembered (oldest dropped first), so that their documents
+#: refused after the end are kept in their stores too.
+ENDED_RUNS_KEPT = 1000
 
 _KINDS = {
     "start",
@@ -64,8 +71,9 @@ class ZarrWriter:
     Parameters
     ----------
     directory
-        Root directory of the stores (created if missing), or an object storage
-        URL, ``s3://bucket/prefix`` (needs the ``s3`` extra).
+        Root directory of the stores (created if missing; ``~`` is the home
+        directory), or an object storage URL, ``s3://bucket/prefix`` (needs
+        the ``s3`` extra).
     storage_options
         For object storage: options of ``s3fs.S3FileSystem`` (``key``,
         ``secret``, ``endpoint_url``, ``client_kwargs``, ...), the same that
@@ -188,6 +196,9 @@ class ZarrWriter:
             raise OptionError(
                 f"tiled_timeout= must be a positive number of seconds, got {tiled_timeout!r}"
             )
+        if not is_url(directory):
+            # "~/data" is the user's data directory, not a folder named "~".
+            directory = os.path.expanduser(directory)
         self.storage = resolve_root(directory, storage_options, durable)
         self.directory: Path | str = self.storage.display
         self.options: WriterOptions = make_options(
@@ -220,6 +231,13 @@ class ZarrWriter:
         self._refused_descriptors: dict[str, tuple[str, str]] = {}
         #: Run start uid of each resource and stream_resource seen (None: not said).
         self._resources: dict[str, str | None] = {}
+        #: Run start uid and refusal of each resource and stream_resource refused.
+        self._refused_resources: dict[str, tuple[str, str]] = {}
+        #: The store of each run that ended (stopped, or closed), and the run
+        #: of each of their descriptors and resources: where documents that
+        #: come after the end are kept.
+        self._ended: OrderedDict[str, Path | str] = OrderedDict()
+        self._ended_ids: dict[str, str] = {}
         #: Stores written so far, in order: paths, or URLs for object storage.
         self.stores: list[Path | str] = []
         self._tiled: TiledRegistrar | None = None
@@ -250,7 +268,10 @@ class ZarrWriter:
 
         A document that a run refuses is kept verbatim in that run's store
         (``refused_documents.jsonl``) before the refusal is raised: callers
-        such as ophyd's subscription threads only log exceptions.
+        such as ophyd's subscription threads only log exceptions. That holds
+        also for a document of a run that has ended (a start delivered twice,
+        an event sent after the stop): it is kept in the ended run's store,
+        which then no longer claims to be complete.
         """
         if name == "bulk_events" and isinstance(doc, Mapping):
             # The legacy batch of events: the same events as event pages.
@@ -258,20 +279,23 @@ class ZarrWriter:
             for page in bulk_events_to_event_pages(dict(doc)):
                 self("event_page", page)
             return name, doc
+        # The run the document belongs to as it came (a stop that fails ends
+        # its run before the failure is raised: it is not kept as refused).
+        run = self._run_of(name, doc)
         try:
             return self._take(name, doc)
         except BlueskyZarrError as err:
-            self._keep_refused(name, doc, err)
+            self._keep_refused(run, name, doc, err)
             raise
         except OSError as err:
             wrapped: BlueskyZarrError = WriteError(
                 f"writing the {name} document to its store failed: {err!r}"
             )
-            self._keep_refused(name, doc, wrapped)
+            self._keep_refused(run, name, doc, wrapped)
             raise wrapped from err
         except Exception as err:  # noqa: BLE001 - a malformed document met unchecked code
             wrapped = DocumentError(f"the {name} document cannot be written: {err!r}")
-            self._keep_refused(name, doc, wrapped)
+            self._keep_refused(run, name, doc, wrapped)
             raise wrapped from err
 
     def _take(self, name: str, doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -304,7 +328,11 @@ class ZarrWriter:
         if name == "descriptor":
             self._descriptors[doc["uid"]] = doc["run_start"]
         if name in ("resource", "stream_resource"):
-            self._resources[doc["uid"]] = doc.get("run_start")
+            run_start = doc.get("run_start")
+            if run_start is None and len(self._runs) == 1:
+                # An old resource document names no run: the one open.
+                run_start = next(iter(self._runs))
+            self._resources[doc["uid"]] = run_start
         if name == "start":
             path = self._runs[doc["uid"]].path
             if path is not None:
@@ -324,45 +352,104 @@ class ZarrWriter:
         """``(store, error)`` of each registration with Tiled that failed."""
         return list(self._tiled.failures) if self._tiled is not None else []
 
-    def _run_of(self, name: str, doc: Any) -> RunWriter | None:
-        """The open run a document belongs to, if it says so clearly."""
+    def _run_of(self, name: str, doc: Any) -> RunWriter | str | None:
+        """The run a document belongs to, if it says so clearly: the open
+        run's writer, or the start uid of a run that has ended."""
         if not isinstance(doc, Mapping):
             return None
         try:
-            if name in ("descriptor", "stop", "resource", "stream_resource"):
+            if name == "start":
+                run_start = doc.get("uid")
+            elif name in ("descriptor", "stop", "resource", "stream_resource"):
                 run_start = doc.get("run_start")
+                if run_start is None and name == "resource" and len(self._runs) == 1:
+                    # An old resource document names no run: the one open.
+                    run_start = next(iter(self._runs))
             elif name in ("event", "event_page", "stream_datum"):
                 descriptor = doc.get("descriptor")
                 run_start = self._descriptors.get(descriptor)  # type: ignore[arg-type]
                 if run_start is None and descriptor in self._refused_descriptors:
                     run_start = self._refused_descriptors[descriptor][0]
+                if run_start is None:
+                    run_start = self._ended_ids.get(descriptor)  # type: ignore[arg-type]
             elif name in ("datum", "datum_page"):
-                run_start = self._resources.get(doc.get("resource"))  # type: ignore[arg-type]
+                resource = doc.get("resource")
+                run_start = self._resources.get(resource)  # type: ignore[arg-type]
+                if run_start is None and resource in self._refused_resources:
+                    run_start = self._refused_resources[resource][0]
+                if run_start is None:
+                    run_start = self._ended_ids.get(resource)  # type: ignore[arg-type]
             else:
                 return None
-            return self._runs.get(run_start)  # type: ignore[arg-type]
+            run = self._runs.get(run_start)  # type: ignore[arg-type]
+            if run is not None:
+                return run
+            return run_start if run_start in self._ended else None
         except TypeError:  # an unhashable id
             return None
 
-    def _keep_refused(self, name: str, doc: Any, error: BaseException) -> None:
-        run = self._run_of(name, doc)
-        if run is None or run.finished:
+    def _keep_refused(
+        self, run: RunWriter | str | None, name: str, doc: Any, error: BaseException
+    ) -> None:
+        if isinstance(run, str):
+            self._keep_after_end(run, name, doc, error)
+            return
+        if run is None or run.finished or getattr(error, "kept", False):
+            # (A refusal the run kept itself: a document it held, refused
+            # when a later one let it be placed.)
             return
         run.refuse(name, doc, error)
         uid = doc.get("uid")
+        run_start = next((u for u, r in self._runs.items() if r is run), None)
         if name == "descriptor" and isinstance(uid, str) and uid not in self._descriptors:
             # Its events cannot be placed: they are refused (and kept) too.
             self._refused_descriptors[uid] = (doc["run_start"], repr(error))
+        if (
+            name in ("resource", "stream_resource")
+            and isinstance(uid, str)
+            and uid not in self._resources
+            and run_start is not None
+        ):
+            # Its datums cannot be read: they are refused (and kept) too.
+            self._refused_resources[uid] = (run_start, repr(error))
 
-    def _forget(self, run_start: str) -> None:
-        """Drop what this writer keeps of a run that has stopped."""
-        self._runs.pop(run_start, None)
-        for uid in [u for u, s in self._descriptors.items() if s == run_start]:
-            del self._descriptors[uid]
-        for uid in [u for u, (s, _) in self._refused_descriptors.items() if s == run_start]:
-            del self._refused_descriptors[uid]
-        for uid in [u for u, s in self._resources.items() if s == run_start]:
-            del self._resources[uid]
+    def _keep_after_end(self, run_uid: str, name: str, doc: Any, error: BaseException) -> None:
+        """Keep a document of an ended run in that run's store (see ``_ended``)."""
+        line = json.dumps(
+            {"name": name, "doc": doc, "error": f"{type(error).__name__}: {error}"},
+            default=_json_verbatim,
+        ).encode() + b"\n"
+        keep_after_end(
+            self.storage, self._ended[run_uid], run_uid, line,
+            virtual=self.options.external == "virtual",
+        )
+        uid = doc.get("uid")
+        if name in ("descriptor", "resource", "stream_resource") and isinstance(uid, str):
+            # The documents that refer to it are kept with the run too.
+            self._ended_ids[uid] = run_uid
+
+    def _forget(self, run_start: str, *, ended: bool = True) -> None:
+        """Drop what this writer keeps of a run that has stopped; an ended run
+        is remembered (its store, the ids of its descriptors and resources)
+        for a while, to keep its documents that come after the end."""
+        run = self._runs.pop(run_start, None)
+        ids = [u for u, s in self._descriptors.items() if s == run_start]
+        ids += [u for u, (s, _) in self._refused_descriptors.items() if s == run_start]
+        ids += [u for u, s in self._resources.items() if s == run_start]
+        ids += [u for u, (s, _) in self._refused_resources.items() if s == run_start]
+        for uid in ids:
+            self._descriptors.pop(uid, None)
+            self._refused_descriptors.pop(uid, None)
+            self._resources.pop(uid, None)
+            self._refused_resources.pop(uid, None)
+        if not ended or run is None or run.path is None:
+            return
+        self._ended[run_start] = run.path
+        self._ended_ids.update(dict.fromkeys(ids, run_start))
+        while len(self._ended) > ENDED_RUNS_KEPT:
+            oldest, _ = self._ended.popitem(last=False)
+            for uid in [u for u, s in self._ended_ids.items() if s == oldest]:
+                del self._ended_ids[uid]
 
     def _check_order(self, name: str, doc: Mapping[str, Any]) -> None:
         """Refuse documents that do not fit the runs seen so far."""
@@ -402,6 +489,12 @@ class ZarrWriter:
                     )
             elif name in ("datum", "datum_page", "stream_datum"):
                 parent = doc["stream_resource" if name == "stream_datum" else "resource"]
+                refused_parent = self._refused_resources.get(parent)
+                if refused_parent is not None:
+                    raise DocumentOrderError(
+                        f"{name} refers to {'stream_' if name == 'stream_datum' else ''}"
+                        f"resource {parent!r}, which was refused: {refused_parent[1]}"
+                    )
                 if parent not in self._resources:
                     raise DocumentOrderError(
                         f"{name} refers to {'stream_' if name == 'stream_datum' else ''}"
@@ -454,12 +547,14 @@ class ZarrWriter:
         (which then replaces the unfinished store with ``overwrite="incomplete"``)."""
         run = self._runs.get(uid)
         self._seen_starts.discard(uid)
+        self._ended.pop(uid, None)
         if run is None:
             return
         try:
             run.close_incomplete(reason)
         finally:
-            self._forget(uid)
+            # Its documents may come again: they are the run's, not late ones.
+            self._forget(uid, ended=False)
 
     @property
     def open_runs(self) -> Iterable[Path | str]:
