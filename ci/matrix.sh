@@ -199,16 +199,19 @@ run_entry() {
     local venv=$work/venv src=$work/src
     # A clean environment: none of the host's PIP_*/UV_* variables or pip
     # configuration files; the CA bundle only for installing.
-    env_base=(env -i "PATH=$venv/bin:$BASE_PATH" "HOME=$work/home" LANG=C.UTF-8
-        PYTHONUNBUFFERED=1)
+    # Temporary files (pytest's tmp_path among them) in a directory of the
+    # entry's own, never in a /tmp that other runs on this machine share.
+    env_base=(env -i "PATH=$venv/bin:$BASE_PATH" "HOME=$work/home" "TMPDIR=$work/tmp"
+        LANG=C.UTF-8 PYTHONUNBUFFERED=1)
     [[ -n ${CI:-} ]] && env_base+=("CI=$CI")
     env_install=("${env_base[@]}" PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1
         "PIP_CERT=$CA_BUNDLE" "SSL_CERT_FILE=$CA_BUNDLE" UV_NO_CONFIG=1)
 
     log "$entry: copying the working tree to ${root}$src"
     copy_tree "${root}$src" || return 1
-    rm -rf --one-file-system "${root}$venv" "${root}/tmp/pytest-of-root"
-    mkdir -p "${root}$work/home"
+    unmount_below "${root}$work/tmp"  # a tmpfs a killed test run left mounted
+    rm -rf --one-file-system "${root}$venv" "${root}$work/tmp"
+    mkdir -p "${root}$work/home" "${root}$work/tmp"
     pip_args=()
     if [[ -n $CONSTRAINTS ]]; then
         tr ' ' '\n' <<<"$CONSTRAINTS" >"${root}$work/constraints.txt"
