@@ -135,7 +135,7 @@ make_chroot() {
         log "$suite: chroot $root ready ($(cat "$root/.ready"))"
         return
     fi
-    ensure_debootstrap
+    ensure_debootstrap || return 1
     unmount_below "$root"
     unmount_below "$root.new"
     rm -rf --one-file-system "$root" "$root.new"
@@ -150,8 +150,7 @@ make_chroot() {
         echo "matrix: debootstrap $suite failed (log: $CACHE/$suite.debootstrap.log)" >&2
         return 1
     }
-    date -u +%Y-%m-%dT%H:%MZ >"$root.new/.ready"
-    mv "$root.new" "$root"
+    date -u +%Y-%m-%dT%H:%MZ >"$root.new/.ready" && mv "$root.new" "$root" || return 1
     log "$suite: chroot made in $((SECONDS - start)) s"
 }
 
@@ -226,7 +225,7 @@ run_entry() {
         # pyproject.toml's dependencies resolved as the direct ones (uv pip
         # install -e . would count only the package itself as direct, and take
         # the newest of what it needs), then the package without them.
-        install_uv "$python" || return 1
+        locked tools install_uv "$python" || return 1
         "${env_install[@]}" "$UV" venv --quiet --python "$python" "$venv" &&
             "${env_install[@]}" "$UV" pip compile --quiet --python "$venv/bin/python" \
                 --resolution lowest-direct --extra test "${pip_args[@]}" \
@@ -291,21 +290,31 @@ install_uv() {
         "${env_install[@]}" "$tools/bin/pip" install --progress-bar off -q uv
 }
 
+locked() {
+    # Runs "$@" holding $CACHE/$1.lock: one run at a time uses an entry's
+    # chroot and venv (or makes the tools); other entries may run beside it.
+    local name=$1 fd rc=0
+    shift
+    exec {fd}>"$CACHE/$name.lock"
+    if ! flock -n "$fd"; then
+        log "waiting for another matrix run using $name"
+        flock "$fd"
+    fi
+    "$@" || rc=$?
+    exec {fd}>&-
+    return $rc
+}
+
 mkdir -p "$CACHE"
-exec {lock}>"$CACHE/.lock"
-if ! flock -n "$lock"; then
-    log "waiting for another matrix run on $CACHE"
-    flock "$lock"
-fi
 
 total=$SECONDS
 for entry in "${entries[@]}"; do
     suite=$(suite_of "$entry")
     if $prepare_only; then
-        [[ -n $suite ]] && make_chroot "$suite"
+        [[ -z $suite ]] || locked "$entry" make_chroot "$suite" || exit 1
         continue
     fi
-    run_entry "$entry" || result[$entry]="FAILED (setup)"
+    locked "$entry" run_entry "$entry" || result[$entry]="FAILED (setup)"
 done
 $prepare_only && exit 0
 
