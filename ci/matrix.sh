@@ -7,6 +7,7 @@
 #
 # ENTRY is one of
 #   3.11    the host's python3.11, newest releases
+#   3.12    the host's python3.12 (if it has one), newest releases
 #   3.13    Python 3.13 of Debian 13 (trixie), in a chroot
 #   3.14    Python 3.14 of Debian testing (forky), in a chroot
 #   lowest  the host's python3.11, direct dependencies at their lower bounds
@@ -48,16 +49,12 @@ for arg in "$@"; do
         --prepare) prepare_only=true ;;
         --rebuild) rebuild=true ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        3.11 | 3.13 | 3.14 | lowest) entries+=("$arg") ;;
-        3.12)
-            echo "matrix: no Debian release ships Python 3.12 (bookworm has 3.11," \
-                "trixie 3.13, forky 3.14), so the matrix cannot test it here" >&2
-            exit 2 ;;
-        *) echo "matrix: unknown entry '$arg' (3.11, 3.13, 3.14, lowest)" >&2; exit 2 ;;
+        3.11 | 3.12 | 3.13 | 3.14 | lowest) entries+=("$arg") ;;
+        *) echo "matrix: unknown entry '$arg' (3.11, 3.12, 3.13, 3.14, lowest)" >&2; exit 2 ;;
     esac
 done
 if ((${#entries[@]} == 0)); then
-    echo "usage: ci/matrix.sh [--prepare] [--rebuild] {3.11|3.13|3.14|lowest}..." >&2
+    echo "usage: ci/matrix.sh [--prepare] [--rebuild] {3.11|3.12|3.13|3.14|lowest}..." >&2
     exit 2
 fi
 if ((EUID != 0)); then
@@ -189,9 +186,12 @@ run_entry() {
         root=""
         prefix=()
         work=$CACHE/host-$entry
-        # The interpreter itself, not a wrapper (pyenv's shims need its environment).
-        python=$(python3.11 -c 'import sys; print(sys.executable)') || {
-            echo "matrix: no python3.11 on this machine" >&2
+        # No Debian release ships 3.12 (bookworm has 3.11, trixie 3.13): 3.11,
+        # 3.12 and lowest (3.11) take the host's interpreter, itself, not a
+        # wrapper (pyenv's shims need its environment).
+        local version=${entry/lowest/3.11}
+        python=$("python$version" -c 'import sys; print(sys.executable)') || {
+            echo "matrix: no python$version on this machine" >&2
             return 1
         }
     fi
