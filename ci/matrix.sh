@@ -168,6 +168,19 @@ copy_tree() {
         tar -C "$REPO" --null -T - -cf - | tar -C "$dest" -xf -
 }
 
+host_python() {
+    # The path of this machine's python$1: on PATH, else one pyenv has.
+    local found
+    found=$("python$1" -c 'import sys; print(sys.executable)' 2>/dev/null) ||
+        found=$(ls -d "$(pyenv root 2>/dev/null)/versions/$1".*/bin/"python$1" 2>/dev/null |
+            sort -V | tail -n 1)
+    if [[ -z $found ]]; then
+        echo "matrix: no python$1 on this machine" >&2
+        return 1
+    fi
+    echo "$found"
+}
+
 run_entry() {
     # Called in a list (`run_entry || ...`), where `set -e` does not apply:
     # each step that must not fail says so.
@@ -189,11 +202,7 @@ run_entry() {
         # No Debian release ships 3.12 (bookworm has 3.11, trixie 3.13): 3.11,
         # 3.12 and lowest (3.11) take the host's interpreter, itself, not a
         # wrapper (pyenv's shims need its environment).
-        local version=${entry/lowest/3.11}
-        python=$("python$version" -c 'import sys; print(sys.executable)') || {
-            echo "matrix: no python$version on this machine" >&2
-            return 1
-        }
+        python=$(host_python "${entry/lowest/3.11}") || return 1
     fi
     local venv=$work/venv src=$work/src
     # A clean environment: none of the host's PIP_*/UV_* variables or pip
