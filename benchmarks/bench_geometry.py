@@ -37,8 +37,8 @@ from ophyd.sim import SynAxis, det
 from scanspec.specs import Line
 
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._geometry import StreamGeometry
-from bluesky_zarr._plan import plan_scan
+from bluesky_zarr.plan._geometry import StreamGeometry
+from bluesky_zarr.plan._scan import plan_scan
 
 
 def record(plan: Any) -> list[tuple[str, dict[str, Any]]]:

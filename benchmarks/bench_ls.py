@@ -39,7 +39,7 @@ from bluesky.plans import grid_scan
 from ophyd.sim import det
 
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._catalog import format_listing, list_stores
+from bluesky_zarr.catalog._ls import format_listing, list_stores
 from bluesky_zarr.sim import PointCamera, motors
 
 SAMPLES = ("Si", "Ge", "GaAs", "InP")

@@ -1,16 +1,42 @@
 from __future__ import annotations
 
+import os
+import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pytest
-import xarray as xr
-from bluesky import RunEngine
 
-from bluesky_zarr.sim import frame_at
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# EPICS Channel Access of the tests stays on this machine, on ports of its own
+# (test_conventions serves records from a soft IOC). Set before anything
+# imports ophyd, whose pyepics creates its client context at import.
+EPICS_ENVIRONMENT = {
+    "EPICS_CA_SERVER_PORT": str(_free_port()),
+    "EPICS_CA_REPEATER_PORT": str(_free_port()),
+    "EPICS_CA_ADDR_LIST": "127.0.0.1",
+    "EPICS_CA_AUTO_ADDR_LIST": "NO",
+    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVA_SERVER_PORT": str(_free_port()),
+    "EPICS_PVA_BROADCAST_PORT": str(_free_port()),
+    "EPICS_PVA_ADDR_LIST": "127.0.0.1",
+    "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+    "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
+}
+os.environ.update(EPICS_ENVIRONMENT)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import xarray as xr  # noqa: E402
+from bluesky import RunEngine  # noqa: E402
+
+from bluesky_zarr.sim import frame_at  # noqa: E402
 
 
 @pytest.fixture
@@ -28,6 +54,23 @@ def open_stream(store: Path, stream: str = "primary") -> xr.Dataset:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         return xr.open_zarr(store, group=stream).load()
+
+
+def epoch_seconds(times: Any) -> np.ndarray:
+    """Decoded CF times (datetime64, NaT where unmeasured) as float seconds
+    since the UNIX epoch (NaN where unmeasured): the values the documents gave."""
+    values = np.asarray(times)
+    assert values.dtype.kind == "M", f"time is not decoded to dates: {values.dtype}"
+    seconds = (values - np.datetime64(0, "ns")) / np.timedelta64(1, "s")
+    return np.where(np.isnat(values), np.nan, seconds)
+
+
+def assert_times(times: Any, expected: Any) -> None:
+    """Decoded CF times are the documents' times: to the microsecond (decoding
+    float seconds to nanoseconds rounds them), unmeasured points NaT."""
+    np.testing.assert_allclose(
+        epoch_seconds(times), np.asarray(expected, float), rtol=0, atol=1e-6
+    )
 
 
 def open_tree(store: Path) -> xr.DataTree:

@@ -37,9 +37,9 @@ from bluesky_zarr import StoreLockedError, ZarrWriter
 from bluesky_zarr.sim import PointCamera, motors
 
 try:
-    from bluesky_zarr._run import StoreLock
+    from bluesky_zarr.write._run import StoreLock
 except ImportError:  # the lock may live with the storage code
-    from bluesky_zarr._storage import StoreLock
+    from bluesky_zarr.storage._lock import StoreLock
 
 
 def now() -> float:

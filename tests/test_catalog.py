@@ -22,8 +22,8 @@ from moto.server import ThreadedMotoServer
 from ophyd.sim import det
 
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._catalog import list_stores
 from bluesky_zarr._cli import main
+from bluesky_zarr.catalog._ls import list_stores
 from bluesky_zarr.sim import PointCamera, motors
 
 from conftest import open_stream

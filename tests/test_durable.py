@@ -14,8 +14,8 @@ from bluesky.plans import grid_scan
 
 import bluesky_zarr
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._storage import LocalFiles, aligned_empty, write_around_cache
 from bluesky_zarr.sim import PointCamera, motors
+from bluesky_zarr.storage._files import LocalFiles, aligned_empty, write_around_cache
 
 from conftest import assert_frames_match, open_stream
 
@@ -40,9 +40,9 @@ def test_durable_writes_flush_every_file_and_directory(RE, tmp_path, monkeypatch
     writer = ZarrWriter(tmp_path, durable=durable, flush_interval=None)
     synced = _fsynced(monkeypatch)
     started: list[str] = []
-    real_start = bluesky_zarr._storage.start_writeback
+    real_start = bluesky_zarr.storage._files.start_writeback
     around: list[str] = []
-    real_around = bluesky_zarr._storage.write_around_cache
+    real_around = bluesky_zarr.storage._files.write_around_cache
 
     def start_writeback(fd: int) -> None:
         started.append(os.readlink(f"/proc/self/fd/{fd}"))
@@ -52,11 +52,11 @@ def test_durable_writes_flush_every_file_and_directory(RE, tmp_path, monkeypatch
         around.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real_around(fd, parts)
 
-    monkeypatch.setattr(bluesky_zarr._storage, "start_writeback", start_writeback)
-    monkeypatch.setattr(bluesky_zarr._storage, "write_around_cache", write_around_cache)
+    monkeypatch.setattr(bluesky_zarr.storage._roots, "start_writeback", start_writeback)
+    monkeypatch.setattr(bluesky_zarr.storage._roots, "write_around_cache", write_around_cache)
     # Small files go through the page cache; here the frames' shards (4
     # frames of 512 bytes) pass the threshold, the masks do not.
-    monkeypatch.setattr(bluesky_zarr._storage, "AROUND_CACHE_FROM_BYTES", 1024)
+    monkeypatch.setattr(bluesky_zarr.storage._roots, "AROUND_CACHE_FROM_BYTES", 1024)
     RE.subscribe(writer)
     RE(grid_scan([cam], wavelength, 400, 700, 3, position, 0, 5, 4))
 
@@ -124,8 +124,8 @@ def _parts(rng: np.random.Generator, kinds: str) -> list[Any]:
 )
 def test_writes_around_the_cache_hold_exactly_the_bytes_given(tmp_path, monkeypatch, kinds):
     # A small staging buffer, so that copies fill it and wrap around.
-    monkeypatch.setattr(bluesky_zarr._storage, "STAGING_BYTES", 2 * PAGE)
-    monkeypatch.setattr(bluesky_zarr._storage._staging, "buffer", None, raising=False)
+    monkeypatch.setattr(bluesky_zarr.storage._roots, "STAGING_BYTES", 2 * PAGE)
+    monkeypatch.setattr(bluesky_zarr.storage._files._staging, "buffer", None, raising=False)
     rng = np.random.default_rng(abs(hash(kinds)) % 2**32)
     parts = _parts(rng, kinds)
     path = tmp_path / "file"
@@ -150,7 +150,7 @@ def test_a_file_system_that_refuses_writes_around_the_cache_gets_them_through_it
         return real(fd, buffers)
 
     monkeypatch.setattr(os, "writev", writev)
-    monkeypatch.setattr(bluesky_zarr._storage, "AROUND_CACHE_FROM_BYTES", 1024)
+    monkeypatch.setattr(bluesky_zarr.storage._roots, "AROUND_CACHE_FROM_BYTES", 1024)
     parts = _parts(np.random.default_rng(3), "auab")
     store = LocalFiles(tmp_path)
     (tmp_path / "a").mkdir()  # the array's directory

@@ -46,7 +46,7 @@ from ophyd_async.core import (
 )
 from PIL import Image
 
-import bluesky_zarr._external
+import bluesky_zarr.external._data
 from bluesky_zarr import (
     DataShapeError,
     DocumentError,
@@ -405,7 +405,8 @@ def test_several_frames_per_point_of_a_snaked_grid(RE, tmp_path, fmt, chunk_shap
 @pytest.mark.parametrize("fmt", ["tiff", "zarr"])
 def test_fly_scan_reads_many_events_in_batches(RE, tmp_path, monkeypatch, fmt):
     # Two events a read: a stream_datum of many events takes several.
-    monkeypatch.setattr(bluesky_zarr._external, "READ_BATCH_BYTES", 2 * 2 * HEIGHT * WIDTH * 2)
+    batch = 2 * 2 * HEIGHT * WIDTH * 2
+    monkeypatch.setattr(bluesky_zarr.external._data, "READ_BATCH_BYTES", batch)
     positions = itertools.count(0.0, 0.37)
     setup = make_setup(RE, tmp_path, fmt)
     generator = setup.det._data_logics[0].generator  # type: ignore[attr-defined]

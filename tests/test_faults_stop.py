@@ -153,7 +153,7 @@ def test_disk_filling_mid_run(tmpfs, on_error, around_cache, monkeypatch):
     if around_cache:
         # Every file from 1 KiB (the frames' shards, the metadata) is written
         # around the page cache (O_DIRECT, which this tmpfs takes).
-        monkeypatch.setattr(bluesky_zarr._storage, "AROUND_CACHE_FROM_BYTES", 1024)
+        monkeypatch.setattr(bluesky_zarr.storage._roots, "AROUND_CACHE_FROM_BYTES", 1024)
     writer = mid_run_writer(tmpfs.path, on_error)
     events: list[int] = []
 

@@ -12,7 +12,7 @@ from ophyd.sim import det
 
 from bluesky_zarr import NotAStoreError, ZarrWriter, export
 from bluesky_zarr._cli import main
-from bluesky_zarr._inspect import describe_store
+from bluesky_zarr.catalog._inspect import describe_store
 from bluesky_zarr.sim import PointCamera, motors
 
 

@@ -30,14 +30,14 @@ from ophyd.sim import det, motor1, motor2
 
 from bluesky_zarr import ServeError
 from bluesky_zarr._cli import main
-from bluesky_zarr._kafka import (
+from bluesky_zarr.feeds._kafka import (
     KafkaDocumentService,
     decode_message,
     parse_config,
     read_config_file,
 )
-from bluesky_zarr._storage import StoreLock
 from bluesky_zarr.sim import PointCamera, motors
+from bluesky_zarr.storage._lock import StoreLock
 
 from conftest import assert_written_points_hold_their_frames, open_stream
 

@@ -76,7 +76,7 @@ def test_killed_writer_leaves_an_openable_truthful_store(tmp_path, marker, delay
 
 def test_a_killed_writer_leaves_no_stale_lock(tmp_path):
     run_and_kill(tmp_path, "event 3", 0.0)
-    from bluesky_zarr._storage import StoreLock
+    from bluesky_zarr.storage._lock import StoreLock
 
     lock = StoreLock(tmp_path / "scan.zarr")  # would raise StoreLockedError if held
     lock.release()

@@ -1,7 +1,7 @@
 """A run's metadata, written by the writer itself, is what zarr-python writes.
 
-:mod:`bluesky_zarr._metadata` builds each node's ``zarr.json`` from the Zarr
-V3 specification (:mod:`bluesky_zarr._spec`), without zarr-python, and
+:mod:`bluesky_zarr.storage._metadata` builds each node's ``zarr.json`` from the Zarr
+V3 specification (:mod:`bluesky_zarr.storage._spec`), without zarr-python, and
 consolidates from memory instead of reading the store back. Checked here
 against zarr-python itself (whichever release is installed): every array
 configuration the writer uses gives the ``zarr.json`` ``zarr.create_array``
@@ -29,11 +29,11 @@ from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._metadata import StoreMetadata
-from bluesky_zarr._spec import DEFAULT_COMPRESSOR
-from bluesky_zarr._storage import LocalFiles
-from bluesky_zarr._zarr import LocalFilesStore
 from bluesky_zarr.sim import PointCamera, motors
+from bluesky_zarr.storage._files import LocalFiles
+from bluesky_zarr.storage._metadata import StoreMetadata
+from bluesky_zarr.storage._spec import DEFAULT_COMPRESSOR
+from bluesky_zarr.storage._zarr import LocalFilesStore
 
 #: The writer's default compressor as zarr-python is told it.
 DEFAULT = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")

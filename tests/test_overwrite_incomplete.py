@@ -17,8 +17,8 @@ from ophyd.sim import det
 
 import bluesky_zarr
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._storage import StoreLock
 from bluesky_zarr.sim import PointCamera, motors
+from bluesky_zarr.storage._lock import StoreLock
 from test_s3 import bucket, endpoint, options  # noqa: F401 - fixtures
 
 from conftest import assert_written_points_hold_their_frames

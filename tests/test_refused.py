@@ -401,8 +401,8 @@ def test_a_datum_of_a_resource_that_names_no_run_is_kept_with_the_run_open(tmp_p
 
 
 def test_a_start_delivered_again_after_a_virtual_run_ended_is_kept_beside_it(tmp_path):
-    from bluesky_zarr._catalog import list_stores
-    from bluesky_zarr._inspect import describe_store
+    from bluesky_zarr.catalog._inspect import describe_store
+    from bluesky_zarr.catalog._ls import list_stores
 
     docs = recorded_grid_scan()
     writer = ZarrWriter(tmp_path, name_template="run", external="virtual")

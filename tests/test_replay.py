@@ -18,7 +18,7 @@ from ophyd.sim import det
 
 from bluesky_zarr import ReplayError
 from bluesky_zarr._cli import main
-from bluesky_zarr._replay import read_documents
+from bluesky_zarr.feeds._replay import read_documents
 from bluesky_zarr.sim import PointCamera, frame_at, motors
 
 from conftest import assert_frames_match, open_stream, open_tree

@@ -15,8 +15,8 @@ from event_model import compose_run
 from ophyd.sim import det
 
 from bluesky_zarr import ZarrWriter
-from bluesky_zarr._catalog import list_stores
 from bluesky_zarr._cli import main
+from bluesky_zarr.catalog._ls import list_stores
 
 
 def _write_run(root: Path, start_time: float, **metadata: Any) -> None:

@@ -19,10 +19,10 @@ from event_model import NumpyEncoder
 from ophyd.sim import det
 
 from bluesky_zarr import OptionError, TiledError, ZarrWriter, open_virtual
-from bluesky_zarr._catalog import list_stores
 from bluesky_zarr._cli import main
-from bluesky_zarr._replay import replay
-from bluesky_zarr._tiled import register_store
+from bluesky_zarr.catalog._ls import list_stores
+from bluesky_zarr.catalog._tiled import register_store
+from bluesky_zarr.feeds._replay import replay
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 #: moto keeps one in-memory S3 for the whole process: a bucket of this file's own.

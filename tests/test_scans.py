@@ -160,7 +160,9 @@ def test_units_and_metadata(RE, tmp_path):
     assert tree.attrs["stop"]["exit_status"] == "success"
     assert tree.attrs["exit_status"] == "success"
     assert tree.attrs["bluesky_zarr"]["complete"] is True
-    assert tree["primary"]["time"].attrs["units"] == "s"
+    # CF time: decoded to dates, float seconds since the epoch on disk.
+    assert tree["primary"]["time"].dtype.kind == "M"
+    assert tree["primary"]["time"].encoding["units"] == "seconds since 1970-01-01T00:00:00Z"
     import zarr
 
     group = zarr.open_group(writer.stores[0], mode="r")

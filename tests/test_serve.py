@@ -25,7 +25,7 @@ from bluesky.plans import count, grid_scan
 from ophyd.sim import det
 
 from bluesky_zarr import ServeError
-from bluesky_zarr._serve import parse_address
+from bluesky_zarr.feeds._serve import parse_address
 from bluesky_zarr.sim import PointCamera, frame_at, motors
 
 from conftest import assert_frames_match, open_stream, open_tree

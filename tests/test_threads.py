@@ -102,3 +102,27 @@ def test_a_writer_that_is_dropped_ends_its_threads(tmp_path):
     del writer
     gc.collect()
     _wait_until_gone(started)
+
+
+def test_no_thread_of_the_writer_outlives_close(tmp_path):
+    """Workers, the reader of detector files and each run's flusher have ended
+    when close() returns, also with a run left open (finished incomplete)."""
+    from bluesky import RunEngine
+
+    from test_external import step_scan_docs
+
+    before = _writer_threads()
+    docs = step_scan_docs(RunEngine({}, call_returns_result=False), tmp_path)
+    writer = ZarrWriter(tmp_path / "data", flush_interval=0.05)
+    for name, doc in docs:
+        if name != "stop":
+            writer(name, doc)
+    _one_run(writer, 3.5)
+    started = _writer_threads() - before
+    names = {t.name.rstrip("0123456789").rstrip("-") for t in started}
+    assert {"bluesky-zarr", "bluesky-zarr-reader", "bluesky-zarr-flusher"} <= names
+    writer.close()
+    assert [t.name for t in _writer_threads() - before if t.is_alive()] == []
+    (store, _) = writer.stores
+    info = zarr.open_group(store, mode="r").attrs["bluesky_zarr"]
+    assert info["complete"] is False and "closed" in info["incomplete_reason"]

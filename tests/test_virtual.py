@@ -34,8 +34,8 @@ from ophyd_async.sim import _pattern_generator
 
 from bluesky_zarr import ZarrWriter, open_virtual
 from bluesky_zarr._cli import main
-from bluesky_zarr._external import AreaDetectorHDF5Handler
-from bluesky_zarr._inspect import describe_store
+from bluesky_zarr.catalog._inspect import describe_store
+from bluesky_zarr.external._data import AreaDetectorHDF5Handler
 
 from conftest import blob_detector, fly, quick_sleep
 
@@ -437,7 +437,13 @@ def test_area_detector_hdf5_datums_are_referenced(tmp_path, frame_per_point):
     ds = open_primary(virtual.stores[0])
     np.testing.assert_array_equal(ds["cam"].values, expected)
     assert bool(ds["_written"].all())
-    assert ds.attrs["virtual"] == {"referenced": ["cam"], "copied": {}}
+    assert ds.attrs["virtual"]["referenced"] == ["cam"]
+    assert ds.attrs["virtual"]["copied"] == {}
+    # The file referenced, with its size and modification time then.
+    h5 = tmp_path / "ad" / "ad.h5"
+    assert ds.attrs["virtual"]["files"] == {
+        str(h5): {"size": h5.stat().st_size, "mtime": h5.stat().st_mtime_ns / 1e9}
+    }
     assert tree_bytes(virtual.stores[0]).get("chunks", 0) < expected[0, 0].nbytes
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bluesky_zarr._background import WORKER_NICENESS, BackgroundWriter, Workers
-from bluesky_zarr._buffer import ArrivalEncoding, MemoryBudget
+from bluesky_zarr.write._buffer import ArrivalEncoding, MemoryBudget
+from bluesky_zarr.write._workers import WORKER_NICENESS, BackgroundWriter, Workers
 
 
 def workers(count: int = 2) -> tuple[Workers, BackgroundWriter]:

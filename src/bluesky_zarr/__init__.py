@@ -28,11 +28,12 @@ from ._errors import (
     UnsafeNameError,
     WriteError,
 )
-from ._export import export
-from ._external import NpySequenceHandler
 from ._version import __version__
-from ._virtual import open_virtual, virtual_store
-from ._writer import ZarrWriter
+from .catalog._virtual import open_virtual
+from .external._data import NpySequenceHandler
+from .feeds._export import export
+from .storage._icechunk import virtual_store
+from .write._writer import ZarrWriter
 
 __all__ = [
     "BlueskyZarrError",

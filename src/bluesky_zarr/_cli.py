@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._catalog import DEFAULT_FIELDS
-from ._plan import DEFAULT_NAME_TEMPLATE
 from ._version import __version__
+from .catalog._ls import DEFAULT_FIELDS
+from .plan._names import DEFAULT_NAME_TEMPLATE
 
 #: Each option's default in its help (argparse adds it to every option that has one).
 _FORMATTER = argparse.ArgumentDefaultsHelpFormatter
@@ -112,6 +112,7 @@ def _demo(args: argparse.Namespace) -> int:
     import xarray as xr
     from bluesky import RunEngine
     from bluesky.plans import grid_scan
+    from bluesky.utils import RunEngineInterrupted
     from ophyd.sim import det
 
     from . import ZarrWriter
@@ -122,14 +123,28 @@ def _demo(args: argparse.Namespace) -> int:
     cam = PointCamera([wavelength, position], shape=(args.size, args.size), name="cam")
     writer = ZarrWriter(out)
     RE = RunEngine({})
-    RE.subscribe(writer)
+    interrupted: list[str] = []
+
+    def write(name: str, doc: dict[str, Any]) -> Any:
+        # RE.abort(reason=...) does not reach the stop document when the
+        # plan closes its run itself (its reason is then ""): say why here.
+        if name == "stop" and interrupted and not doc.get("reason"):
+            doc = {**doc, "reason": interrupted[0]}
+        return writer(name, doc)
+
+    RE.subscribe(write)
     n_wl, n_pos = args.wavelengths, args.positions
     print(
         f"Scanning {n_wl} wavelengths x {n_pos} positions, one {args.size}x{args.size} "
         f"uint16 frame per point, into {out}/ ..."
     )
     t0 = time.perf_counter()
-    RE(grid_scan([cam, det], wavelength, 400, 700, n_wl, position, 0, 5, n_pos, snake_axes=True))
+    try:
+        RE(grid_scan([cam, det], wavelength, 400, 700, n_wl, position, 0, 5, n_pos,
+                     snake_axes=True))
+    except (RunEngineInterrupted, KeyboardInterrupt):
+        interrupted.append("interrupted")
+        return _demo_interrupted(RE, writer)
     elapsed = time.perf_counter() - t0
     store = writer.stores[-1]
     tree = xr.open_datatree(store, engine="zarr")
@@ -148,10 +163,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_interrupted(RE: Any, writer: Any) -> int:
+    """Ctrl-C paused the RunEngine at its next point: abort the run, so that its
+    stop document (exit status ``abort``, reason ``interrupted``) finishes the
+    store; exit status 130, as a shell reports Ctrl-C."""
+    import json
+
+    if RE.state == "paused":
+        RE.abort(reason="interrupted")
+    writer._interrupt("interrupted: Ctrl-C")  # a run still open: finished as aborted
+    for store in writer.stores:
+        info = json.loads((Path(store) / "zarr.json").read_bytes())["attributes"]
+        counts = info.get("bluesky_zarr", {}).get("streams", {}).get("primary", {})
+        print(f"\nInterrupted: {store} holds {counts.get('written_points', 0)} written "
+              f"point(s), exit status {info.get('exit_status')}", file=sys.stderr)
+    return 130
+
+
 def _handler_entry(text: str) -> tuple[str, Any]:
     """``SPEC=module:Class`` of ``--handler``: the class, imported."""
     from ._errors import OptionError
-    from ._handlers import parse_handler
+    from .external._handlers import parse_handler
 
     try:
         return parse_handler(text)
@@ -161,7 +193,7 @@ def _handler_entry(text: str) -> tuple[str, Any]:
 
 def _replay(args: argparse.Namespace) -> int:
     from ._errors import BlueskyZarrError, ReplayError, ReplayInterrupted
-    from ._replay import BATCH_END, ReplayReport, format_summary, replay
+    from .feeds._replay import BATCH_END, ReplayReport, format_summary, replay
 
     def error(message: str) -> None:
         print(f"bluesky-zarr replay: error: {_replay_flag_names(message)}", file=sys.stderr)
@@ -211,7 +243,7 @@ def _inspect(args: argparse.Namespace) -> int:
     import json
 
     from ._errors import BlueskyZarrError
-    from ._inspect import describe_store, format_description
+    from .catalog._inspect import describe_store, format_description
 
     try:
         description = describe_store(args.store)
@@ -232,7 +264,7 @@ def _serve(args: argparse.Namespace) -> int:
     import logging
 
     from ._errors import BlueskyZarrError
-    from ._serve import DocumentService
+    from .feeds._serve import DocumentService
 
     if args.kafka is not None:
         return _serve_kafka(args)
@@ -260,12 +292,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"bluesky-zarr serve: error: {_flag_names(str(err))}", file=sys.stderr)
         return 2
     service.run()
-    return 0
+    # Stores not registered with Tiled (logged with the register command).
+    return 1 if service.writer.tiled_failures else 0
 
 
 def _register(args: argparse.Namespace) -> int:
     from ._errors import BlueskyZarrError
-    from ._tiled import connect, register_store
+    from .catalog._tiled import connect, register_store
 
     try:
         node = connect(args.tiled, getattr(args, "api_key", None))
@@ -305,8 +338,8 @@ def _register(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     import json
 
-    from ._catalog import format_listing, list_stores
     from ._errors import BlueskyZarrError
+    from .catalog._ls import format_listing, list_stores
 
     fields = getattr(args, "fields", None) or list(DEFAULT_FIELDS)
     problems: list[str] = []
@@ -330,7 +363,7 @@ def _serve_kafka(args: argparse.Namespace) -> int:
     import logging
 
     from ._errors import BlueskyZarrError, ServeError
-    from ._kafka import KafkaDocumentService, parse_config, read_config_file
+    from .feeds._kafka import KafkaDocumentService, parse_config, read_config_file
 
     try:
         if not args.topic or not args.group_id:
@@ -362,7 +395,7 @@ def _serve_kafka(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s bluesky-zarr serve: %(message)s", force=True
     )
     service.run()
-    return 0
+    return 1 if service.writer.tiled_failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

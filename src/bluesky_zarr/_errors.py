@@ -65,7 +65,7 @@ class ReplayError(BlueskyZarrError, ValueError):
         #: The file, and where in it (``line 12`` or ``byte 3456``).
         self.path = path
         self.location = location
-        #: For :func:`~bluesky_zarr._replay.replay`: what was written before the error.
+        #: For :func:`~bluesky_zarr.feeds._replay.replay`: what was written before the error.
         self.report: Any = None
 
 
@@ -77,7 +77,7 @@ class ReplayInterrupted(KeyboardInterrupt):
         super().__init__(f"the replay was interrupted by {signal_name}")
         #: ``SIGINT`` or ``SIGTERM``.
         self.signal_name = signal_name
-        #: What was written before (a :class:`~bluesky_zarr._replay.ReplayReport`).
+        #: What was written before (a :class:`~bluesky_zarr.feeds._replay.ReplayReport`).
         self.report = report
 
 
