@@ -49,6 +49,7 @@ decoders refuse a short file themselves. What fails raises
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -857,14 +858,29 @@ class TIFFSource(_FileSequence):
     def _header(self, path: str) -> tuple[tuple[int, ...], np.dtype]:
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        with _tiff_errors_as_value_errors(), tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             return tuple(series.shape), np.dtype(series.dtype)
 
     def _load(self, path: str) -> np.ndarray:
         import tifffile
 
-        return np.asarray(tifffile.imread(path))
+        with _tiff_errors_as_value_errors():
+            return np.asarray(tifffile.imread(path))
+
+
+@contextlib.contextmanager
+def _tiff_errors_as_value_errors() -> Iterator[None]:
+    """tifffile's error for a file that is not a TIFF, raised as the ValueError
+    it is from tifffile 2025.10 on (before, it subclasses Exception only)."""
+    import tifffile
+
+    try:
+        yield
+    except tifffile.TiffFileError as err:
+        if isinstance(err, ValueError):
+            raise
+        raise ValueError(str(err)) from err
 
 
 #: Pillow image modes: numpy dtype of a pixel band.

@@ -31,18 +31,33 @@ MOTORS_AT = {"wavelength": "wavelength", "position": "position"}
 
 
 class FaultyStore(WrapperStore):
-    """Fails chosen writes of chunk data, as a full or read-only disk would."""
+    """Fails chosen writes of chunk data, as a full or read-only disk would:
+    the n-th writes (``fail_on``, ``every``) or the writes of chosen chunk or
+    shard keys (``fail_keys``, which do not depend on the order in which
+    worker threads happen to write)."""
 
-    def __init__(self, store, *, error: OSError, fail_on: set[int], every: int = 0) -> None:
+    def __init__(
+        self,
+        store,
+        *,
+        error: OSError,
+        fail_on: set[int] = frozenset(),
+        every: int = 0,
+        fail_keys: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(store)
         self.error = error
         self.fail_on = fail_on
         self.every = every
+        self.fail_keys = fail_keys
         self.writes = 0
         self.lock = threading.Lock()
 
     def _with_store(self, store):
-        return type(self)(store, error=self.error, fail_on=self.fail_on, every=self.every)
+        return type(self)(
+            store, error=self.error, fail_on=self.fail_on, every=self.every,
+            fail_keys=self.fail_keys,
+        )
 
     async def set(self, key, value):
         if "cam_image/c" in key:
@@ -50,6 +65,8 @@ class FaultyStore(WrapperStore):
                 self.writes += 1
                 n = self.writes
             if n in self.fail_on or (self.every and n % self.every == 0):
+                raise self.error
+            if key.endswith(self.fail_keys):
                 raise self.error
         return await self._store.set(key, value)
 
@@ -65,7 +82,12 @@ def grid(cam, wavelength, position, n_wl=3, n_pos=4):
 FRAME = (8, 8)
 
 
-def setup(tmp_path, **options):
+def grid_run(tmp_path, **options):
+    """A RunEngine with a ZarrWriter on ``tmp_path``, a camera and two motors.
+
+    (Not named ``setup``: pytest 8.0 calls a module-level ``setup`` itself, as
+    nose did, with the module as its argument.)
+    """
     wavelength, position = motors("wavelength", "position")
     cam = PointCamera([wavelength, position], shape=FRAME, name="cam")
     writer = ZarrWriter(tmp_path, flush_interval=None, **options)
@@ -83,8 +105,10 @@ def setup(tmp_path, **options):
     ids=["disk-full", "permission-denied"],
 )
 def test_storage_fault_reaches_the_run_engine_and_store_is_finalised(tmp_path, error, builtin):
-    RE, writer, cam, wavelength, position = setup(
-        tmp_path, store_wrapper=faulty(error=error, fail_on={2}),
+    # The second shard of the first row (points 2-3) fails. Chosen by key: the
+    # two shards of a row are written by different workers, in either order.
+    RE, writer, cam, wavelength, position = grid_run(
+        tmp_path, store_wrapper=faulty(error=error, fail_keys=("cam_image/c/0/1/0/0",)),
         shards={"cam_image": (1, 2, 8, 8)},
     )
     with pytest.raises(bluesky_zarr.WriteError) as info:
@@ -104,7 +128,7 @@ def test_storage_fault_reaches_the_run_engine_and_store_is_finalised(tmp_path, e
 
 
 def test_every_nth_write_failing_with_on_error_log_keeps_the_scan_going(tmp_path, caplog):
-    RE, writer, cam, wavelength, position = setup(
+    RE, writer, cam, wavelength, position = grid_run(
         tmp_path,
         store_wrapper=faulty(error=OSError(errno.EIO, "I/O error"), fail_on=set(), every=3),
         shards={"cam_image": (1, 1, 8, 8)},
@@ -122,7 +146,7 @@ def test_every_nth_write_failing_with_on_error_log_keeps_the_scan_going(tmp_path
 
 
 def test_background_threads_survive_failures(tmp_path):
-    RE, writer, cam, wavelength, position = setup(
+    RE, writer, cam, wavelength, position = grid_run(
         tmp_path,
         store_wrapper=faulty(error=OSError(errno.EIO, "I/O error"), fail_on={1, 2, 3}),
         on_error="log", workers=1, shards={"cam_image": (1, 1, 8, 8)},
@@ -151,7 +175,7 @@ def pause_after_event(n):
 
 
 def test_pause_and_resume_rewinds_without_duplicates(tmp_path):
-    RE, writer, cam, wavelength, position = setup(tmp_path)
+    RE, writer, cam, wavelength, position = grid_run(tmp_path)
     seq_nums = []
     RE.subscribe(lambda name, doc: seq_nums.append(doc["seq_num"]) if name == "event" else None)
     with pytest.raises(RunEngineInterrupted):
@@ -169,7 +193,7 @@ def test_pause_and_resume_rewinds_without_duplicates(tmp_path):
 
 @pytest.mark.parametrize("how", ["abort", "halt"])
 def test_aborted_and_halted_runs_are_finalised(tmp_path, how):
-    RE, writer, cam, wavelength, position = setup(tmp_path)
+    RE, writer, cam, wavelength, position = grid_run(tmp_path)
     with pytest.raises(RunEngineInterrupted):
         RE(plan_mutator(grid(cam, wavelength, position), pause_after_event(5)))
     if how == "abort":
@@ -184,7 +208,7 @@ def test_aborted_and_halted_runs_are_finalised(tmp_path, how):
 
 
 def test_exception_in_the_plan_is_recorded(tmp_path):
-    RE, writer, cam, wavelength, position = setup(tmp_path)
+    RE, writer, cam, wavelength, position = grid_run(tmp_path)
     triggers = [0]
 
     def fail_on_sixth_trigger(msg):
@@ -203,7 +227,7 @@ def test_exception_in_the_plan_is_recorded(tmp_path):
 
 
 def test_ctrl_c_twice_halts_and_the_store_is_finalised(tmp_path):
-    RE, writer, cam, wavelength, position = setup(tmp_path)
+    RE, writer, cam, wavelength, position = grid_run(tmp_path)
 
     def interrupt(name, doc):
         if name == "event" and doc["seq_num"] == 4:
@@ -243,7 +267,7 @@ def test_a_store_being_written_cannot_be_taken_by_a_second_writer(tmp_path):
 
 
 def test_dtype_that_cannot_be_stored_is_refused(tmp_path):
-    RE, writer, cam, wavelength, position = setup(tmp_path)
+    RE, writer, cam, wavelength, position = grid_run(tmp_path)
     cam.frame_dtype = np.dtype("float32")  # the descriptor says uint16 ...
     cam.describe = lambda: {
         k: {**v, "dtype_numpy": "<u2"} for k, v in PointCamera.describe(cam).items()
@@ -270,7 +294,7 @@ def test_event_with_unknown_descriptor_uid(tmp_path):
 
 
 def test_a_run_whose_stop_raised_is_not_reopened_by_close(tmp_path):
-    RE, writer, cam, wavelength, position = setup(
+    RE, writer, cam, wavelength, position = grid_run(
         tmp_path,
         store_wrapper=faulty(error=OSError(errno.EIO, "I/O error"), fail_on={12}),
         shards={"cam_image": (1, 1, 8, 8)},
