@@ -113,6 +113,8 @@ def run(trial: Trial, lifetime: float | None) -> float:
     )
     lines: queue.Queue[str | None] = queue.Queue()
     errors: list[str] = []
+    #: Whether the end of the output (its sentinel) has been taken.
+    ended = False
 
     def read_out() -> None:
         assert process.stdout is not None
@@ -148,6 +150,8 @@ def run(trial: Trial, lifetime: float | None) -> float:
                 trial.said.append(line)
                 if end in line:
                     break
+            else:
+                ended = True  # the output ended (the sentinel is taken)
             sent = time.monotonic()
         life = sent - started
         try:
@@ -162,7 +166,7 @@ def run(trial: Trial, lifetime: float | None) -> float:
             process.wait(30)
         for reader in readers:
             reader.join(30)
-    while (line := lines.get()) is not None:
+    while not ended and (line := lines.get(timeout=60)) is not None:
         trial.said.append(line)
     trial.stderr = "".join(errors)
     trial.returncode = process.returncode

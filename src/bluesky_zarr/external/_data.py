@@ -617,10 +617,6 @@ class ExternalData:
         """Wait until the frames of every stream_datum so far are placed."""
         self.run.reads.drain()
 
-    def new_read_failures(self) -> list[BaseException]:
-        """Reads that failed since the last call."""
-        return [failure.error for failure in self.run.reads.new_failures()]
-
     def _read_rows(
         self, sres: Mapping[str, Any], info: StreamKey, start: int, stop: int, uid: str
     ) -> Iterator[tuple[int, np.ndarray]]:

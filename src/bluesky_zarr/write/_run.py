@@ -280,6 +280,8 @@ class RunWriter(DocumentRouter):
             group = self._record_geometry(name)
         try:
             stream = StreamWriter(self, group, layout, setpoints, descriptor=self._laid_out[name])
+            # Whether its events carry datum ids (frames in files to fill in).
+            stream.fills = bool(self.external.datum_keys.get(name))
             for later in self._descriptor_docs.get(name, [])[1:]:
                 stream.add_descriptor(later)
         except BaseException:
@@ -351,7 +353,8 @@ class RunWriter(DocumentRouter):
 
     def _place_page(self, stream: StreamWriter, doc: Mapping[str, Any], seq_nums: Any) -> None:
         index = self.point_index(stream, np.asarray(seq_nums))
-        page = self.external.fill_page(stream, doc)
+        # Only a stream whose events carry datum ids has anything to fill.
+        page = self.external.fill_page(stream, doc) if stream.fills else doc
         with self.buffer_lock:
             stream.put_page(page, index)
 
@@ -594,7 +597,7 @@ class RunWriter(DocumentRouter):
         self._health_checked = now
 
     def raise_failures(self) -> None:
-        read_failures = self.external.new_read_failures()
+        read_failures = [failure.error for failure in self._reads.new_failures()]
         if read_failures:
             # Frames of a stream_datum that could not be read (it is kept
             # with the refused documents).

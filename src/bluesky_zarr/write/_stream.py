@@ -84,6 +84,8 @@ class StreamWriter:
         self.layout = layout
         self.name = layout.name
         self.n_scan = len(layout.scan_dims)
+        #: Whether its events carry datum ids, which external data fill in.
+        self.fills = False
         self.growing = layout.growing
         #: Current length of the growing dimension (arrays are this long).
         self.length = 0
