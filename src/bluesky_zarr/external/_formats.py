@@ -129,6 +129,22 @@ class FrameSource:
     def plan(self, start: int, stop: int, uid: str) -> ReadPlan:
         raise NotImplementedError
 
+    def _keeps_frame_dim(self, per_index: int, row_shape: tuple[int, ...]) -> bool:
+        """Whether the data key keeps a frames-per-point dimension over rows of
+        ``row_shape``; refuses several rows an event for a key of one frame."""
+        info = self.info
+        keeps = (
+            not info.squeezed
+            and info.declared is not None
+            and len(info.declared) == len(row_shape) + 1
+        )
+        if not keeps and per_index != 1:
+            raise DataShapeError(
+                f"stream_resource {self.uid!r}: {per_index} rows per event, but data key "
+                f"{self.key!r} declares shape {list(info.declared or [])}, one frame per event"
+            )
+        return keeps
+
     def close(self) -> None:
         """Release what the source holds open (files shared between sources
         are closed by their owner)."""
@@ -323,17 +339,7 @@ class _RowSource(FrameSource):
                 f"{self.name!r} in {self.path} ({per_index} rows per event for indices "
                 f"{start}..{stop}), which holds {array.shape[0]} rows"
             )
-        info = self.info
-        keeps_frame_dim = (
-            not info.squeezed
-            and info.declared is not None
-            and len(info.declared) == len(row_shape) + 1
-        )
-        if not keeps_frame_dim and per_index != 1:
-            raise DataShapeError(
-                f"stream_resource {self.uid!r}: {per_index} rows per event, but data key "
-                f"{self.key!r} declares shape {list(info.declared or [])}, one frame per event"
-            )
+        keeps_frame_dim = self._keeps_frame_dim(per_index, row_shape)
         self._check_rows(array, first, last)
 
         def read(lo: int, hi: int) -> np.ndarray:
@@ -612,17 +618,7 @@ class ZarrSource(_RowSource):
     def _frames(
         self, rows: np.ndarray, events: int, per_index: int, row_shape: tuple[int, ...]
     ) -> np.ndarray:
-        info = self.info
-        keeps_frame_dim = (
-            not info.squeezed
-            and info.declared is not None
-            and len(info.declared) == len(row_shape) + 1
-        )
-        if not keeps_frame_dim and per_index != 1:
-            raise DataShapeError(
-                f"stream_resource {self.uid!r}: {per_index} rows per event, but data key "
-                f"{self.key!r} declares shape {list(info.declared or [])}, one frame per event"
-            )
+        keeps_frame_dim = self._keeps_frame_dim(per_index, row_shape)
         frames = rows.reshape((events, per_index) + row_shape)
         return frames if keeps_frame_dim else frames[:, 0]
 

@@ -35,7 +35,7 @@ from ..plan import store_name
 from . import _amend, _zarr
 from ._files import put_in_place
 from ._lock import StoreLock
-from ._records import is_repository_listing, parse_attributes
+from ._records import exists_error, is_repository_listing, parse_attributes
 from ._roots import FsspecRoot, LocalRoot, RunStore, is_url
 
 #: The branch a run's repository is written on.
@@ -461,10 +461,7 @@ class RepositoryRoot:
             path = self.base.location(template, start)
             self.base.remove_leftovers(path)
             if path.exists() and not overwrite:
-                raise StoreExistsError(
-                    f"{path} already exists; refusing to overwrite another run "
-                    f"(pass overwrite=True or choose another name_template)"
-                )
+                raise exists_error(path)
             aside = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
             try:
                 first_commit(ic.Repository.create(ic.local_filesystem_storage(str(aside))))
@@ -487,10 +484,7 @@ class RepositoryRoot:
         try:
             if ic.Repository.exists(ic_storage) or base.fs.exists(f"{key}/zarr.json"):
                 if not overwrite:
-                    raise StoreExistsError(
-                        f"{url} already exists; refusing to overwrite another run "
-                        f"(pass overwrite=True or choose another name_template)"
-                    )
+                    raise exists_error(url)
                 base.fs.rm(key, recursive=True)
             first_commit(ic.Repository.create(ic_storage))
             repo = ic.Repository.open(ic_storage)

@@ -88,3 +88,11 @@ def is_repository_listing(
         return has_branch()
     except OSError:
         return False
+
+
+def exists_error(location: object) -> StoreExistsError:
+    """The refusal to make a store where another run's is."""
+    return StoreExistsError(
+        f"{location} already exists; refusing to overwrite another run "
+        f"(pass overwrite=True or choose another name_template)"
+    )

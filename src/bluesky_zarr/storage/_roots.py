@@ -30,13 +30,18 @@ from .._errors import (
     MissingDependencyError,
     OptionError,
     StorageError,
-    StoreExistsError,
 )
 from ..plan import store_name, store_path
 from . import _amend, _zarr
 from ._files import LocalFiles, fsync_directory, put_in_place
 from ._lock import StoreLock
-from ._records import INCOMPLETE, check_replaceable, parse_attributes, read_root_attributes
+from ._records import (
+    INCOMPLETE,
+    check_replaceable,
+    exists_error,
+    parse_attributes,
+    read_root_attributes,
+)
 
 #: URL schemes served by object storage, and the extra that installs them.
 REMOTE_SCHEMES = {"s3": "s3", "s3a": "s3"}
@@ -202,10 +207,7 @@ class LocalRoot:
         if path.exists() and overwrite == INCOMPLETE:
             check_replaceable(str(path), read_root_attributes(path / "zarr.json"), start)
         elif path.exists() and not overwrite:
-            raise StoreExistsError(
-                f"{path} already exists; refusing to overwrite another run "
-                f"(pass overwrite=True or choose another name_template)"
-            )
+            raise exists_error(path)
         aside = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
         try:
             aside.mkdir()
@@ -289,10 +291,7 @@ class FsspecRoot:
             # If-None-Match: exactly one writer can create zarr.json.
             self.fs.pipe_file(f"{key}/zarr.json", metadata, mode="create")
         except FileExistsError:
-            raise StoreExistsError(
-                f"{url} already exists; refusing to overwrite another run "
-                f"(pass overwrite=True or choose another name_template)"
-            ) from None
+            raise exists_error(url) from None
         except OSError as err:
             raise StorageError(f"cannot create the store {url}: {err}") from err
         return _ObjectStore(url, open_store(url, self.storage_options, read_only=False))
