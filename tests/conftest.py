@@ -38,6 +38,9 @@ from bluesky import RunEngine  # noqa: E402
 
 from bluesky_zarr.sim import frame_at  # noqa: E402
 
+#: Fixtures of a local S3 (``endpoint``, ``bucket``, ``options``) for any test.
+pytest_plugins = ["helpers.s3"]
+
 
 @pytest.fixture
 def RE() -> RunEngine:
@@ -208,6 +211,23 @@ def record(RE: Any) -> list[tuple[str, dict[str, Any]]]:
     return docs
 
 
+def step_scan_docs(RE: Any, tmp_path: Path, points: int = 3) -> list[tuple[str, dict[str, Any]]]:
+    """The documents (and HDF5 file) of a real ophyd-async step scan."""
+    import bluesky.plan_stubs as bps
+    from bluesky.plans import grid_scan
+    from ophyd_async import sim
+    from ophyd_async.core import init_devices
+
+    pattern = sim.PatternGenerator(sleep=quick_sleep())
+    with init_devices():
+        stage = sim.SimStage(pattern)
+    det = blob_detector(tmp_path, pattern)
+    RE(bps.mv(stage.x.velocity, 0))
+    docs = record(RE)
+    RE(grid_scan([det], stage.x, 0, 2, points))
+    return docs
+
+
 def by_kind(docs: list[tuple[str, dict[str, Any]]], kind: str) -> list[dict[str, Any]]:
     """The documents of one kind (``"stream_datum"``, ...), in order."""
     return [doc for name, doc in docs if name == kind]
@@ -220,7 +240,7 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 
 #: Fixtures that start a server (moto's S3, a soft IOC): tests that use one
 #: are system tests, wherever they are.
-SYSTEM_FIXTURES = frozenset({"s3", "soft_ioc"})
+SYSTEM_FIXTURES = frozenset({"endpoint", "soft_ioc"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

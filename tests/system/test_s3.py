@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 import suitcase.jsonl
 import xarray as xr
 from bluesky.plans import grid_scan
-from moto.server import ThreadedMotoServer
 from ophyd.sim import det
 
 from bluesky_zarr import DocumentOrderError, StorageError, StoreExistsError, ZarrWriter, export
@@ -27,39 +23,6 @@ from conftest import REPO, assert_frames_match
 
 SRC = REPO / "src"
 MOTORS_AT = {"wavelength": "wavelength", "position": "position"}
-CREDENTIALS = {"key": "testing", "secret": "testing"}
-
-
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def bucket(endpoint, request) -> str:
-    name = request.node.name.lower().replace("_", "-")[:50].strip("-")
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=name)
-    return name
-
-
-@pytest.fixture
-def options(endpoint) -> dict[str, Any]:
-    return {**CREDENTIALS, "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
-
-
 @pytest.fixture
 def scan_docs(RE) -> list[tuple[str, dict[str, Any]]]:
     wavelength, position = motors("wavelength", "position")

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
-import numcodecs
 import numpy as np
 
+from ._blosc import Blosc
 from ._metadata import ArrayNode
 from ._spec import INDEX_CODECS, morton_order
 
@@ -51,17 +51,12 @@ class _Encoder:
         for codec in codecs[1:]:
             if codec.get("name") == "blosc" and self.blosc is None:
                 config = codec["configuration"]
-                # The Blosc codec's configuration as numcodecs takes it.
-                self.blosc = numcodecs.Blosc.from_config(
-                    {
-                        "cname": config["cname"],
-                        "clevel": config["clevel"],
-                        "shuffle": {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[
-                            config["shuffle"]
-                        ],
-                        "blocksize": config["blocksize"],
-                        "typesize": config["typesize"],
-                    }
+                self.blosc = Blosc(
+                    config["cname"],
+                    config["clevel"],
+                    config["shuffle"],
+                    config["blocksize"],
+                    config["typesize"],
                 )
             else:
                 raise NotImplementedError(f"codec {codec!r}")
@@ -73,13 +68,15 @@ class _Encoder:
         if self.blosc is None:
             raw[:] = np.frombuffer(encoded, dtype=np.uint8)
         else:
-            self.blosc.decode(encoded, out=raw)
+            self.blosc.decode(encoded, raw)
         if self.swap:
             target.byteswap(inplace=True)
         if target is not out:
             out[...] = target
 
     def __call__(self, chunk: np.ndarray) -> Any:
+        """The chunk's bytes: a view of it, or (compressed) a view of a pooled
+        buffer, given back with :meth:`release` after the write."""
         data = np.ascontiguousarray(chunk)
         if self.swap:
             data = data.byteswap()
@@ -87,6 +84,12 @@ class _Encoder:
         if self.blosc is None:
             return raw
         return self.blosc.encode(raw)
+
+    def release(self, parts: Sequence[Any]) -> None:
+        """Give back the pooled buffers of parts this encoder made, once written."""
+        if self.blosc is not None:
+            for part in parts:
+                self.blosc.release(part)
 
 
 def _contiguous_part(part: tuple[int, ...], whole: tuple[int, ...]) -> bool:
@@ -290,10 +293,14 @@ class DirectWriter:
     ) -> None:
         name = f"{self.path}/c/{'/'.join(str(k) for k in key)}"
         if self.sharding is None:
-            self.files.write_parts(name, [self.encode(unit)])
-            return
-        start = tuple(k * u for k, u in zip(key, self.unit))
-        self.files.write_parts(name, list(self._shard(unit, start, shape, encoded or {})))
+            parts = [self.encode(unit)]
+        else:
+            start = tuple(k * u for k, u in zip(key, self.unit))
+            parts = list(self._shard(unit, start, shape, encoded or {}))
+        self.files.write_parts(name, parts)
+        # Written: the encoded chunks' memory serves the next ones (no fresh
+        # pages). A failed write keeps them (a retry may still hold them).
+        self.encode.release(parts)
 
     def _shard(
         self,

@@ -128,7 +128,9 @@ class ArrivalEncoding:
             self._taken = True
             while self._running:
                 self._cond.wait()
-            done = dict(self._chunks)
+            # Taken once: the write gives their memory back to the encoder,
+            # so a later write of the block encodes its points anew.
+            done, self._chunks = self._chunks, {}
             again = set(self._again)
         encoded: dict[tuple[int, ...], Any] = {}
         for point in points:

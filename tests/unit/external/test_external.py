@@ -54,6 +54,7 @@ from conftest import (
     open_tree,
     quick_sleep,
     record,
+    step_scan_docs,
 )
 
 Docs = list[tuple[str, dict[str, Any]]]
@@ -420,18 +421,6 @@ def test_count_of_a_stream_only_detector_takes_times_from_its_events(RE, tmp_pat
     assert_times(ds["time"], [e["time"] for e in events])
     np.testing.assert_array_equal(ds["det"], hdf5_rows(docs, "det"))
     assert bool(ds["_written"].all())
-
-
-def step_scan_docs(RE: Any, tmp_path: Path, points: int = 3) -> Docs:
-    """The documents (and HDF5 file) of a real ophyd-async step scan."""
-    pattern = sim.PatternGenerator(sleep=quick_sleep())
-    with init_devices():
-        stage = sim.SimStage(pattern)
-    det = blob_detector(tmp_path, pattern)
-    RE(bps.mv(stage.x.velocity, 0))
-    docs = record(RE)
-    RE(grid_scan([det], stage.x, 0, 2, points))
-    return docs
 
 
 def test_stream_datum_beyond_the_file_raises_and_earlier_points_stay(RE, tmp_path):

@@ -50,9 +50,6 @@ from conftest import (
     record,
 )
 
-TESTS = HELPERS
-
-
 # ------------------------------------------------------- bluesky and dodal
 
 
@@ -75,19 +72,28 @@ def test_the_same_store_in_every_process(tmp_path):
     children = []
     for seed in ("0", "1", "2", "3"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
+        # The child imports `helpers.geometry_plans`: tests/ on its path.
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p
+            p for p in (str(HELPERS.parent), env.get("PYTHONPATH", "")) if p
         )
         children.append(
             subprocess.Popen(
-                [sys.executable, str(TESTS / "geometry_child.py"), str(tmp_path / seed),
+                [sys.executable, str(HELPERS / "geometry_child.py"), str(tmp_path / seed),
                  *PLANS, "ophyd_async_spec_scan"],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
         )
+    outputs = []
+    try:
+        for child in children:
+            outputs.append((child, *child.communicate(timeout=600)))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
     results = []
-    for child in children:
-        out, err = child.communicate(timeout=600)
+    for child, out, err in outputs:
         assert child.returncode == 0, err[-3000:]
         results.append([json.loads(line) for line in out.splitlines()])
     for lines in results:

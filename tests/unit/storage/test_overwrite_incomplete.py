@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from bluesky.plans import count, grid_scan
 from ophyd.sim import det
-from test_s3 import bucket, endpoint, options  # noqa: F401 - fixtures
 
 import bluesky_zarr
 from bluesky_zarr import ZarrWriter
@@ -106,7 +105,7 @@ def test_bad_overwrite_value_is_refused(tmp_path):
 
 
 def test_object_storage_rewrites_only_an_unfinished_store_of_the_run(
-    RE, bucket, options  # noqa: F811 - fixtures from test_s3
+    RE, bucket, options
 ):
     import zarr
 

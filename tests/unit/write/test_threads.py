@@ -108,7 +108,8 @@ def test_no_thread_of_the_writer_outlives_close(tmp_path):
     """Workers, the reader of detector files and each run's flusher have ended
     when close() returns, also with a run left open (finished incomplete)."""
     from bluesky import RunEngine
-    from test_external import step_scan_docs
+
+    from conftest import step_scan_docs
 
     before = _writer_threads()
     docs = step_scan_docs(RunEngine({}, call_returns_result=False), tmp_path)
