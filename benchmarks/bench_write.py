@@ -383,8 +383,9 @@ def zarr_writer_case(**options: Any) -> Callable[[Scan, Path], Go]:
     return prepare
 
 
-def run_engine_case(**options: Any) -> Callable[[Scan, Path], Go]:
-    """ZarrWriter subscribed to a real RunEngine: a snaked grid_scan of a simulated camera."""
+def run_engine_case(subscribed: bool = True, **options: Any) -> Callable[[Scan, Path], Go]:
+    """ZarrWriter subscribed to a real RunEngine: a snaked grid_scan of a simulated camera
+    (``subscribed=False``: the same scan with no writer, the time the writer adds to)."""
 
     def prepare(scan: Scan, directory: Path) -> Go:
         from bluesky import RunEngine
@@ -411,7 +412,7 @@ def run_engine_case(**options: Any) -> Callable[[Scan, Path], Go]:
                 return f"Camera(name={self.name!r})"
 
         cam = Camera(func=frame, name="cam_image")
-        writer = ZarrWriter(directory, **options)
+        writer = ZarrWriter(directory, **options) if subscribed else None
         callback: list[float] = []
 
         def timed(name: str, doc: dict[str, Any]) -> None:
@@ -421,7 +422,8 @@ def run_engine_case(**options: Any) -> Callable[[Scan, Path], Go]:
                 callback.append(time.perf_counter() - c0)
 
         RE = RunEngine({})
-        RE.subscribe(timed)
+        if writer is not None:
+            RE.subscribe(timed)
         rows, inner = scan.shape
 
         def go() -> Written:
@@ -439,6 +441,8 @@ def run_engine_case(**options: Any) -> Callable[[Scan, Path], Go]:
                     snake_axes=True,
                 )
             )
+            if writer is None:
+                return Written(frames=scan.n, scan=scan)
             return zarr_writer_written(writer, scan, callback)
 
         return go
@@ -737,6 +741,10 @@ def installed(module: str) -> bool:
 
 RAW_FSYNC = "raw write + fsync"
 
+#: The RunEngine's scan without and with the writer: the time the writer adds.
+RE_ALONE = "RunEngine alone (no writer subscribed)"
+RE_WRITER = "ZarrWriter + RunEngine, default (LZ4)"
+
 CASES = [
     Case("raw write", raw_case(fsync=False), callback=False),
     Case(RAW_FSYNC, raw_case(fsync=True), callback=False),
@@ -747,7 +755,8 @@ CASES = [
         zarr_writer_case(durable=True) if DURABLE else zarr_writer_case(),
         unsupported=None if DURABLE else "ZarrWriter has no durable= keyword",
     ),
-    Case("ZarrWriter + RunEngine, default (LZ4)", run_engine_case()),
+    Case(RE_ALONE, run_engine_case(subscribed=False), callback=False),
+    Case(RE_WRITER, run_engine_case()),
     Case(
         "tensorstore, LZ4 (fsync per file, its default)",
         tensorstore_case(True),
@@ -832,7 +841,7 @@ def run_once(case: Case, scan: Scan, workdir: Path, round_: int, check: bool) ->
             bytes_under(directory),
             wchar() - written0,
         )
-        if check:
+        if check and written.output is not None:
             verify(written)
         return measure
     finally:
@@ -987,6 +996,28 @@ def table(summaries: list[dict[str, Any]], scan: Scan, rounds: int) -> str:
     return "\n".join(lines)
 
 
+def added_time(results: list[CaseResult]) -> str | None:
+    """The RunEngine's scan with the writer against the same scan without it,
+    round by round (the two ran one after the other): the time the writer adds."""
+    by_name = {r.case.name: r for r in results}
+    alone, writer = by_name.get(RE_ALONE), by_name.get(RE_WRITER)
+    if alone is None or writer is None or not alone.measures or not writer.measures:
+        return None
+    without = {m.round: m.return_s for m in alone.measures}
+    added = [
+        m.return_s / without[m.round] - 1 for m in writer.measures if m.round in without
+    ]
+    if not added:
+        return None
+    best_alone = min(without.values())
+    best_with = min(m.return_s for m in writer.measures)
+    return (
+        f"The RunEngine's scan: {best_alone:.2f} s alone, {best_with:.2f} s with the writer "
+        f"subscribed (best rounds); the writer adds {statistics.median(added):+.0%} "
+        f"(median of {len(added)} rounds, {min(added):+.0%} to {max(added):+.0%})"
+    )
+
+
 def describe_layout(metadata: dict[str, Any]) -> str:
     """ZarrWriter's chunk and shard shapes and codecs, in a few words."""
     grid = metadata["chunk_grid"]["configuration"]["chunk_shape"]
@@ -1107,6 +1138,9 @@ def main() -> int:
         failed |= any(r.error for r in results)
         print()
         print(table(summaries, scan, rounds))
+        added = added_time(results)
+        if added is not None:
+            print(f"\n{added}")
         for name, reason in skipped.items():
             print(f"\n- skipped {name}: {reason}", end="")
             summaries.append({"frame": [size, size], "case": name, "skipped": reason})

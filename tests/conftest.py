@@ -240,7 +240,7 @@ HELPERS = Path(__file__).resolve().parent / "helpers"
 
 #: Fixtures that start a server (moto's S3, a soft IOC): tests that use one
 #: are system tests, wherever they are.
-SYSTEM_FIXTURES = frozenset({"endpoint", "soft_ioc"})
+SYSTEM_FIXTURES = frozenset({"s3", "endpoint", "soft_ioc"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

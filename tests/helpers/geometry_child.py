@@ -1,4 +1,4 @@
-"""Runs plans of tests/geometry_plans.py in a child process (with the
+"""Runs plans of tests/helpers/geometry_plans.py in a child process (with the
 PYTHONHASHSEED its parent chose) and prints what each store looks like, one
 JSON line per plan."""
 

@@ -95,7 +95,8 @@ class Blosc:
             out = free.pop() if free else None
             if out is None:
                 out = np.empty(size, dtype=np.uint8)
-            self._lent[id(out)] = weakref.ref(out)
+            # A buffer dropped instead of given back leaves no entry behind.
+            self._lent[id(out)] = weakref.ref(out, self._forget(id(out)))
         written = _COMPRESS_CTX(
             self.clevel, self.shuffle, self.typesize, nbytes, raw.ctypes.data,
             out.ctypes.data, size, self._cname, self.blocksize, 1,
@@ -115,10 +116,16 @@ class Blosc:
             return
         with self._lock:
             lent = self._lent.get(id(base))
-            if lent is None or lent() is not base:
+            buffer = lent() if lent is not None else None
+            if buffer is None or buffer is not base:
                 return
             del self._lent[id(base)]
-            self._free.setdefault(base.nbytes, []).append(base)
+            self._free.setdefault(buffer.nbytes, []).append(buffer)
+
+    def _forget(self, key: int) -> Any:
+        """What a lent buffer's weak reference calls when the buffer is gone."""
+        lent = self._lent
+        return lambda _ref: lent.pop(key, None)
 
     def decode(self, encoded: Any, out: np.ndarray) -> None:
         """Decompress ``encoded`` into ``out`` (contiguous bytes)."""

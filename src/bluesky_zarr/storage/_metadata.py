@@ -272,14 +272,20 @@ class StoreMetadata:
                 # metadata itself: the root holds its attributes only.
                 text = _spec.dumps(_spec.group_metadata(self.attributes), indent)
             else:
-                text = _spec.consolidated_root(self.attributes, self._member_texts, indent)
+                # Without indentation: the root lists every node (hundreds of
+                # kilobytes for a run with a large baseline) and is written
+                # again at each consolidation; only programs read it. Each
+                # node's own zarr.json stays as zarr-python writes it.
+                text = _spec.consolidated_root(self.attributes, self._member_texts, "compact")
             self._put("zarr.json", text.encode())
 
     def consolidated_root(self) -> dict[str, Any]:
         """The root's metadata with every node's, as a JSON document."""
         import json
 
-        return dict(json.loads(_spec.consolidated_root(self.attributes, self._member_texts, None)))
+        return dict(
+            json.loads(_spec.consolidated_root(self.attributes, self._member_texts, "compact"))
+        )
 
     # -------------------------------------------------------------- internals
     def _save(self, path: str, document: dict[str, Any]) -> None:
@@ -289,10 +295,10 @@ class StoreMetadata:
         self._nodes[path] = document
         # How the node reads inside the root's consolidated metadata (a group
         # says that it holds nothing further: its children are listed too).
-        self._member_texts[path] = (
-            _spec.dumps(_spec.group_metadata(document["attributes"], consolidated=True), indent)
+        self._member_texts[path] = _spec.compact(
+            _spec.group_metadata(document["attributes"], consolidated=True)
             if document.get("node_type") == "group"
-            else own
+            else document
         )
 
     def _put(self, key: str, value: bytes) -> None:

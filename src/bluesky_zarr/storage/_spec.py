@@ -297,15 +297,22 @@ def dumps(document: Mapping[str, Any], indent: int | None) -> str:
     return json.dumps(document, indent=indent, allow_nan=True)
 
 
+def compact(document: Mapping[str, Any]) -> str:
+    """JSON text without a space: as :func:`dumps`, for the root's
+    consolidated metadata (which only programs read)."""
+    return json.dumps(document, separators=(",", ":"), allow_nan=True)
+
+
 def consolidated_root(
-    attributes: Mapping[str, Any], members: Mapping[str, str], indent: int | None
+    attributes: Mapping[str, Any], members: Mapping[str, str], indent: int | None | str
 ) -> str:
     """The root group's ``zarr.json`` with the consolidated metadata of every
     node, from each node's text (``members``, by path, as :func:`dumps`
-    gave it): only the root's own attributes are encoded again. Nodes are
-    listed by depth, then by name folded for case (zarr-python's order).
-    (JSON's indentation of a value nested at a depth is its text with that
-    depth's indent after each line break.)"""
+    gave it, or :func:`compact` when ``indent`` is ``"compact"``): only the
+    root's own attributes are encoded again. Nodes are listed by depth, then
+    by name folded for case (zarr-python's order). (JSON's indentation of a
+    value nested at a depth is its text with that depth's indent after each
+    line break.)"""
     mark = secrets.token_hex(8)
     paths = sorted(
         members, key=lambda p: (p.count("/"), unicodedata.normalize("NFKC", p).casefold())
@@ -320,9 +327,13 @@ def consolidated_root(
         },
         "node_type": "group",
     }
-    text = dumps(frame, indent)
-    # Node values sit at depth 3: root, consolidated_metadata, metadata.
-    newline = "\n" + " " * (3 * indent) if indent is not None else None
+    if indent == "compact":
+        text, newline = compact(frame), None
+    else:
+        assert not isinstance(indent, str)
+        text = dumps(frame, indent)
+        # Node values sit at depth 3: root, consolidated_metadata, metadata.
+        newline = "\n" + " " * (3 * indent) if indent is not None else None
     for n, path in enumerate(paths):
         member = members[path]
         if newline is not None:

@@ -48,6 +48,16 @@ def test_ls_lists_runs_whose_start_time_no_calendar_holds(tmp_path: Path, capsys
     assert main(["ls", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4, lines
+    # inspect reads the same times the same way (it once raised errno 75 for
+    # a time in nanoseconds that ls listed).
+    for store in sorted(tmp_path.glob("*.zarr")):
+        assert main(["inspect", "--json", str(store)]) == 0
+        described = json.loads(capsys.readouterr().out)
+        started = described["run"]["started"]
+        entry = next(e for e in entries if e["name"] == store.name)
+        assert started == entry["started"]
+        assert main(["inspect", str(store)]) == 0
+        assert "complete  yes" in capsys.readouterr().out
 
 
 def test_ls_prints_one_line_per_run_whatever_its_fields_hold(

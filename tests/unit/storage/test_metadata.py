@@ -199,8 +199,10 @@ def test_a_descriptor_refused_halfway_leaves_no_half_stream(tmp_path: Path) -> N
 def test_the_root_is_written_as_zarr_python_writes_it(
     tmp_path: Path, indent: int | None
 ) -> None:
-    """The root's text, put together from each node's text, is byte for byte
-    what zarr-python writes for the same consolidated metadata."""
+    """The root's text, put together from each node's text, is what
+    zarr-python writes for the same consolidated metadata, without its
+    indentation (only programs read the root, rewritten at each change);
+    each node's own ``zarr.json`` is byte for byte zarr-python's."""
     with zarr.config.set({"json_indent": indent}):
         metadata = StoreMetadata(
             files_store(tmp_path / "s.zarr"),
@@ -222,8 +224,14 @@ def test_the_root_is_written_as_zarr_python_writes_it(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(str(tmp_path / "copy.zarr"))
-        expected = (tmp_path / "copy.zarr" / "zarr.json").read_bytes()
-        assert (tmp_path / "s.zarr" / "zarr.json").read_bytes() == expected
+        expected = json.loads((tmp_path / "copy.zarr" / "zarr.json").read_bytes())
+        text = (tmp_path / "s.zarr" / "zarr.json").read_text()
+        assert json.loads(text) == expected
+        # The same members in the same order, and not a space to spare.
+        assert list(json.loads(text)["consolidated_metadata"]["metadata"]) == list(
+            expected["consolidated_metadata"]["metadata"]
+        )
+        assert text == json.dumps(json.loads(text), separators=(",", ":"), allow_nan=True)
         for path in ("primary", "primary/k", "Ärger/_written"):
             node = zarr.open_group(tmp_path / "s.zarr", mode="r", use_consolidated=False)[path]
             assert node.metadata.to_buffer_dict(default_buffer_prototype())[

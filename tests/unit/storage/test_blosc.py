@@ -1,0 +1,75 @@
+"""Blosc into the writer's own buffers: the bytes numcodecs makes, and a pool
+that only ever takes back what it lent."""
+
+from __future__ import annotations
+
+import gc
+
+import numcodecs
+import numpy as np
+import pytest
+
+from bluesky_zarr.storage import _blosc
+from bluesky_zarr.storage._blosc import Blosc
+
+
+def _frames(n: int, shape: tuple[int, ...], dtype: str) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    return [
+        (rng.poisson(50 + 40 * np.sin((x + 3 * k) / 9.0) ** 2 + y % 7)).astype(dtype)
+        for k in range(n)
+    ]
+
+
+def test_the_library_function_is_called_directly() -> None:
+    # numcodecs' extension exports blosc_compress_ctx here: the fast path is
+    # what runs (not only the fallback).
+    assert _blosc._COMPRESS_CTX is not None
+
+
+@pytest.mark.parametrize("cname", ["lz4", "zstd", "blosclz"])
+@pytest.mark.parametrize("shuffle", ["noshuffle", "shuffle", "bitshuffle"])
+@pytest.mark.parametrize("dtype", ["<u2", "<f4", "<i8"])
+def test_the_bytes_are_numcodecs_bytes(cname: str, shuffle: str, dtype: str) -> None:
+    itemsize = np.dtype(dtype).itemsize
+    ours = Blosc(cname, 5, shuffle, 0, itemsize)
+    theirs = numcodecs.Blosc(
+        cname=cname, clevel=5, shuffle=_blosc.SHUFFLES[shuffle], blocksize=0, typesize=itemsize
+    )
+    for frame in _frames(4, (96, 130), dtype):
+        raw = frame.view(np.uint8).reshape(-1)
+        encoded = ours.encode(raw)
+        assert bytes(encoded) == bytes(theirs.encode(raw))
+        back = np.empty_like(raw)
+        ours.decode(encoded, back)
+        np.testing.assert_array_equal(back.view(dtype).reshape(frame.shape), frame)
+        ours.release(encoded)
+
+
+def test_a_buffer_given_back_is_used_again_and_nothing_else_is_taken() -> None:
+    codec = Blosc("lz4", 5, "bitshuffle", 0, 2)
+    first, second = (f.view(np.uint8).reshape(-1) for f in _frames(2, (64, 64), "<u2"))
+    encoded = codec.encode(first)
+    kept = bytes(encoded)
+    codec.release(encoded)
+    again = codec.encode(second)
+    assert again.base is encoded.base  # the same memory, no fresh pages
+    # What the pool did not lend never enters it: a frame of the user's, a
+    # view of it, bytes, a buffer given back twice.
+    user = np.zeros(first.size + _blosc.MAX_OVERHEAD, dtype=np.uint8)
+    for foreign in (user, user[:100], kept, b"xyz", None):
+        codec.release(foreign)
+    codec.release(again)
+    codec.release(again)
+    assert sum(len(v) for v in codec._free.values()) == 1
+    taken = codec.encode(first)
+    assert taken.base is not user and bytes(taken) == kept
+
+
+def test_buffers_dropped_instead_of_given_back_leave_nothing_behind() -> None:
+    codec = Blosc("lz4", 5, "bitshuffle", 0, 2)
+    for frame in _frames(20, (32, 32), "<u2"):
+        codec.encode(frame.view(np.uint8).reshape(-1))  # a failed write: never given back
+    gc.collect()
+    assert codec._lent == {}
