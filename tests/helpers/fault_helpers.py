@@ -163,7 +163,7 @@ class HeldChunkWrites(WrapperStore):
         return type(self)(store, self.release)
 
     async def set(self, key: str, value: Any) -> None:
-        if "cam_image/c/" in key and not self.release.is_set():
+        if "cam_image/c." in key and not self.release.is_set():
             await asyncio.to_thread(self.release.wait, 30)
         await self._store.set(key, value)
 

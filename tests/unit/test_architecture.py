@@ -162,7 +162,7 @@ def test_an_event_reaches_the_disk_going_only_downwards(tmp_path: Path) -> None:
         trace.on = True
         writer("event", event(3))  # completes the first row: its shard is written
         deadline = time.monotonic() + 30
-        shard = next(tmp_path.glob("*.zarr")) / "primary" / "cam" / "c" / "0" / "0" / "0" / "0"
+        shard = next(tmp_path.glob("*.zarr")) / "primary" / "cam" / "c.0.0.0.0"
         while not shard.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)  # the worker marks the points after the write

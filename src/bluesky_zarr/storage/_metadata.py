@@ -68,6 +68,7 @@ def array_metadata(
     attributes: Mapping[str, Any],
     compressors: Any,
     serializer: Mapping[str, Any] | None = None,
+    separator: str = ".",
 ) -> _spec.ArrayMetadata:
     """The Zarr V3 metadata of an array: ``dtype`` a numpy dtype (or ``str``
     for variable-length strings), ``compressors`` a sequence of compressor
@@ -108,6 +109,7 @@ def array_metadata(
         shards=shards,
         dimension_names=dimension_names,
         attributes=attributes,
+        separator=separator,
     )
 
 
@@ -197,6 +199,11 @@ class StoreMetadata:
         self._member_texts: dict[str, str] = {}
         self._arrays: dict[str, _spec.ArrayMetadata] = {}
         self.root = GroupNode(store, "", self.attributes)
+        #: The chunk keys' separator: ``.`` (a shard is a file in its array's
+        #: folder), but ``/`` in a store that parses keys itself and knows
+        #: no other (an Icechunk session, which also keeps no consolidated
+        #: metadata).
+        self.separator = "." if store.supports_consolidated_metadata else "/"
 
     # ------------------------------------------------------------------ nodes
     def add_group(self, path: str, attributes: Mapping[str, Any]) -> GroupNode:
@@ -208,7 +215,7 @@ class StoreMetadata:
     def add_array(self, path: str, **arguments: Any) -> ArrayNode:
         """Create an array (see :func:`array_metadata` for the arguments), or
         make one anew that holds no chunk yet."""
-        metadata = array_metadata(**arguments)
+        metadata = array_metadata(**{"separator": self.separator, **arguments})
         with self.lock:
             self._save(path, metadata.to_dict())
             self._arrays[path] = metadata

@@ -112,6 +112,7 @@ class DirectWriter:
         fill: Any,
         encoder: _Encoder,
         sharding: Mapping[str, Any] | None,
+        separator: str = ".",
     ) -> None:
         #: The store's file writer (:class:`bluesky_zarr.storage._files.LocalFiles`).
         self.files = files
@@ -120,6 +121,8 @@ class DirectWriter:
         self.fill = fill
         self.encode = encoder
         self.sharding = sharding
+        #: The chunk key encoding's separator (``c.1.0`` or ``c/1/0``).
+        self.separator = separator
         if sharding is not None:
             self.chunk = tuple(int(c) for c in sharding["chunk_shape"])
             self.per_shard = tuple(u // c for u, c in zip(unit, self.chunk))
@@ -144,7 +147,7 @@ class DirectWriter:
         if dtype.kind not in "biufc" or not array.shape:
             return None
         metadata = array.metadata
-        if metadata.separator != "/":
+        if metadata.separator not in (".", "/"):
             return None
         codecs: list[Mapping[str, Any]] = list(metadata.codecs)
         sharding = metadata.sharding
@@ -160,7 +163,11 @@ class DirectWriter:
         # Every chunk is written (zarr-python's write_empty_chunks), as the
         # writer's arrays are configured.
         fill = np.asarray(_fill_value(metadata.fill_value, dtype), dtype=dtype)
-        return cls(files, array.path, unit, fill, encoder, sharding)
+        return cls(files, array.path, unit, fill, encoder, sharding, metadata.separator)
+
+    def key(self, index: tuple[int, ...]) -> str:
+        """The store key of the unit (shard, else chunk) at ``index``."""
+        return f"{self.path}/c{self.separator}{self.separator.join(str(i) for i in index)}"
 
     def write(
         self,
@@ -238,7 +245,7 @@ class DirectWriter:
     def _read_unit(self, key: tuple[int, ...], unit: np.ndarray | None = None) -> np.ndarray:
         """The full image of one unit as its file holds it (the fill value
         where the file or a chunk of it is absent), in ``unit`` if given."""
-        path = Path(self.files.root) / self.path / "c" / Path(*(str(k) for k in key))
+        path = Path(self.files.root) / self.key(key)
         if unit is None:
             unit = np.empty(self.unit, dtype=self.encode.dtype)
         try:
@@ -291,7 +298,7 @@ class DirectWriter:
         shape: tuple[int, ...],
         encoded: Mapping[tuple[int, ...], Any] | None = None,
     ) -> None:
-        name = f"{self.path}/c/{'/'.join(str(k) for k in key)}"
+        name = self.key(key)
         if self.sharding is None:
             parts = [self.encode(unit)]
         else:

@@ -149,8 +149,11 @@ class ArrayMetadata:
     attributes: Mapping[str, Any]
     dimension_names: tuple[str, ...] | None
     dtype: np.dtype
-    #: The chunk key encoding's separator (this package writes ``/``).
-    separator: str = "/"
+    #: The chunk key encoding's separator. This package writes ``.``: each
+    #: shard a file in its array's folder (``c.3.0.0.0``), not a folder per
+    #: scan index (``c/3/0/0/0``), whose making cost the writer as much as
+    #: a third of its time with 512x512 frames on ext4.
+    separator: str = "."
 
     @classmethod
     def from_dict(cls, document: Mapping[str, Any]) -> ArrayMetadata:
@@ -243,12 +246,13 @@ def array_metadata(
     shards: Sequence[int] | None,
     dimension_names: Sequence[str] | None,
     attributes: Mapping[str, Any],
+    separator: str = ".",
 ) -> ArrayMetadata:
     """The metadata of an array chunked as ``chunks`` and, if ``shards`` is
     given, sharded as ``shards`` (each a whole number of chunks along every
     dimension). ``serializer`` is the array-to-bytes codec (preceded by any
     array-to-array ones), ``compressors`` the bytes-to-bytes codecs, both
-    already completed for the data type."""
+    already completed for the data type; ``separator`` the chunk keys'."""
     shape = tuple(int(n) for n in shape)
     chunks = tuple(int(c) for c in chunks)
     if len(chunks) != len(shape) or any(c < 1 for c in chunks):
@@ -273,6 +277,7 @@ def array_metadata(
         attributes=dict(attributes),
         dimension_names=tuple(dimension_names) if dimension_names is not None else None,
         dtype=dtype,
+        separator=separator,
     )
 
 

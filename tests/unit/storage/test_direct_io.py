@@ -100,6 +100,8 @@ class Case:
     fortran: bool = False  # data handed over in Fortran order
     #: Every file written around the page cache (O_DIRECT), however small.
     around_cache: bool = False
+    #: The chunk key encoding's separator: ``.`` (the writer's) or ``/``.
+    separator: str = "."
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -150,6 +152,7 @@ def create_array(directory: Path, case: Case, store_type: Any = files_store) -> 
         serializer=BytesCodec(endian=case.endian),
         compressors=None if compressor is None else (compressor,),
         dimension_names=[f"d{n}" for n in range(len(case.shape))],
+        chunk_key_encoding={"name": "default", "separator": case.separator},
         config={"write_empty_chunks": True},
     )
 
@@ -226,7 +229,7 @@ def check_case(case: Case) -> None:
         reference = files_below(Path(tmp) / "zarr" / "array")
         written = files_below(Path(tmp) / "direct" / "array")
         assert sorted(written) == sorted(reference), case
-        assert any(name.startswith("c/") for name in reference), case
+        assert any(name.startswith(f"c{case.separator}") for name in reference), case
         for name in reference:
             assert written[name] == reference[name], f"{name} differs for {case}"
 
@@ -270,6 +273,7 @@ def cases(draw: st.DrawFn) -> Case:
         seed=draw(st.integers(0, 2**16)),
         fortran=draw(st.booleans()),
         around_cache=draw(st.booleans()),
+        separator=draw(st.sampled_from([".", "/"])),
     )
     if wholly_outside_chunks(case):
         event("a shard holds chunks wholly past the array's edge")
@@ -305,6 +309,9 @@ EXPLICIT_CASES = {
     "complex-uncompressed-shards": Case((3, 8), (1, 3), (2, 6), "c8", "none", fortran=True),
     "bool-defaults": Case((2, 3, 4, 5), (1, 2, 2, 5), None, "bool", "blosc-defaults"),
     "chunk-longer-than-array": Case((3,), (4,), (8,), "i4", "blosc-lz4-bitshuffle"),
+    "slash-separated-keys": Case(
+        (5, 7), (2, 3), (4, 6), "u2", "blosc-lz4-bitshuffle", separator="/"
+    ),
     "scan-shaped-frames": Case(
         (3, 4, 16, 24),
         (1, 1, 16, 24),
@@ -333,7 +340,7 @@ def test_the_edge_case_really_has_chunks_outside_the_array() -> None:
         writer.write((4, 0), make_data(case), array.shape)
         # Shard (1, 1) covers rows 4-7 and columns 6-11 of a 5 x 7 array: of
         # its 2 x 2 chunks only the one at (4, 6) is inside.
-        shard = (Path(tmp) / "direct" / "array" / "c" / "1" / "1").read_bytes()
+        shard = (Path(tmp) / "direct" / "array" / "c.1.1").read_bytes()
         index = np.frombuffer(shard[-(4 * 16 + 4) : -4], dtype="<u8").reshape(2, 2, 2)
         absent = 2**64 - 1
         assert index[0, 0, 0] == 0
@@ -374,10 +381,6 @@ REFUSED: dict[str, tuple[dict[str, Any], Any]] = {
         files_store,
     ),
     "variable-length-strings": ({"dtype": str, "fill_value": ""}, files_store),
-    "dot-separated-chunk-keys": (
-        {"chunk_key_encoding": {"name": "default", "separator": "."}},
-        files_store,
-    ),
 }
 
 
@@ -588,7 +591,7 @@ def chunk_files(store: Path) -> dict[str, bytes]:
     return {
         name: content
         for name, content in files_below(store).items()
-        if "/c/" in name and not Path(name).name.startswith(".")
+        if ("/c." in name or "/c/" in name) and not Path(name).name.startswith(".")
     }
 
 
@@ -642,7 +645,7 @@ def test_a_scan_written_directly_is_the_scan_written_by_zarr_python(
 
     direct_files = chunk_files(store)
     reference_files = chunk_files(reference)
-    assert any(n.startswith("primary/cam_image/c/") for n in reference_files)
+    assert any(n.startswith("primary/cam_image/c.") for n in reference_files)
     assert sorted(direct_files) == sorted(reference_files)
     differing = [n for n in reference_files if direct_files[n] != reference_files[n]]
     assert not differing, f"chunk files differ: {differing}"

@@ -66,12 +66,12 @@ def test_durable_writes_flush_every_file_and_directory(RE, tmp_path, monkeypatch
     assert_frames_match(
         ds, "cam_image", {"wavelength": "wavelength", "position": "position"}, (16, 16)
     )
-    frame_files = [p for p in Path(store).rglob("*") if "/cam_image/c/" in str(p) and p.is_file()]
+    frame_files = [p for p in Path(store).rglob("*") if "/cam_image/c." in str(p) and p.is_file()]
     assert frame_files
     # Each shard of frames is written around the page cache (on a file system
     # that takes it, as this one does), so nothing is left for the end of the
     # run to flush; small files (masks, metadata) go through the cache.
-    assert sum(1 for p in around if "/cam_image/c/" in p) >= len(frame_files)
+    assert sum(1 for p in around if "/cam_image/.c." in p) >= len(frame_files)
     assert not [p for p in around + started if "/_written/" in p or p.endswith("zarr.json")]
     assert started == []
     if not durable:
@@ -84,13 +84,13 @@ def test_durable_writes_flush_every_file_and_directory(RE, tmp_path, monkeypatch
     flushed_dirs = {Path(p) for p in synced if Path(p).is_dir()}
     for path in files:
         assert path.parent in flushed_dirs, f"{path.parent} never fsync'd"
-    chunk_files = [p for p in files if "/c/" in str(p)]
+    chunk_files = [p for p in files if "/c." in str(p)]
     assert chunk_files
     # One file fsync per write at least (temporary names), plus directories.
     assert sum(1 for p in synced if ".partial" in p) >= len(chunk_files)
     # The mask's last write comes after the last frame's data was flushed.
-    last_data = max(i for i, p in enumerate(synced) if "/cam_image/c/" in p)
-    last_mask = max(i for i, p in enumerate(synced) if "/_written/c/" in p)
+    last_data = max(i for i, p in enumerate(synced) if "/cam_image/.c." in p)
+    last_mask = max(i for i, p in enumerate(synced) if "/_written/.c." in p)
     assert last_mask > last_data
 
 

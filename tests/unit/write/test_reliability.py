@@ -108,7 +108,7 @@ def test_storage_fault_reaches_the_run_engine_and_store_is_finalised(tmp_path, e
     # The second shard of the first row (points 2-3) fails. Chosen by key: the
     # two shards of a row are written by different workers, in either order.
     RE, writer, cam, wavelength, position = grid_run(
-        tmp_path, store_wrapper=faulty(error=error, fail_keys=("cam_image/c/0/1/0/0",)),
+        tmp_path, store_wrapper=faulty(error=error, fail_keys=("cam_image/c.0.1.0.0",)),
         shards={"cam_image": (1, 2, 8, 8)},
     )
     with pytest.raises(bluesky_zarr.WriteError) as info:
