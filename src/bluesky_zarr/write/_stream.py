@@ -95,6 +95,11 @@ class StreamWriter:
         self.sinks: dict[str, ArraySink] = {}
         self.pending: dict[str, ArraySpec] = {}
         self.lock = threading.Lock()
+        #: Held by the worker writing the mask and coordinates as blocks
+        #: reach the disk (see :meth:`mark_on_disk`), taken before
+        #: ``self.lock``: their files are written outside ``self.lock``, which
+        #: the RunEngine's thread takes at every event.
+        self.io_lock = threading.Lock()
         self.on_disk: dict[str, np.ndarray] = {}
         self.coord_values: dict[str, np.ndarray] = {}
         self.coord_arrays: dict[str, ArrayNode] = {}
@@ -602,41 +607,57 @@ class StreamWriter:
             metadata.consolidate()
 
     def mark_on_disk(self, sink: ArraySink, region: tuple[slice, ...], filled: np.ndarray) -> None:
-        with self.lock:
-            self._note_written(sink.array, region)
-            self.on_disk[sink.name][region] |= filled
-            complete = not self.pending
-            written = np.all([mask[region] for mask in self.on_disk.values()], axis=0) & complete
-            # Write the mask only when points became complete: most blocks
-            # (scalars arriving before their frames) change nothing.
-            if (written & filled).any():
-                self._update(self.written, region, written)
-            for name in self.coord_from_data:
-                array = self.coord_arrays[name]
-                axis = self.layout.scan_dims.index(self.layout.coords[name])
-                part = region[axis]
-                values = self.coord_values[name]
-                stop = min(part.stop, values.shape[0], array.shape[0])
-                if part.start < stop:
-                    self._update(array, (slice(part.start, stop),), values[part.start : stop])
-            for dim, array in self.per_point_arrays.items():
-                coordinate = self.frame_coords[dim]
-                self._update(
-                    array,
-                    region + (slice(0, array.shape[-1]),),
-                    coordinate.at_points(self._point_descriptors(region)),
+        """``filled`` points of ``region`` of ``sink`` are on disk: the mask
+        and the coordinates of the points that became complete are written.
+        What to write is taken under ``self.lock``; the files are written
+        under ``self.io_lock`` only, one worker at a time, each writing the
+        newest state (so no older state is written over a newer one)."""
+        with self.io_lock:
+            updates: list[tuple[ArrayNode, tuple[slice, ...], np.ndarray]] = []
+            with self.lock:
+                self._note_written(sink.array, region)
+                self.on_disk[sink.name][region] |= filled
+                complete = not self.pending
+                written = (
+                    np.all([mask[region] for mask in self.on_disk.values()], axis=0) & complete
                 )
+                # Write the mask only when points became complete: most blocks
+                # (scalars arriving before their frames) change nothing.
+                if (written & filled).any():
+                    updates.append((self.written, region, written))
+                for name in self.coord_from_data:
+                    array = self.coord_arrays[name]
+                    axis = self.layout.scan_dims.index(self.layout.coords[name])
+                    part = region[axis]
+                    values = self.coord_values[name]
+                    stop = min(part.stop, values.shape[0], array.shape[0])
+                    if part.start < stop:
+                        updates.append(
+                            (array, (slice(part.start, stop),), values[part.start : stop].copy())
+                        )
+                for dim, array in self.per_point_arrays.items():
+                    coordinate = self.frame_coords[dim]
+                    updates.append(
+                        (
+                            array,
+                            region + (slice(0, array.shape[-1]),),
+                            coordinate.at_points(self._point_descriptors(region)),
+                        )
+                    )
+            self._write_outside_lock(updates)
 
     def unmark(self, name: str, index: tuple[np.ndarray, ...]) -> None:
         """The points ``index`` of array ``name`` are no longer on disk (the
         detector file they reference lost them): off ``_written``."""
         if not index[0].size:
             return
-        with self.lock:
-            self.on_disk[name][index] = False
-            region = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in index)
-            written = np.all([mask[region] for mask in self.on_disk.values()], axis=0)
-            self._update(self.written, region, written & (not self.pending))
+        with self.io_lock:
+            with self.lock:
+                self.on_disk[name][index] = False
+                region = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in index)
+                written = np.all([mask[region] for mask in self.on_disk.values()], axis=0)
+                update = (self.written, region, written & (not self.pending))
+            self._write_outside_lock([update])
 
     # ------------------------------------------------- external data's access
     def array_node(self, name: str) -> ArrayNode:
@@ -684,12 +705,27 @@ class StreamWriter:
 
     def _update(self, array: ArrayNode, region: tuple[slice, ...], values: np.ndarray) -> None:
         """Write ``values`` over ``region`` of the mask or a coordinate (under
-        ``self.lock``: the only writer of these arrays)."""
+        ``self.lock``, as the stream is set up)."""
+        self._unit_io(array).update(array, region, values)
+        self._note_written(array, region)
+
+    def _write_outside_lock(
+        self, updates: Sequence[tuple[ArrayNode, tuple[slice, ...], np.ndarray]]
+    ) -> None:
+        """Write updates of the mask and coordinates (under ``self.io_lock``,
+        not ``self.lock``), then note them for live readers."""
+        for array, region, values in updates:
+            self._unit_io(array).update(array, region, values)
+        if updates:
+            with self.lock:
+                for array, region, _ in updates:
+                    self._note_written(array, region)
+
+    def _unit_io(self, array: ArrayNode) -> UnitIO:
         io = self._io.get(array.path)
         if io is None:
             io = self._io[array.path] = UnitIO(array)
-        io.update(array, region, values)
-        self._note_written(array, region)
+        return io
 
     def _note_written(self, array: ArrayNode, region: tuple[slice, ...]) -> None:
         """Add ``region`` (whole along the dimensions it does not name) to
