@@ -25,6 +25,9 @@ import numpy as np
 #: Bytes Blosc adds to a chunk at most (its header): ``BLOSC_MAX_OVERHEAD``.
 MAX_OVERHEAD = 16
 
+#: Bytes of free buffers a codec keeps for reuse, per buffer size.
+POOL_BYTES = 32 << 20
+
 #: Shuffle filters by their Zarr V3 name, as c-blosc numbers them.
 SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
@@ -120,7 +123,11 @@ class Blosc:
             if buffer is None or buffer is not base:
                 return
             del self._lent[id(base)]
-            self._free.setdefault(buffer.nbytes, []).append(buffer)
+            free = self._free.setdefault(buffer.nbytes, [])
+            # Kept within a few shards' worth (the memory bound counts the
+            # encoded chunks only while they are in flight).
+            if (len(free) + 1) * buffer.nbytes <= POOL_BYTES:
+                free.append(buffer)
 
     def _forget(self, key: int) -> Any:
         """What a lent buffer's weak reference calls when the buffer is gone."""
