@@ -130,6 +130,7 @@ make_chroot() {
     local suite=$1 root=$CACHE/$1 script=() start
     if [[ -e $root/.ready ]] && ! $rebuild; then
         log "$suite: chroot $root ready ($(cat "$root/.ready"))"
+        chroot_packages "$suite"
         return
     fi
     ensure_debootstrap || return 1
@@ -149,6 +150,28 @@ make_chroot() {
     }
     date -u +%Y-%m-%dT%H:%MZ >"$root.new/.ready" && mv "$root.new" "$root" || return 1
     log "$suite: chroot made in $((SECONDS - start)) s"
+    chroot_packages "$suite"
+}
+
+chroot_packages() {
+    # What the tests need in chroot $CACHE/$1 besides Python: redis-server,
+    # the streaming cache of the Tiled server tests/system/test_tiled_live.py
+    # starts (from the suite's own archive; no service is started). A testing
+    # suite's Release file may have passed its Valid-Until on a mirror that
+    # lags: apt is told not to mind.
+    local suite=$1 root=$CACHE/$1
+    [[ -x $root/usr/bin/redis-server ]] && return
+    log "$suite: installing redis-server in the chroot"
+    cp /etc/resolv.conf "$root/etc/resolv.conf" || return 1
+    printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d" && chmod +x "$root/usr/sbin/policy-rc.d"
+    chroot "$root" env -i "PATH=$BASE_PATH" DEBIAN_FRONTEND=noninteractive sh -c \
+        'apt-get -o Acquire::Check-Valid-Until=false update -qq &&
+         apt-get install -y -qq --no-install-recommends redis-server' \
+        >"$CACHE/$suite.packages.log" 2>&1 || {
+        tail -n 30 "$CACHE/$suite.packages.log"
+        echo "matrix: installing redis-server in $root failed (log: $CACHE/$suite.packages.log)" >&2
+        return 1
+    }
 }
 
 # --- running one entry -------------------------------------------------------
