@@ -90,7 +90,7 @@ class Blosc:
         """``raw`` (contiguous bytes, a chunk) compressed: a view of a pooled
         buffer (give it back with :meth:`release`), or bytes."""
         nbytes = raw.nbytes
-        if _COMPRESS_CTX is None or raw.dtype != np.uint8:
+        if _COMPRESS_CTX is None or raw.dtype != np.uint8 or not raw.flags.c_contiguous:
             return self._encode_numcodecs(raw)
         size = nbytes + MAX_OVERHEAD
         with self._lock:
