@@ -124,6 +124,20 @@ def write(writer: ZarrWriter, docs: Docs, until: str | None = None) -> list[Base
     return raised
 
 
+def write_flushed(writer: ZarrWriter, docs: Docs) -> list[ExternalFileError]:
+    """Give every document to the writer, flushing after each stream_datum
+    (its frames are read, or failed, by then); the ExternalFileErrors raised."""
+    raised: list[ExternalFileError] = []
+    for name, doc in docs:
+        try:
+            writer(name, doc)
+            if name == "stream_datum":
+                writer.flush()
+        except ExternalFileError as err:
+            raised.append(err)
+    return raised
+
+
 def open_primary(writer: ZarrWriter, mode: str) -> tuple[xr.Dataset, dict[str, Any]]:
     """The primary stream read back whole (every chunk, every reference), and
     the root attributes."""
@@ -347,14 +361,7 @@ def test_a_short_image_file_leaves_its_point_unwritten(RE, tmp_path, fmt):
     short = Path(setup.log[2].where)
     os.truncate(short, short.stat().st_size // 2)
     writer = ZarrWriter(tmp_path / "data")
-    raised = []
-    for name, doc in docs:
-        try:
-            writer(name, doc)
-            if name == "stream_datum":
-                writer.flush()  # the frames are read (or failed) by now
-        except ExternalFileError as err:
-            raised.append(err)
+    raised = write_flushed(writer, docs)
     assert raised and short.name in str(raised[0])
     ds = open_stream(Path(writer.stores[0]))
     assert ds["_written"].values.tolist() == [True, True, False, True]
@@ -374,14 +381,7 @@ def test_a_zarr_chunk_missing_or_short_leaves_its_point_unwritten(RE, tmp_path, 
     else:
         os.truncate(chunk, chunk.stat().st_size // 2)
     writer = ZarrWriter(tmp_path / "data")
-    raised = []
-    for name, doc in docs:
-        try:
-            writer(name, doc)
-            if name == "stream_datum":
-                writer.flush()
-        except ExternalFileError as err:
-            raised.append(err)
+    raised = write_flushed(writer, docs)
     assert len(raised) == 1
     ds = open_stream(Path(writer.stores[0]))
     assert ds["_written"].values.tolist() == [True, True, False, True]
