@@ -869,6 +869,7 @@ class TiledRegistrar:
         """Register ``store`` in the background; the event is set when done."""
         done = threading.Event()
         deadline = time.monotonic() + self.timeout
+        refused = None
         with self._changed:
             waiting, latest = self._pending.get(str(store), ([], deadline))
             waiting.append(done)
@@ -879,8 +880,20 @@ class TiledRegistrar:
                 )
                 # A writer closed before takes runs again (Tiled is asked anew).
                 self._bound.thread, self._bound.cancelled = self._thread, False
-                self._thread.start()
-            self._changed.notify()
+                try:
+                    self._thread.start()
+                except RuntimeError as err:
+                    # Python 3.12 starts no thread in atexit handlers (where
+                    # interrupted runs are finished): registered later, by hand.
+                    self._thread = None
+                    refused, _ = self._pending.pop(str(store))
+                    reason = f"no thread can register it while Python exits ({err})"
+            if refused is None:
+                self._changed.notify()
+        if refused is not None:
+            self._fail(str(store), reason)
+            for event in refused:
+                event.set()
         return done
 
     def _work(self) -> None:

@@ -25,8 +25,37 @@ import numpy as np
 #: Bytes Blosc adds to a chunk at most (its header): ``BLOSC_MAX_OVERHEAD``.
 MAX_OVERHEAD = 16
 
-#: Bytes of free buffers a codec keeps for reuse, per buffer size.
-POOL_BYTES = 32 << 20
+#: Bytes of free buffers kept for reuse, for every codec of the process
+#: together: memory the writer's bound does not count (it counts encoded
+#: chunks only while they are in flight), so a few chunks' worth.
+POOL_BYTES = 8 << 20
+
+
+class _Pool:
+    """Free buffers by size, shared by every codec (a buffer is only bytes)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.free: dict[int, list[np.ndarray]] = {}
+        self.nbytes = 0
+        self.lock = threading.Lock()
+
+    def take(self, size: int) -> np.ndarray:
+        with self.lock:
+            free = self.free.get(size)
+            if free:
+                self.nbytes -= size
+                return free.pop()
+        return np.empty(size, dtype=np.uint8)
+
+    def give(self, buffer: np.ndarray) -> None:
+        with self.lock:
+            if self.nbytes + buffer.nbytes <= self.limit:
+                self.free.setdefault(buffer.nbytes, []).append(buffer)
+                self.nbytes += buffer.nbytes
+
+
+_POOL = _Pool(POOL_BYTES)
 
 #: Shuffle filters by their Zarr V3 name, as c-blosc numbers them.
 SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
@@ -60,7 +89,7 @@ _COMPRESS_CTX = _compress_ctx()
 
 class Blosc:
     """One Blosc configuration (a chunk's codec): compresses a chunk into a
-    buffer from a pool of its own (one chunk's worst case each), which the
+    buffer from the process's pool (one chunk's worst case each), which the
     caller hands back with :meth:`release` once the bytes are written."""
 
     def __init__(
@@ -81,7 +110,6 @@ class Blosc:
             blocksize=self.blocksize,
             typesize=self.typesize,
         )
-        self._free: dict[int, list[np.ndarray]] = {}
         #: The pooled buffers handed out, by id: only these come back.
         self._lent: dict[int, weakref.ref[np.ndarray]] = {}
         self._lock = threading.Lock()
@@ -93,11 +121,8 @@ class Blosc:
         if _COMPRESS_CTX is None or raw.dtype != np.uint8 or not raw.flags.c_contiguous:
             return self._encode_numcodecs(raw)
         size = nbytes + MAX_OVERHEAD
+        out = _POOL.take(size)
         with self._lock:
-            free = self._free.get(size)
-            out = free.pop() if free else None
-            if out is None:
-                out = np.empty(size, dtype=np.uint8)
             # A buffer dropped instead of given back leaves no entry behind.
             self._lent[id(out)] = weakref.ref(out, self._forget(id(out)))
         written = _COMPRESS_CTX(
@@ -123,11 +148,7 @@ class Blosc:
             if buffer is None or buffer is not base:
                 return
             del self._lent[id(base)]
-            free = self._free.setdefault(buffer.nbytes, [])
-            # Kept within a few shards' worth (the memory bound counts the
-            # encoded chunks only while they are in flight).
-            if (len(free) + 1) * buffer.nbytes <= POOL_BYTES:
-                free.append(buffer)
+        _POOL.give(buffer)
 
     def _forget(self, key: int) -> Any:
         """What a lent buffer's weak reference calls when the buffer is gone."""

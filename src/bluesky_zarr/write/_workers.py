@@ -123,6 +123,8 @@ class Workers:
         self.name = name
         self._queues: list[_Queue] = []
         self._threads: list[threading.Thread] = []
+        #: Stopped threads that may still be doing their last jobs.
+        self._retiring: list[threading.Thread] = []
         #: Lanes with queued jobs: their worker's queue, and how many.
         self._lanes: dict[Hashable, tuple[_Queue, int]] = {}
         self._lock = threading.Lock()
@@ -130,26 +132,50 @@ class Workers:
         self._untrimmed = 0
 
     def put(self, lane: Hashable | None, cost: int, item: tuple[Any, ...]) -> None:
-        """Queue ``item``, a job covering ``cost`` bytes, in ``lane`` (or none)."""
+        """Queue ``item``, a job covering ``cost`` bytes, in ``lane`` (or none).
+
+        Where no thread can start (Python 3.12 refuses new threads in
+        ``atexit`` handlers, where the writer finishes interrupted runs), the
+        job runs here, on the calling thread, after the jobs already queued.
+        """
         refuse_while_finalizing("queue a job on the worker threads")
         with self._lock:
             if not self._queues:
-                self._queues = [_Queue() for _ in range(self.count)]
-                for n, jobs in enumerate(self._queues):
-                    thread = threading.Thread(
-                        target=self._work, args=(jobs,), name=f"{self.name}-{n}", daemon=True
-                    )
-                    thread.start()
-                    self._threads.append(thread)
-            held = self._lanes.get(lane) if lane is not None else None
-            if held is not None:
-                jobs, count = held
-            else:
-                jobs, count = min(self._queues, key=lambda q: q.load), 0
-            if lane is not None:
-                self._lanes[lane] = (jobs, count + 1)
-            jobs.load += cost
-            jobs.jobs.put((lane, cost, item))
+                self._start()
+            if self._queues:
+                held = self._lanes.get(lane) if lane is not None else None
+                if held is not None:
+                    jobs, count = held
+                else:
+                    jobs, count = min(self._queues, key=lambda q: q.load), 0
+                if lane is not None:
+                    self._lanes[lane] = (jobs, count + 1)
+                jobs.load += cost
+                jobs.jobs.put((lane, cost, item))
+                return
+            retiring, self._retiring = self._retiring, []
+        # Jobs queued before the threads were stopped come first (a block's
+        # partial write before its completion).
+        for thread in retiring:
+            if thread is not threading.current_thread():
+                thread.join()
+        self._run(None, (lane, cost, item))
+
+    def _start(self) -> None:
+        """Start the threads (under the lock); those that cannot start are
+        left out, all of them where no thread can start."""
+        for n in range(self.count):
+            jobs = _Queue()
+            thread = threading.Thread(
+                target=self._work, args=(jobs,), name=f"{self.name}-{n}", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError as err:  # "can't create new thread at interpreter shutdown"
+                logger.debug("bluesky-zarr: %s: no worker thread: %s", self.name, err)
+                break
+            self._queues.append(jobs)
+            self._threads.append(thread)
 
     def stop(self, join: bool = False) -> None:
         """Let the threads end once the jobs queued so far are done (a later
@@ -160,6 +186,9 @@ class Workers:
             self._lanes.clear()
             for jobs in queues:
                 jobs.jobs.put(None)
+            # Threads still busy with their queues: a job run on the caller's
+            # thread (see put) waits for them.
+            self._retiring = [t for t in self._retiring if t.is_alive()] + threads
         if join and not sys.is_finalizing():
             for thread in threads:
                 if thread is not threading.current_thread():
@@ -196,22 +225,27 @@ class Workers:
             queued = jobs.jobs.get()
             if queued is None:
                 return
-            lane, cost, (owner, job, nbytes, copies, what, done) = queued
-            if nbytes:  # a write (an encoding job holds no memory of its own)
-                self.budget.activate(copies * nbytes)
-            failure = None
-            try:
-                job()
-            except BaseException as err:  # noqa: BLE001 - recorded, re-raised to the caller
-                logger.error("bluesky-zarr: %s failed: %r", what, err)
-                failure = Failure(err, what)
-            finally:
-                done()
-                if nbytes:
-                    self._release(nbytes * (1 + copies))
-                    self.budget.finish(nbytes, copies)
+            self._run(jobs, queued)
+
+    def _run(self, jobs: _Queue | None, queued: tuple[Any, ...]) -> None:
+        """Do one job (of queue ``jobs``, or of none: run on the caller's thread)."""
+        lane, cost, (owner, job, nbytes, copies, what, done) = queued
+        if nbytes:  # a write (an encoding job holds no memory of its own)
+            self.budget.activate(copies * nbytes)
+        failure = None
+        try:
+            job()
+        except BaseException as err:  # noqa: BLE001 - recorded, re-raised to the caller
+            logger.error("bluesky-zarr: %s failed: %r", what, err)
+            failure = Failure(err, what)
+        finally:
+            done()
+            if nbytes:
+                self._release(nbytes * (1 + copies))
+                self.budget.finish(nbytes, copies)
+            if jobs is not None:
                 self._done(jobs, lane, cost)
-                owner.finished(failure)
+            owner.finished(failure)
 
 
 class BackgroundWriter:
@@ -244,9 +278,18 @@ class BackgroundWriter:
         with self._cond:
             self._pending += 1
         self.workers.budget.hand_over(nbytes)
-        self.workers.put(
-            lane, nbytes if cost is None else cost, (self, job, nbytes, copies, what, done)
-        )
+        try:
+            self.workers.put(
+                lane, nbytes if cost is None else cost, (self, job, nbytes, copies, what, done)
+            )
+        except BaseException:
+            # Never queued: nothing to wait for, the block's memory given back.
+            self.workers.budget.finish(nbytes, 0)
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+            done()
+            raise
 
     def finished(self, failure: Failure | None) -> None:
         """A job of this run is done (``failure`` if it failed)."""

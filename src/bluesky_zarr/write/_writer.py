@@ -280,8 +280,12 @@ class ZarrWriter:
             frame_coords=frame_coords,
         )
         self.buffer = BlockBuffer(self.options.max_buffer_bytes, self.options.workers)
-        # The threads end with the writer (or at close()).
-        weakref.finalize(self, self.buffer.stop)
+        # The threads end with the writer (or at close()). Not at exit: the
+        # runs still open are finished then (_interrupt_all, which ends the
+        # threads after), and weakref's exit hook runs before it (atexit runs
+        # the last registered first): stopped there, the workers would have to
+        # start again, which Python 3.12 refuses in atexit handlers.
+        weakref.finalize(self, self.buffer.stop).atexit = False
         #: Held while a document is taken, and while runs are finished.
         self._lock = threading.RLock()
         #: Why the writer was shut (the process is ending): it takes no

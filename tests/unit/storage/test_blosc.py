@@ -50,6 +50,8 @@ def test_the_bytes_are_numcodecs_bytes(cname: str, shuffle: str, dtype: str) -> 
 def test_a_buffer_given_back_is_used_again_and_nothing_else_is_taken() -> None:
     codec = Blosc("lz4", 5, "bitshuffle", 0, 2)
     first, second = (f.view(np.uint8).reshape(-1) for f in _frames(2, (64, 64), "<u2"))
+    size = first.size + _blosc.MAX_OVERHEAD
+    pooled = len(_blosc._POOL.free.get(size, []))
     encoded = codec.encode(first)
     kept = bytes(encoded)
     codec.release(encoded)
@@ -62,7 +64,7 @@ def test_a_buffer_given_back_is_used_again_and_nothing_else_is_taken() -> None:
         codec.release(foreign)
     codec.release(again)
     codec.release(again)
-    assert sum(len(v) for v in codec._free.values()) == 1
+    assert len(_blosc._POOL.free[size]) == pooled + 1
     taken = codec.encode(first)
     assert taken.base is not user and bytes(taken) == kept
 
@@ -73,3 +75,21 @@ def test_buffers_dropped_instead_of_given_back_leave_nothing_behind() -> None:
         codec.encode(frame.view(np.uint8).reshape(-1))  # a failed write: never given back
     gc.collect()
     assert codec._lent == {}
+
+
+def test_the_pool_keeps_at_most_its_limit_for_all_codecs_together(monkeypatch) -> None:
+    # Free buffers are memory the writer's bound does not count: the pool of
+    # the process holds POOL_BYTES at most, however many runs encode at once.
+    pool = _blosc._Pool(3 * (64 * 64 * 2 + _blosc.MAX_OVERHEAD))
+    monkeypatch.setattr(_blosc, "_POOL", pool)
+    codecs = [Blosc("lz4", 5, "bitshuffle", 0, 2) for _ in range(4)]
+    frames = [f.view(np.uint8).reshape(-1) for f in _frames(8, (64, 64), "<u2")]
+    lent = [(codec, codec.encode(frame)) for codec in codecs for frame in frames[:2]]
+    for codec, encoded in lent:
+        codec.release(encoded)
+    assert pool.nbytes == pool.limit
+    assert sum(len(v) for v in pool.free.values()) == 3
+    # One codec takes back what another gave: the same memory.
+    reused = codecs[3].encode(frames[5])
+    assert any(reused.base is e.base for _, e in lent[:3])
+    assert pool.nbytes == 2 * (64 * 64 * 2 + _blosc.MAX_OVERHEAD)

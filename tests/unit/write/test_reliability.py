@@ -312,3 +312,55 @@ def test_a_run_whose_stop_raised_is_not_reopened_by_close(tmp_path):
     assert tree.attrs["bluesky_zarr"]["incomplete_reason"] == (
         "stream 'primary' has 11 of its 12 events written; 1 write(s) failed"
     )
+
+
+def test_a_run_interrupted_where_no_thread_can_start_is_finished_all_the_same(
+    tmp_path, monkeypatch
+):
+    # Ctrl-C pauses the scan; the script ends and the writer finishes the
+    # run in its atexit handler, where Python 3.12 starts no thread, with its
+    # worker threads stopped (as a finalizer run at exit before it did).
+    RE, writer, cam, wavelength, position = grid_run(tmp_path)
+    taken = []
+
+    def pause(name, doc):
+        taken.extend([doc["seq_num"]] if name == "event" else [])
+        if name == "event" and doc["seq_num"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: pause at the next point
+            time.sleep(0.2)  # the handler runs while the RunEngine waits here
+
+    RE.subscribe(pause)
+    with pytest.raises(RunEngineInterrupted):
+        RE(grid(cam, wavelength, position, n_pos=8))
+    writer.buffer.stop()
+    go, outcome = threading.Event(), []
+
+    def at_exit():
+        go.wait()
+        try:
+            writer._interrupt("interrupted")
+            outcome.append("finished")
+        except BaseException as err:  # noqa: BLE001 - reported below
+            outcome.append(err)
+
+    finisher = threading.Thread(target=at_exit, daemon=True)
+    finisher.start()
+
+    def refuse(self):
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    go.set()
+    finisher.join(30)
+    monkeypatch.undo()
+    assert not finisher.is_alive(), "finishing the run hangs"
+    RE.halt()
+    assert outcome == ["finished"]
+    tree = open_tree(writer.stores[0])
+    assert tree.attrs["exit_status"] == "abort"
+    assert tree.attrs["bluesky_zarr"]["incomplete_reason"] == "interrupted"
+    written = assert_written_points_hold_their_frames(writer.stores[0], FRAME)
+    # Every event the writer took (Ctrl-C pauses at the next point, so
+    # 3 or 4).
+    assert written.sum() == len(taken) in (3, 4)
+    assert not writer.stores[0].with_name(f".{writer.stores[0].name}.lock").exists()

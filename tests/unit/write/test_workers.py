@@ -162,3 +162,44 @@ def test_workers_yield_the_cpu_to_the_run_engine_thread():
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen and all(nice == min(mine + WORKER_NICENESS, 19) for nice in seen.values()), seen
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+
+
+def _no_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thread.start as Python 3.12 has it in an ``atexit`` handler."""
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+
+
+def test_where_no_thread_can_start_a_job_runs_on_the_callers_thread_after_those_queued(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    pool, background = workers()
+    order: list[tuple[int, str]] = []
+    release = threading.Event()
+
+    def job(n: int) -> None:
+        if n == 1:
+            assert release.wait(10)
+        order.append((n, threading.current_thread().name))
+
+    try:
+        background.submit("lane", lambda: job(1), 4096, "job 1", lambda: None)
+        pool.stop()  # the threads end once their queues are done
+        # Job 1 is still under way when job 2 comes.
+        threading.Timer(0.2, release.set).start()
+        _no_threads(monkeypatch)
+        background.submit("lane", lambda: job(2), 4096, "job 2", lambda: None)
+        background.drain()
+    finally:
+        release.set()
+        monkeypatch.undo()
+        pool.stop(join=True)
+    # The job queued first (a partial block) is done first, then the job
+    # that could not be queued, here.
+    assert [n for n, _ in order] == [1, 2]
+    assert order[1][1] == threading.current_thread().name
+    assert not background.failures
+    assert pool.budget.in_flight == 0 and pool.budget.active == 0
