@@ -10,6 +10,7 @@ V3 specification (``_spec``, ``_metadata``); what a finished store records
 module that uses zarr-python (``_zarr``).
 """
 
+from ._blosc import allow_pool
 from ._files import aligned_empty, limit_staging
 from ._icechunk import is_repository, load_icechunk, metadata_store, read_root, virtual_store
 from ._lock import StoreLock
@@ -54,6 +55,7 @@ __all__ = [
     "is_repository_listing",
     "is_url",
     "limit_staging",
+    "allow_pool",
     "local_store",
     "metadata_store",
     "move_node",

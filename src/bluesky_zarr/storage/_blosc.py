@@ -27,7 +27,8 @@ MAX_OVERHEAD = 16
 
 #: Bytes of free buffers kept for reuse, for every codec of the process
 #: together: memory the writer's bound does not count (it counts encoded
-#: chunks only while they are in flight), so a few chunks' worth.
+#: chunks only while they are in flight). Writers raise it to a part of
+#: their bound (see :func:`allow_pool`).
 POOL_BYTES = 8 << 20
 
 
@@ -50,12 +51,21 @@ class _Pool:
 
     def give(self, buffer: np.ndarray) -> None:
         with self.lock:
-            if self.nbytes + buffer.nbytes <= self.limit:
+            # One buffer at least, larger than the limit as it may be (a
+            # 2048x2048 frame's): each use of a new one costs its page faults.
+            if self.nbytes + buffer.nbytes <= self.limit or not self.nbytes:
                 self.free.setdefault(buffer.nbytes, []).append(buffer)
                 self.nbytes += buffer.nbytes
 
 
 _POOL = _Pool(POOL_BYTES)
+
+
+def allow_pool(nbytes: int) -> None:
+    """Let the pool keep up to ``nbytes`` (a part of a writer's memory bound:
+    the largest any writer of the process allows, ``POOL_BYTES`` at least)."""
+    with _POOL.lock:
+        _POOL.limit = max(_POOL.limit, nbytes)
 
 #: Shuffle filters by their Zarr V3 name, as c-blosc numbers them.
 SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}

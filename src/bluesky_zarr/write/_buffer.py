@@ -29,7 +29,7 @@ import numpy as np
 
 from .._errors import DataShapeError, DataTypeError
 from ..plan import ArraySpec, fill_value_for, preview
-from ..storage import ArrayNode, UnitIO, aligned_empty
+from ..storage import ArrayNode, UnitIO, aligned_empty, allow_pool
 from ._memory import MemoryBudget
 from ._workers import Workers
 
@@ -44,6 +44,10 @@ ENCODE_COPIES = 2
 #: which the block's new points go), besides the encoding copies.
 MERGE_COPIES = ENCODE_COPIES + 1
 
+
+#: The compressed chunks' buffers the process keeps for reuse are at most
+#: this part of a writer's memory bound (8 MiB at least; see storage._blosc).
+CHUNK_POOL_PARTS = 16
 
 #: Value kinds (numpy ``dtype.kind``) accepted for each array kind.
 _ACCEPTED_KINDS = {
@@ -308,6 +312,8 @@ class BlockBuffer:
     def __init__(self, limit: int, workers: int) -> None:
         self.budget = MemoryBudget(limit, workers)
         self.pool = BufferPool(self.budget)
+        # Compressed chunks' buffers kept for reuse: a part of the bound.
+        allow_pool(limit // CHUNK_POOL_PARTS)
         #: The worker threads that write blocks, for every run.
         self.workers = Workers(self.budget, workers)
         #: The thread that reads frames from detectors' files (stream_datum),

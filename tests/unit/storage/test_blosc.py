@@ -93,3 +93,17 @@ def test_the_pool_keeps_at_most_its_limit_for_all_codecs_together(monkeypatch) -
     reused = codecs[3].encode(frames[5])
     assert any(reused.base is e.base for _, e in lent[:3])
     assert pool.nbytes == 2 * (64 * 64 * 2 + _blosc.MAX_OVERHEAD)
+
+
+def test_a_buffer_larger_than_the_limit_is_kept_alone(monkeypatch) -> None:
+    # A 2048x2048 frame's chunk is more than the limit: one is kept (each new
+    # one costs its page faults), never two.
+    pool = _blosc._Pool(1024)
+    monkeypatch.setattr(_blosc, "_POOL", pool)
+    codec = Blosc("lz4", 5, "bitshuffle", 0, 2)
+    frames = [f.view(np.uint8).reshape(-1) for f in _frames(3, (64, 64), "<u2")]
+    lent = [codec.encode(frame) for frame in frames]
+    for encoded in lent:
+        codec.release(encoded)
+    assert sum(len(v) for v in pool.free.values()) == 1
+    assert pool.nbytes == 64 * 64 * 2 + _blosc.MAX_OVERHEAD
