@@ -109,8 +109,12 @@ def test_tiled_killed_mid_run_is_named_when_the_run_stops(server: TiledServer) -
     writer.close()
     assert time.monotonic() - closed < 15
     assert registrar_threads() == []
-    # What close() found is the same: no "client has been closed".
-    assert dict(writer.tiled_failures) == failures
+    # What close() found is the same store, for the same cause (its last
+    # attempt may word it without the stop's bound): no "client has been
+    # closed".
+    after = dict(writer.tiled_failures)
+    assert list(after) == [str(store)]
+    assert "refused" in after[str(store)] and "closed" not in after[str(store)], after
 
 
 def test_tiled_hung_mid_run_is_named_when_the_run_stops(server: TiledServer) -> None:
