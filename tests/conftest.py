@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,6 +227,16 @@ def step_scan_docs(RE: Any, tmp_path: Path, points: int = 3) -> list[tuple[str, 
     docs = record(RE)
     RE(grid_scan([det], stage.x, 0, 2, points))
     return docs
+
+
+def refuse_thread_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Thread.start`` from now on as Python 3.12 has it in ``atexit``
+    handlers (where the writer finishes interrupted runs)."""
+
+    def refuse(self: Any) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
 
 
 def by_kind(docs: list[tuple[str, dict[str, Any]]], kind: str) -> list[dict[str, Any]]:

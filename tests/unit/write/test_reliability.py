@@ -25,6 +25,7 @@ from conftest import (
     assert_written_points_hold_their_frames,
     open_stream,
     open_tree,
+    refuse_thread_starts,
 )
 
 MOTORS_AT = {"wavelength": "wavelength", "position": "position"}
@@ -346,10 +347,7 @@ def test_a_run_interrupted_where_no_thread_can_start_is_finished_all_the_same(
     finisher = threading.Thread(target=at_exit, daemon=True)
     finisher.start()
 
-    def refuse(self):
-        raise RuntimeError("can't create new thread at interpreter shutdown")
-
-    monkeypatch.setattr(threading.Thread, "start", refuse)
+    refuse_thread_starts(monkeypatch)
     go.set()
     finisher.join(30)
     monkeypatch.undo()

@@ -16,6 +16,8 @@ from bluesky_zarr.write._buffer import ArrivalEncoding
 from bluesky_zarr.write._memory import MemoryBudget
 from bluesky_zarr.write._workers import WORKER_NICENESS, BackgroundWriter, Workers
 
+from conftest import refuse_thread_starts
+
 
 def workers(count: int = 2) -> tuple[Workers, BackgroundWriter]:
     pool = Workers(MemoryBudget(1 << 30, count), count)
@@ -164,15 +166,6 @@ def test_workers_yield_the_cpu_to_the_run_engine_thread():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
-def _no_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Thread.start as Python 3.12 has it in an ``atexit`` handler."""
-
-    def refuse(self: threading.Thread) -> None:
-        raise RuntimeError("can't create new thread at interpreter shutdown")
-
-    monkeypatch.setattr(threading.Thread, "start", refuse)
-
-
 def test_where_no_thread_can_start_a_job_runs_on_the_callers_thread_after_those_queued(
     monkeypatch: pytest.MonkeyPatch,
 ):
@@ -190,7 +183,7 @@ def test_where_no_thread_can_start_a_job_runs_on_the_callers_thread_after_those_
         pool.stop()  # the threads end once their queues are done
         # Job 1 is still under way when job 2 comes.
         threading.Timer(0.2, release.set).start()
-        _no_threads(monkeypatch)
+        refuse_thread_starts(monkeypatch)
         background.submit("lane", lambda: job(2), 4096, "job 2", lambda: None)
         background.drain()
     finally:
